@@ -1,0 +1,9 @@
+"""allformers: the transformer family from one set of composable blocks."""
+from .checkpoints import load, save
+from .config import Config
+from .errors import AllformersError, CheckpointError, ConfigError, ContextLengthError, UnknownModelError
+from .models import TransformerLM
+
+__version__ = "0.1.0"
+__all__ = ["Config", "TransformerLM", "load", "save", "AllformersError", "CheckpointError", "ConfigError",
+           "ContextLengthError", "UnknownModelError", "__version__"]

@@ -1,0 +1,78 @@
+"""Multi-head attention for every model in the zoo: MHA, MQA and GQA, self- or cross-attention,
+with rotary applied inside and any mask or additive bias (ALiBi, T5's relative bias) passed in.
+
+The score computation is torch's `F.scaled_dot_product_attention`, which picks a fused
+kernel (flash on CPU and GPU) whenever the mask allows it."""
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .positions import apply_rotary
+
+
+class KVCache:
+    """Pre-allocated keys/values of one layer: (B, H_kv, T_max, D). Writing in place avoids
+    a torch.cat per step, which is what makes cached decoding cheap."""
+
+    def __init__(self, batch: int, n_kv_head: int, max_len: int, head_dim: int, dtype, device):
+        shape = (batch, n_kv_head, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor):
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def reorder(self, index: torch.Tensor):
+        """Keep batch rows `index` (beam search)."""
+        self.k = self.k.index_select(0, index)
+        self.v = self.v.index_select(0, index)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_head: int, n_kv_head: int, head_dim: int, *, bias: bool = True,
+                 out_bias: bool = True, scale: Optional[float] = None, dropout: float = 0.0,
+                 causal: bool = True, cross: bool = False, kv_dim: Optional[int] = None):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
+        self.scale, self.dropout, self.causal, self.cross = scale, dropout, causal, cross
+        q_size, kv_size = n_head * head_dim, n_kv_head * head_dim
+        if cross:  # queries from x, keys/values from the encoder output
+            self.q = nn.Linear(dim, q_size, bias=bias)
+            self.kv = nn.Linear(kv_dim or dim, 2 * kv_size, bias=bias)
+        else:  # one matmul for q, k and v: rows are [q; k; v]
+            self.qkv = nn.Linear(dim, q_size + 2 * kv_size, bias=bias)
+        self.proj = nn.Linear(q_size, dim, bias=out_bias)
+
+    def _heads(self, t: torch.Tensor, n: int) -> torch.Tensor:  # (B, T, n*D) -> (B, n, T, D)
+        B, T, _ = t.shape
+        return t.view(B, T, n, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, *, rope=None, mask: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None, cache_start: int = 0,
+                context: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        if self.cross:
+            q = self.q(x)
+            k, v = self.kv(context).split(kv_size, dim=-1)
+        else:
+            q, k, v = self.qkv(x).split((q_size, kv_size, kv_size), dim=-1)
+        q, k, v = self._heads(q, self.n_head), self._heads(k, self.n_kv_head), self._heads(v, self.n_kv_head)
+        if rope is not None:  # (B, H, T, D) rotated on the first n_elem dims
+            cos, sin = rope
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(cache_start, k, v)
+        # The fused causal kernel is only right when queries and keys start together.
+        is_causal = self.causal and mask is None and T > 1 and k.shape[2] == T
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head)  # (B, H, T, D)
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))

@@ -1,0 +1,213 @@
+"""One config dataclass for every model in the zoo.
+
+Habits borrowed from litgpt: a plain dataclass, a named registry (`Config.from_name`),
+derived fields filled in `__post_init__`, and only JSON-friendly values (class choices
+are strings) so a config round-trips through `config.json`.
+
+The switches form one vocabulary (x-transformers style). Blocks read them; nothing in
+generic code asks which model it is building.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import ConfigError, UnknownModelError
+
+POSITIONS = ("learned", "sinusoidal", "rotary", "alibi", "none")
+NORMS = ("LayerNorm", "RMSNorm")
+NORM_PLACEMENTS = ("pre", "post")
+MLPS = ("MLP", "GLU")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+
+
+@dataclass
+class Config:
+    # identity
+    name: str = ""
+    description: str = ""
+    family: str = ""  # documentation only ("decoder", "encoder", ...); never branched on
+    # sizes
+    vocab_size: int = 50257
+    block_size: int = 1024  # longest sequence the positions support
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    n_kv_head: Optional[int] = None  # None -> n_head (MHA); 1 -> MQA; else GQA
+    head_dim: Optional[int] = None  # None -> n_embd // n_head
+    intermediate_size: Optional[int] = None  # None -> 4 * n_embd (MLP) or LLaMA's 8/3 rule (GLU)
+    # attention
+    causal: bool = True
+    attn_bias: bool = True  # bias on q, k, v projections
+    attn_out_bias: Optional[bool] = None  # None -> attn_bias
+    attn_scale: Optional[float] = None  # None -> 1/sqrt(head_dim)
+    # positions
+    position: str = "learned"
+    rotary_pct: float = 1.0  # fraction of each head that rotates (GPT-NeoX: 0.25)
+    rope_base: float = 10000.0
+    # norms and residual layout
+    norm_class: str = "LayerNorm"
+    norm_eps: float = 1e-5
+    norm_bias: bool = True
+    norm_placement: str = "pre"
+    parallel_residual: bool = False  # x + attn(norm1(x)) + mlp(norm2(x))
+    shared_parallel_norm: bool = False  # parallel residual with one norm for both branches (PaLM)
+    embedding_norm: bool = False  # LayerNorm right after the embeddings (BLOOM)
+    final_norm: Optional[bool] = None  # None -> True for pre-norm, False for post-norm
+    # feed-forward
+    mlp_class: str = "MLP"
+    activation: str = "gelu"
+    mlp_bias: bool = True
+    # embeddings and head
+    tie_embeddings: bool = True
+    lm_head_bias: bool = False
+    # regularisation
+    dropout: float = 0.0
+    # derived (filled in __post_init__, kept in JSON for readers, recomputed on load)
+    rope_n_elem: int = field(default=0)
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            if self.n_head <= 0 or self.n_embd % self.n_head:
+                raise ConfigError(
+                    f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                    f"pick n_head among {_divisors(self.n_embd)} or set head_dim explicitly")
+            self.head_dim = self.n_embd // self.n_head
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.attn_out_bias is None:
+            self.attn_out_bias = self.attn_bias
+        if self.final_norm is None:
+            self.final_norm = self.norm_placement == "pre"
+        if self.intermediate_size is None:
+            if self.mlp_class == "GLU":  # LLaMA: 2/3 of 4d, rounded up to a multiple of 256
+                hidden = int(2 * 4 * self.n_embd / 3)
+                self.intermediate_size = 256 * ((hidden + 255) // 256)
+            else:
+                self.intermediate_size = 4 * self.n_embd
+        self.rope_n_elem = int(self.rotary_pct * self.head_dim) if self.position == "rotary" else 0
+        self.validate()
+
+    # ---------------------------------------------------------------- validation
+    def validate(self):
+        def choice(fname, allowed):
+            value = getattr(self, fname)
+            if value not in allowed:
+                raise ConfigError(f"{fname}={value!r} is not one of {list(allowed)}")
+
+        choice("position", POSITIONS)
+        choice("norm_class", NORMS)
+        choice("norm_placement", NORM_PLACEMENTS)
+        choice("mlp_class", MLPS)
+        choice("activation", ACTIVATIONS)
+        for fname in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head",
+                      "head_dim", "intermediate_size"):
+            if not isinstance(getattr(self, fname), int) or getattr(self, fname) <= 0:
+                raise ConfigError(f"{fname} must be a positive integer, got {getattr(self, fname)!r}")
+        if self.n_head % self.n_kv_head:
+            raise ConfigError(
+                f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head} "
+                f"(grouped-query attention shares each key/value head among n_head // n_kv_head "
+                f"query heads); pick n_kv_head among {_divisors(self.n_head)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
+        if self.norm_eps <= 0:
+            raise ConfigError(f"norm_eps={self.norm_eps} must be positive")
+        if self.position != "rotary" and self.rotary_pct != 1.0:
+            raise ConfigError(
+                f"rotary_pct={self.rotary_pct} only applies with position='rotary' "
+                f"(got position={self.position!r}); drop rotary_pct or set position='rotary'")
+        if self.position == "rotary":
+            if not 0.0 < self.rotary_pct <= 1.0:
+                raise ConfigError(f"rotary_pct={self.rotary_pct} must be in (0, 1]")
+            if self.rope_n_elem % 2:
+                raise ConfigError(
+                    f"rotary_pct={self.rotary_pct} of head_dim={self.head_dim} rotates "
+                    f"{self.rope_n_elem} dims; rotary needs an even number")
+        if self.parallel_residual and self.norm_placement == "post":
+            raise ConfigError(
+                "parallel_residual=True needs norm_placement='pre' (both branches read a "
+                "normalised input); post-norm has no place to put the shared residual")
+        if self.shared_parallel_norm and not self.parallel_residual:
+            raise ConfigError("shared_parallel_norm=True only makes sense with parallel_residual=True")
+
+    # ---------------------------------------------------------------- derived
+    @property
+    def n_query_groups(self) -> int:
+        return self.n_kv_head
+
+    @property
+    def activation_is_glu(self) -> bool:
+        return self.mlp_class == "GLU"
+
+    # ---------------------------------------------------------------- (de)serialisation
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path=None) -> str:
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {unknown}; known fields: {sorted(known)}")
+        d = {k: v for k, v in d.items() if k != "rope_n_elem"}  # derived: always recomputed
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, path) -> "Config":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def replace(self, **changes) -> "Config":
+        """A copy with `changes`; fields that were derived (left as None) are derived again."""
+        d = self.to_dict()
+        for fname in _DERIVED:
+            if fname not in changes and d[fname] == _derived_value(self, fname):
+                d[fname] = None
+        d.update(changes)
+        return type(self).from_dict(d)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "Config":
+        from . import zoo  # noqa: F401  (fills the registry)
+
+        if name not in REGISTRY:
+            raise UnknownModelError(name, REGISTRY)
+        d = dict(REGISTRY[name])
+        d.update(overrides)
+        return cls.from_dict(d)
+
+
+# Names -> dict of Config fields. The zoo modules fill it with `register(...)`.
+REGISTRY: dict[str, dict[str, Any]] = {}
+# Fields that __post_init__ fills when they are None.
+_DERIVED = ("head_dim", "n_kv_head", "attn_out_bias", "final_norm", "intermediate_size")
+
+
+def register(**kwargs) -> dict:
+    name = kwargs["name"]
+    if name in REGISTRY:
+        raise ConfigError(f"model name {name!r} is registered twice")
+    Config(**kwargs)  # validate at import time: a broken zoo entry fails loudly
+    REGISTRY[name] = kwargs
+    return kwargs
+
+
+def _derived_value(cfg: Config, fname: str):
+    """What __post_init__ would give `fname` for this config if it were left as None."""
+    d = cfg.to_dict()
+    d[fname] = None
+    d.pop("rope_n_elem")
+    return getattr(Config(**d), fname)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0] if n > 0 else []

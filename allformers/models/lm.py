@@ -1,0 +1,215 @@
+"""A stack of blocks with embeddings and an LM head: every decoder in the zoo is this class
+with a different Config (and encoders are the same stack with `causal=False`)."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..blocks import (Attention, Block, KVCache, LearnedPositions, Rotary, SinusoidalPositions,
+                      alibi_bias, alibi_slopes, build_feedforward, build_norm)
+from ..config import Config
+from ..errors import ContextLengthError
+
+
+def build_block(c: Config) -> Block:
+    """The parts of one layer, chosen by the config's switches."""
+    attn = Attention(c.n_embd, c.n_head, c.n_kv_head, c.head_dim, bias=c.attn_bias,
+                     out_bias=c.attn_out_bias, scale=c.attn_scale, dropout=c.dropout, causal=c.causal)
+    mlp = build_feedforward(c.mlp_class, c.n_embd, c.intermediate_size, c.activation, c.mlp_bias, c.dropout)
+    norm1 = build_norm(c.norm_class, c.n_embd, c.norm_eps, c.norm_bias)
+    norm2 = None if c.shared_parallel_norm else build_norm(c.norm_class, c.n_embd, c.norm_eps, c.norm_bias)
+    return Block(attn, mlp, norm1, norm2, placement=c.norm_placement, parallel=c.parallel_residual,
+                 dropout=c.dropout)
+
+
+class Cache:
+    """Per-layer KV caches plus what the model needs to continue a sequence: how many
+    positions are filled and, for left-padded batches, which of them are real tokens."""
+
+    def __init__(self, model: "TransformerLM", batch: int, max_len: int):
+        c = model.config
+        p = next(model.parameters())
+        self.layers = [KVCache(batch, c.n_kv_head, max_len, c.head_dim, p.dtype, p.device)
+                       for _ in range(c.n_layer)]
+        self.max_len, self.pos = max_len, 0
+        self.key_mask: Optional[torch.Tensor] = None  # (B, pos) bool, None while all tokens are real
+        self.next_position: Optional[torch.Tensor] = None  # (B,) next position id per row
+
+    def reorder(self, index: torch.Tensor):
+        for layer in self.layers:
+            layer.reorder(index)
+        if self.key_mask is not None:
+            self.key_mask = self.key_mask.index_select(0, index)
+        if self.next_position is not None:
+            self.next_position = self.next_position.index_select(0, index)
+
+
+class TransformerLM(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = c = config
+        self.wte = nn.Embedding(c.vocab_size, c.n_embd)
+        self.wpe = {"learned": LearnedPositions, "sinusoidal": SinusoidalPositions}.get(c.position)
+        self.wpe = self.wpe(c.block_size, c.n_embd) if self.wpe else None
+        self.embed_norm = build_norm(c.norm_class, c.n_embd, c.norm_eps, c.norm_bias) if c.embedding_norm else None
+        self.drop = nn.Dropout(c.dropout) if c.dropout else nn.Identity()
+        self.blocks = nn.ModuleList(build_block(c) for _ in range(c.n_layer))
+        self.norm = build_norm(c.norm_class, c.n_embd, c.norm_eps, c.norm_bias) if c.final_norm else None
+        self.lm_head = None if c.tie_embeddings else nn.Linear(c.n_embd, c.vocab_size, bias=c.lm_head_bias)
+        self.lm_head_bias = (nn.Parameter(torch.zeros(c.vocab_size))
+                             if c.tie_embeddings and c.lm_head_bias else None)
+        self.rotary = Rotary(c.rope_n_elem, c.rope_base) if c.position == "rotary" else None
+        if c.position == "alibi":
+            self.register_buffer("alibi_slopes", alibi_slopes(c.n_head), persistent=False)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init
+    def reset_parameters(self):
+        """GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                std = 0.02 / math.sqrt(2 * self.config.n_layer) if name.endswith("proj.weight") else 0.02
+                nn.init.normal_(p, 0.0, std)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+        for m in self.modules():
+            if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+                m.reset_parameters()
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def device(self):
+        return self.wte.weight.device
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.wte.weight.numel() + (self.wpe.weight.numel() if isinstance(self.wpe, LearnedPositions) else 0)
+        return n
+
+    def new_cache(self, batch: int, max_len: Optional[int] = None) -> Cache:
+        max_len = max_len or self.config.block_size
+        return Cache(self, batch, max_len)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is not None:
+            return self.lm_head(x)
+        return F.linear(x, self.wte.weight, self.lm_head_bias)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, idx: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None, cache: Optional[Cache] = None,
+                last_only: bool = False, return_hidden: bool = False) -> torch.Tensor:
+        """idx (B, T) token ids -> logits (B, T, vocab) (or (B, 1, vocab) with last_only).
+
+        attention_mask (B, T): 1 for real tokens, 0 for padding (left padding for generation).
+        cache: continue a sequence; its positions and padding are tracked for you."""
+        c = self.config
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        limit = cache.max_len if cache is not None else c.block_size
+        if start + T > limit:
+            raise ContextLengthError(
+                f"sequence of {start + T} tokens does not fit: the {'cache' if cache else 'model'} holds "
+                f"{limit} (block_size={c.block_size}); shorten the prompt or max_new_tokens")
+        key_mask = self._key_mask(attention_mask, cache, B, T)  # (B, start+T) bool or None
+        if position_ids is None:
+            position_ids = self._positions(key_mask, cache, B, T, start, idx.device)
+        if self.wpe is not None and int(position_ids.max()) >= c.block_size:
+            raise ContextLengthError(f"position {int(position_ids.max())} is past block_size={c.block_size}")
+
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(position_ids)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        x = self.drop(x)
+
+        # Computed once, shared by every layer.
+        rope = self.rotary(position_ids) if self.rotary is not None else None
+        mask = self._attn_mask(key_mask, position_ids, cache, B, T, start)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope=rope, mask=mask, cache=cache.layers[i] if cache else None, cache_start=start)
+        if cache is not None:
+            cache.pos = start + T
+            cache.key_mask = key_mask
+            cache.next_position = position_ids[:, -1] + 1
+        if self.norm is not None:
+            x = self.norm(x)
+        if last_only:
+            x = x[:, -1:]
+        return x if return_hidden else self.head(x)
+
+    @staticmethod
+    def _key_mask(attention_mask, cache, B, T):
+        """Bool (B, start+T) of real tokens, or None when every token is real.
+        attention_mask covers the new tokens only; the cache remembers the past ones."""
+        new = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
+        past = cache.key_mask if cache is not None else None
+        if new is None and past is None:
+            return None
+        start = cache.pos if cache is not None else 0
+        device = (new if new is not None else past).device
+        new = new if new is not None else torch.ones(B, T, dtype=torch.bool, device=device)
+        past = past if past is not None else torch.ones(B, start, dtype=torch.bool, device=device)
+        return torch.cat([past, new], dim=1)
+
+    @staticmethod
+    def _positions(key_mask, cache, B, T, start, device):
+        if cache is not None and cache.next_position is not None:  # continue each row
+            return cache.next_position[:, None] + torch.arange(T, device=device)
+        if key_mask is not None:  # left padding: count only real tokens (HF convention)
+            pos = key_mask.long().cumsum(-1) - 1
+            return pos.clamp(min=0)[:, -T:]
+        return torch.arange(start, start + T, device=device).expand(B, T)
+
+    def _attn_mask(self, key_mask, position_ids, cache, B, T, start):
+        """None (fused causal kernel) when nothing but causality is needed; else a bool or
+        float mask of shape (B, 1 or H, T, start+T)."""
+        c = self.config
+        alibi = c.position == "alibi"
+        if key_mask is None and not alibi and (not c.causal or start == 0 or T == 1):
+            return None
+        S = start + T
+        device = position_ids.device
+        allowed = torch.ones(B, 1, T, S, dtype=torch.bool, device=device)
+        if c.causal:
+            q_idx = torch.arange(start, S, device=device)[:, None]
+            allowed = allowed & (torch.arange(S, device=device)[None, :] <= q_idx)
+        if key_mask is not None:
+            allowed = allowed & key_mask[:, None, None, :]
+            # A padding query may see nothing; let it see itself so softmax stays finite.
+            allowed = allowed | ~allowed.any(-1, keepdim=True)
+        if not alibi:
+            return allowed
+        if cache is not None and start:  # positions of the cached keys
+            k_pos = torch.cat([self._cached_positions(cache, B, start, device), position_ids], dim=1)
+        else:
+            k_pos = position_ids
+        bias = alibi_bias(self.alibi_slopes, position_ids, k_pos)  # (B, H, T, S)
+        return bias.masked_fill(~allowed, float("-inf"))
+
+    @staticmethod
+    def _cached_positions(cache, B, start, device):
+        if cache.key_mask is None:
+            return torch.arange(start, device=device).expand(B, start)
+        return (cache.key_mask[:, :start].long().cumsum(-1) - 1).clamp(min=0)
+
+    # ------------------------------------------------------------------ conveniences
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "TransformerLM":
+        return cls(Config.from_name(name, **overrides))
+
+    def save(self, path, format: str = "allformers", **kwargs):
+        from ..checkpoints import save
+
+        return save(self, path, format=format, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        from ..generation import generate
+
+        return generate(self, *args, **kwargs)

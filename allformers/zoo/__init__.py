@@ -1,0 +1,32 @@
+"""The zoo: every named model is a Config of the same blocks. Importing this package fills
+`allformers.config.REGISTRY`; `list_models()` describes each entry."""
+from __future__ import annotations
+
+import torch
+
+from ..config import REGISTRY, Config
+from . import decoders  # noqa: F401  (registers)
+
+
+def count_params(config: Config) -> int:
+    """Parameter count without allocating memory (built on the meta device)."""
+    from ..models import TransformerLM
+
+    with torch.device("meta"):
+        return TransformerLM(config).num_params()
+
+
+def list_models() -> list[dict]:
+    rows = []
+    for name in REGISTRY:
+        cfg = Config.from_name(name)
+        rows.append({"name": name, "family": cfg.family, "params": count_params(cfg),
+                     "description": cfg.description})
+    return rows
+
+
+def human(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.1f}{unit}"
+    return str(n)
