@@ -66,6 +66,7 @@ class Family:
     config_to_hf: Callable  # Config -> HF config dict
     ignore: tuple = ()  # HF keys that are buffers, not weights
     tied_hf_key: Optional[str] = None  # HF head key that is absent/duplicated when tied
+    aliases: tuple = ()  # (other name, canonical name): names newer transformers use in memory
 
 
 def _gpt2_rows():
@@ -177,7 +178,7 @@ FAMILIES = {
                    ignore=(".attn.bias", ".attn.masked_bias"), tied_hf_key="lm_head.weight"),
     "gpt_neox": Family("gpt_neox", "GPTNeoXForCausalLM", _neox_rows(), _neox_config, _neox_to_hf,
                        ignore=(".attention.bias", ".attention.masked_bias", "rotary_emb.inv_freq"),
-                       tied_hf_key="embed_out.weight"),
+                       tied_hf_key="embed_out.weight", aliases=(("lm_head.weight", "embed_out.weight"),)),
     "llama": Family("llama", "LlamaForCausalLM", None, _llama_config, _llama_to_hf,
                     ignore=("rotary_emb.inv_freq",), tied_hf_key="lm_head.weight"),
 }
@@ -203,6 +204,9 @@ def hf_to_ours(hf_state: dict, config: Config, family: Family):
     hf_state = dict(hf_state)
     if family.model_type == "gpt2" and not any(k.startswith("transformer.") for k in hf_state):
         hf_state = {("transformer." + k if not k.startswith("lm_head") else k): v for k, v in hf_state.items()}
+    for alias, canonical in family.aliases:
+        if alias in hf_state and canonical not in hf_state:
+            hf_state[canonical] = hf_state.pop(alias)
     ours, used = {}, set()
     for row in rows_for(family, config):
         n = config.n_layer if "{}" in row.ours else 1

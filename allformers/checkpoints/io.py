@@ -110,6 +110,7 @@ def save(model, path, format: str = "allformers", tokenizer=None, dtype: Optiona
         return save_hf(model, path, tokenizer=tokenizer)
     if format != "allformers":
         raise CheckpointError(f"unknown format {format!r}; use 'allformers' or 'hf'")
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     state = _contiguous(model.state_dict())
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}

@@ -1,0 +1,50 @@
+"""Pieces shared by the CLI commands."""
+import sys
+
+from ..errors import AllformersError
+
+
+def add_sampling_args(p):
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+
+
+def sampling_kwargs(args) -> dict:
+    import torch
+
+    gen = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                repetition_penalty=args.repetition_penalty, stop=args.stop, generator=gen)
+
+
+def load_model(source: str):
+    """A path (allformers folder, HF folder, .gguf) or the name of a bundled real model."""
+    from .. import load
+
+    model = load(resolve_model(source))
+    if getattr(model, "tokenizer", None) is None:
+        raise AllformersError(f"{source} has no tokenizer; save the model with its tokenizer (save(..., tokenizer=tok))")
+    print(f"[allformers] {model.load_report}", file=sys.stderr)
+    return model
+
+
+def write(text: str):
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+# Short names for the real models that ship as Python packages.
+BUNDLED = {"smollm2": "smollm2_gguf_path", "smollm2-135m-instruct": "smollm2_gguf_path"}
+
+
+def resolve_model(source: str):
+    if source.lower() in BUNDLED:
+        from ..zoo import assets
+
+        return getattr(assets, BUNDLED[source.lower()])()
+    return source

@@ -1,0 +1,21 @@
+"""`allformers convert SRC DST --to allformers|hf`: between our format, HF folders and GGUF (import only)."""
+import sys
+
+
+def register(sub):
+    p = sub.add_parser("convert", help="convert a checkpoint (allformers / Hugging Face folder / .gguf)")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--to", choices=["allformers", "hf"], default="allformers")
+    p.set_defaults(handler=run)
+
+
+def run(args):
+    from .. import load
+    from .common import resolve_model
+
+    model = load(resolve_model(args.src))
+    print(f"[allformers] {model.load_report}", file=sys.stderr)
+    model.save(args.dst, format=args.to, tokenizer=getattr(model, "tokenizer", None))
+    print(f"wrote {args.to} checkpoint to {args.dst}")
+    return 0

@@ -1,0 +1,25 @@
+"""`allformers generate MODEL "prompt" ...`: text in, text out, streamed."""
+from .common import add_sampling_args, load_model, sampling_kwargs, write
+
+
+def register(sub):
+    p = sub.add_parser("generate", help="continue one or more prompts")
+    p.add_argument("model", help="allformers folder, Hugging Face folder, .gguf file, or 'smollm2'")
+    p.add_argument("prompts", nargs="+")
+    add_sampling_args(p)
+    p.set_defaults(handler=run)
+
+
+def run(args):
+    from ..generation import generate_text
+
+    model = load_model(args.model)
+    kw = sampling_kwargs(args)
+    if len(args.prompts) == 1:  # stream a single prompt token by token
+        write(args.prompts[0])
+        generate_text(model, model.tokenizer, args.prompts[0], stream=write, **kw)
+        write("\n")
+    else:  # one left-padded batch
+        for prompt, text in zip(args.prompts, generate_text(model, model.tokenizer, args.prompts, **kw)):
+            write(f"{prompt}{text}\n---\n")
+    return 0

@@ -1,0 +1,157 @@
+"""Autoregressive generation with a pre-allocated KV cache.
+
+The prompt runs once (prefill); each new token then costs one forward pass over a single
+position. Sampling follows Hugging Face's processor order (repetition penalty, temperature,
+top-k, top-p) so greedy and seeded runs can be compared with `transformers.generate`."""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from ..errors import AllformersError, ContextLengthError
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int):
+    """Token lists of different lengths -> ids (B, T) and attention mask (B, T), padded on the
+    left so that every row's next token is at the same index."""
+    if not sequences or any(len(s) == 0 for s in sequences):
+        raise AllformersError("every prompt needs at least one token")
+    T = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), T), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, T - len(s):] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[i, T - len(s):] = 1
+    return ids, mask
+
+
+def process_logits(logits: torch.Tensor, seen: torch.Tensor, *, temperature: float, top_k: Optional[int],
+                   top_p: Optional[float], repetition_penalty: float) -> torch.Tensor:
+    """logits (B, V) -> processed logits (B, V). `seen` (B, S) are the ids so far (prompt included)."""
+    if repetition_penalty != 1.0:  # CTRL's penalty: push down every token already present
+        prev = logits.gather(1, seen)
+        logits = logits.scatter(1, seen, torch.where(prev > 0, prev / repetition_penalty, prev * repetition_penalty))
+    if temperature and temperature != 1.0:
+        logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1)  # ascending, as HF does
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum <= 1 - top_p
+        drop[:, -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return logits
+
+
+class TextStream:
+    """Turns growing token lists into text deltas without splitting multi-byte characters
+    (byte-level BPE can end a token in the middle of a UTF-8 sequence)."""
+
+    def __init__(self, tokenizer, callback: Callable[[str], None]):
+        self.tokenizer, self.callback, self.ids, self.printed = tokenizer, callback, [], 0
+
+    def __call__(self, token_id: int):
+        self.ids.append(int(token_id))
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return  # wait for the rest of the character
+        if len(text) > self.printed:
+            self.callback(text[self.printed:])
+            self.printed = len(text)
+
+
+@torch.inference_mode()
+def generate(model, input_ids: torch.Tensor, *, attention_mask: Optional[torch.Tensor] = None,
+             max_new_tokens: int = 64, temperature: float = 0.0, top_k: Optional[int] = None,
+             top_p: Optional[float] = None, repetition_penalty: float = 1.0,
+             eos_id: Optional[Union[int, Sequence[int]]] = None, pad_id: Optional[int] = None,
+             stop: Optional[Sequence[str]] = None, tokenizer=None,
+             on_token: Optional[Callable[[int], None]] = None,
+             generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """input_ids (B, T) -> (B, T + n) with n <= max_new_tokens new tokens.
+
+    temperature 0 is greedy. Rows that hit `eos_id` or a `stop` string (needs `tokenizer`)
+    are filled with `pad_id` (default: eos) until every row is done. `on_token(id)` is called
+    for each new token of row 0 (streaming)."""
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if max_new_tokens < 0:
+        raise AllformersError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    if temperature < 0:
+        raise AllformersError(f"temperature={temperature} must be >= 0 (0 means greedy)")
+    if stop and tokenizer is None:
+        raise AllformersError("stop strings need the tokenizer: pass tokenizer=...")
+    B, T = input_ids.shape
+    limit = model.config.block_size
+    if T + max_new_tokens > limit:
+        raise ContextLengthError(
+            f"the prompt has {T} tokens and max_new_tokens={max_new_tokens}: {T + max_new_tokens} > the model's "
+            f"context of {limit}; shorten the prompt or lower max_new_tokens to {max(limit - T, 0)}")
+    eos = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id or []), dtype=torch.long)
+    pad_id = pad_id if pad_id is not None else (int(eos[0]) if len(eos) else 0)
+    device = model.device
+    input_ids = input_ids.to(device)
+
+    cache = model.new_cache(B, T + max_new_tokens)
+    logits = model(input_ids, attention_mask=attention_mask, cache=cache, last_only=True)[:, -1]
+    out = input_ids
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    texts = [""] * B
+    for step in range(max_new_tokens):
+        logits = process_logits(logits.float(), out, temperature=temperature, top_k=top_k, top_p=top_p,
+                                repetition_penalty=repetition_penalty)
+        if temperature:
+            nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+        else:
+            nxt = logits.argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        out = torch.cat([out, nxt[:, None]], dim=1)
+        if on_token is not None and not done[0]:
+            on_token(int(nxt[0]))
+        if len(eos):
+            done |= torch.isin(nxt, eos.to(device))
+        if stop:
+            for b in range(B):
+                if not done[b]:
+                    texts[b] = tokenizer.decode(out[b, T:].tolist())
+                    done[b] = any(s in texts[b] for s in stop)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        logits = model(nxt[:, None], cache=cache, last_only=True)[:, -1]
+    return out
+
+
+def _trim(text: str, stop: Optional[Sequence[str]]) -> str:
+    for s in stop or ():
+        if s in text:
+            text = text[: text.index(s)]
+    return text
+
+
+def generate_text(model, tokenizer, prompts: Union[str, Sequence[str]], *, stream: Optional[Callable[[str], None]] = None,
+                  stop: Optional[Sequence[str]] = None, **kwargs) -> Union[str, list]:
+    """Text in, text out. A list of prompts is run as one left-padded batch."""
+    single = isinstance(prompts, str)
+    batch = [prompts] if single else list(prompts)
+    ids, mask = left_pad([tokenizer.encode(p) for p in batch], tokenizer.pad_id)
+    kwargs.setdefault("eos_id", tokenizer.eos_id)
+    streamer = TextStream(tokenizer, stream) if stream else None
+    out = generate(model, ids, attention_mask=mask if len(batch) > 1 else None, stop=stop, tokenizer=tokenizer,
+                   on_token=streamer, **kwargs)
+    texts = [_trim(tokenizer.decode(row[ids.shape[1]:].tolist()), stop) for row in out]
+    return texts[0] if single else texts
+
+
+def chat(model, tokenizer, messages: list, **kwargs) -> str:
+    """One assistant reply to a conversation, rendered with the model's chat template."""
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    ids = torch.tensor([tokenizer.backend.encode(prompt, add_special_tokens=False).ids])
+    kwargs.setdefault("eos_id", tokenizer.eos_id)
+    stream = kwargs.pop("stream", None)
+    stop = kwargs.pop("stop", None)
+    streamer = TextStream(tokenizer, stream) if stream else None
+    out = generate(model, ids, tokenizer=tokenizer, stop=stop, on_token=streamer, **kwargs)
+    return _trim(tokenizer.decode(out[0, ids.shape[1]:].tolist()), stop).strip()

@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny random Hugging Face models (our parity oracle) saved to folders."""
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore", category=UserWarning)
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+VOCAB = 97
+
+
+def tiny_hf(family: str):
+    """A tiny random `transformers` causal LM of each family, with the switches that make it
+    different turned on (NeoX: partial rotary + parallel residual; LLaMA: GQA)."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    if family == "gpt2":
+        cfg = T.GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=VOCAB, n_positions=128,
+                           bos_token_id=0, eos_token_id=0)
+        model = T.GPT2LMHeadModel(cfg)
+    elif family == "gpt_neox":
+        cfg = T.GPTNeoXConfig(num_hidden_layers=2, num_attention_heads=4, hidden_size=32, intermediate_size=64,
+                              vocab_size=VOCAB, max_position_embeddings=128, rotary_pct=0.25,
+                              use_parallel_residual=True, bos_token_id=0, eos_token_id=0)
+        model = T.GPTNeoXForCausalLM(cfg)
+    elif family == "llama":
+        cfg = T.LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+                            intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=128,
+                            bos_token_id=0, eos_token_id=0)
+        model = T.LlamaForCausalLM(cfg)
+    else:
+        raise ValueError(family)
+    # Bigger weights than the default init so logits are far from uniform and argmax is stable.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.15)
+    return model.eval()
+
+
+FAMILIES = ["gpt2", "gpt_neox", "llama"]
+
+
+@pytest.fixture(params=FAMILIES)
+def hf_folder(request, tmp_path):
+    model = tiny_hf(request.param)
+    model.save_pretrained(tmp_path / "hf")
+    return request.param, model, tmp_path / "hf"
