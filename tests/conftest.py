@@ -15,7 +15,7 @@ VOCAB = 97
 
 def tiny_hf(family: str):
     """A tiny random `transformers` causal LM of each family, with the switches that make it
-    different turned on (NeoX: partial rotary + parallel residual; LLaMA: GQA)."""
+    different turned on (NeoX: partial rotary + parallel residual; LLaMA: GQA; BLOOM: ALiBi + embedding norm)."""
     import transformers as T
 
     torch.manual_seed(0)
@@ -33,6 +33,9 @@ def tiny_hf(family: str):
                             intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=128,
                             bos_token_id=0, eos_token_id=0)
         model = T.LlamaForCausalLM(cfg)
+    elif family == "bloom":
+        cfg = T.BloomConfig(n_layer=2, n_head=4, hidden_size=32, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)
+        model = T.BloomForCausalLM(cfg)
     else:
         raise ValueError(family)
     # Bigger weights than the default init so logits are far from uniform and argmax is stable.
@@ -43,7 +46,7 @@ def tiny_hf(family: str):
     return model.eval()
 
 
-FAMILIES = ["gpt2", "gpt_neox", "llama"]
+FAMILIES = ["gpt2", "gpt_neox", "llama", "bloom"]
 
 
 @pytest.fixture(params=FAMILIES)

@@ -131,6 +131,33 @@ def _neox_to_hf(c: Config):
                 tie_word_embeddings=c.tie_embeddings, attention_dropout=0.0, hidden_dropout=0.0)
 
 
+def _bloom_rows():
+    p = "transformer.h.{}."
+    rows = [same("wte.weight", "transformer.word_embeddings.weight")]
+    for ours, hf in [("embed_norm", "transformer.word_embeddings_layernorm"), ("norm", "transformer.ln_f")]:
+        rows += [same(f"{ours}.weight", f"{hf}.weight"), same(f"{ours}.bias", f"{hf}.bias")]
+    for ours, hf in [("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm"),
+                     ("attn.proj", "self_attention.dense"), ("mlp.fc", "mlp.dense_h_to_4h"), ("mlp.proj", "mlp.dense_4h_to_h")]:
+        rows += [same(f"blocks.{{}}.{ours}.weight", p + f"{hf}.weight"), same(f"blocks.{{}}.{ours}.bias", p + f"{hf}.bias")]
+    # BLOOM fuses qkv per head exactly like GPT-NeoX
+    rows += [neox_qkv("blocks.{}.attn.qkv.weight", p + "self_attention.query_key_value.weight"),
+             neox_qkv("blocks.{}.attn.qkv.bias", p + "self_attention.query_key_value.bias")]
+    return rows
+
+
+def _bloom_config(h):
+    return dict(vocab_size=h["vocab_size"], block_size=h.get("seq_length") or 2048, n_layer=h.get("n_layer", h.get("num_hidden_layers")),
+                n_head=h.get("n_head", h.get("num_attention_heads")), n_embd=h["hidden_size"],
+                norm_eps=h["layer_norm_epsilon"], activation="gelu_tanh", position="alibi", embedding_norm=True,
+                tie_embeddings=h.get("tie_word_embeddings", True))
+
+
+def _bloom_to_hf(c: Config):
+    return dict(vocab_size=c.vocab_size, hidden_size=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
+                layer_norm_epsilon=c.norm_eps, seq_length=c.block_size, tie_word_embeddings=c.tie_embeddings,
+                apply_residual_connection_post_layernorm=False, hidden_dropout=0.0, attention_dropout=0.0)
+
+
 def _llama_rows(c: Config):
     p = "model.layers.{}."
     rows = [same("wte.weight", "model.embed_tokens.weight"), same("lm_head.weight", "lm_head.weight"),
@@ -179,6 +206,8 @@ FAMILIES = {
     "gpt_neox": Family("gpt_neox", "GPTNeoXForCausalLM", _neox_rows(), _neox_config, _neox_to_hf,
                        ignore=(".attention.bias", ".attention.masked_bias", "rotary_emb.inv_freq"),
                        tied_hf_key="embed_out.weight", aliases=(("lm_head.weight", "embed_out.weight"),)),
+    "bloom": Family("bloom", "BloomForCausalLM", _bloom_rows(), _bloom_config, _bloom_to_hf,
+                    tied_hf_key="lm_head.weight"),
     "llama": Family("llama", "LlamaForCausalLM", None, _llama_config, _llama_to_hf,
                     ignore=("rotary_emb.inv_freq",), tied_hf_key="lm_head.weight"),
 }
@@ -306,6 +335,9 @@ def _fits(family: Family, c: Config) -> bool:
         return (c.position == "learned" and c.norm_placement == "pre" and not c.parallel_residual
                 and c.norm_class == "LayerNorm" and c.mlp_class == "MLP" and c.attn_bias and c.mlp_bias
                 and c.n_kv_head == c.n_head and c.tie_embeddings and not c.embedding_norm)
+    if family.model_type == "bloom":
+        return (c.position == "alibi" and c.embedding_norm and c.norm_class == "LayerNorm" and c.mlp_class == "MLP"
+                and not c.parallel_residual and c.n_kv_head == c.n_head and c.norm_placement == "pre")
     if family.model_type == "gpt_neox":
         return (c.position == "rotary" and c.norm_class == "LayerNorm" and c.mlp_class == "MLP"
                 and c.n_kv_head == c.n_head and not c.shared_parallel_norm and c.mlp_bias)
