@@ -1,0 +1,92 @@
+"""allformers vs transformers on the same GPT-2 124M weights, in one run, fp32 on this machine.
+
+  forward: batch 8 x 256 tokens, logits for every position
+  decode:  batch 1, 32-token prompt, 128 greedy new tokens (KV cache on both sides)
+
+Runs alternate between the two libraries and the median of each is reported, so drifting
+machine load hits both alike. The last line is one JSON object."""
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    import transformers as T
+
+    from allformers import load
+    from allformers.generation import generate
+
+    torch.manual_seed(0)
+    hf = T.GPT2LMHeadModel(T.GPT2Config()).eval()  # GPT-2 124M shape, random weights (no hub here)
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        ours = load(d)
+    x = torch.randint(0, 50257, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+    prompt = x[:1, : args.prompt]
+
+    with torch.inference_mode():
+        assert (hf(x[:1, :64]).logits - ours(x[:1, :64])).abs().max() < 1e-3  # same weights, same maths
+        ref = hf.generate(prompt, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, pad_token_id=0)
+        out = generate(ours, prompt, max_new_tokens=args.new)
+        assert torch.equal(ref, out), "greedy outputs differ"
+
+        fwd = {"ours": [], "hf": []}
+        dec = {"ours": [], "hf": []}
+        runs = {
+            "fwd_ours": lambda: ours(x), "fwd_hf": lambda: hf(x).logits,
+            "dec_ours": lambda: generate(ours, prompt, max_new_tokens=args.new),
+            "dec_hf": lambda: hf.generate(prompt, max_new_tokens=args.new, min_new_tokens=args.new,
+                                          do_sample=False, pad_token_id=0),
+        }
+        for fn in runs.values():  # warm-up
+            fn()
+        for _ in range(args.reps):
+            fwd["ours"].append(timed(runs["fwd_ours"]))
+            fwd["hf"].append(timed(runs["fwd_hf"]))
+            dec["ours"].append(timed(runs["dec_ours"]))
+            dec["hf"].append(timed(runs["dec_hf"]))
+
+    ntok_f, ntok_d = args.batch * args.seq, args.new
+    r = {
+        "forward_tok_s": ntok_f / statistics.median(fwd["ours"]),
+        "forward_tok_s_hf": ntok_f / statistics.median(fwd["hf"]),
+        "decode_tok_s": ntok_d / statistics.median(dec["ours"]),
+        "decode_tok_s_hf": ntok_d / statistics.median(dec["hf"]),
+    }
+    r["forward_ratio"] = r["forward_tok_s"] / r["forward_tok_s_hf"]
+    r["decode_ratio"] = r["decode_tok_s"] / r["decode_tok_s_hf"]
+    r.update(model="gpt2-124M", dtype="float32", threads=args.threads, reps=args.reps,
+             torch=torch.__version__, transformers=T.__version__)
+    print(f"{'':10}{'allformers':>14}{'transformers':>14}{'ratio':>8}")
+    print(f"{'forward':10}{r['forward_tok_s']:>11.0f} t/s{r['forward_tok_s_hf']:>11.0f} t/s{r['forward_ratio']:>7.2f}x")
+    print(f"{'decode':10}{r['decode_tok_s']:>11.1f} t/s{r['decode_tok_s_hf']:>11.1f} t/s{r['decode_ratio']:>7.2f}x")
+    print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}))
+
+
+if __name__ == "__main__":
+    main()
