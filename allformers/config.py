@@ -21,6 +21,7 @@ POSITIONS = ("learned", "sinusoidal", "rotary", "alibi", "none")
 NORMS = ("LayerNorm", "RMSNorm")
 NORM_PLACEMENTS = ("pre", "post")
 MLPS = ("MLP", "GLU")
+SHARING = ("none", "all", "attention", "ffn")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 
 
@@ -64,6 +65,13 @@ class Config:
     # embeddings and head
     tie_embeddings: bool = True
     lm_head_bias: bool = False
+    type_vocab_size: int = 0  # segment (BERT) or language (XLM) embeddings; 0 = none
+    position_offset: int = 0  # RoBERTa/BART start positions at padding_idx + 1 = 2
+    embedding_size: Optional[int] = None  # None -> n_embd; smaller = factorized embeddings (ALBERT, ELECTRA)
+    lm_head: bool = True  # False: a bare encoder/backbone (ELECTRA's discriminator, sentence encoders)
+    head_transform: bool = False  # dense + activation + norm before the LM head (BERT-style MLM heads)
+    head_activation: Optional[str] = None  # None -> activation
+    share_layers: str = "none"  # ALBERT: "all", or only "attention" / "ffn" shared across layers
     # regularisation
     dropout: float = 0.0
     # derived (filled in __post_init__, kept in JSON for readers, recomputed on load)
@@ -80,6 +88,10 @@ class Config:
             self.n_kv_head = self.n_head
         if self.attn_out_bias is None:
             self.attn_out_bias = self.attn_bias
+        if self.embedding_size is None:
+            self.embedding_size = self.n_embd
+        if self.head_activation is None:
+            self.head_activation = self.activation
         if self.final_norm is None:
             self.final_norm = self.norm_placement == "pre"
         if self.intermediate_size is None:
@@ -103,8 +115,10 @@ class Config:
         choice("norm_placement", NORM_PLACEMENTS)
         choice("mlp_class", MLPS)
         choice("activation", ACTIVATIONS)
+        choice("head_activation", ACTIVATIONS)
+        choice("share_layers", SHARING)
         for fname in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head",
-                      "head_dim", "intermediate_size"):
+                      "head_dim", "intermediate_size", "embedding_size"):
             if not isinstance(getattr(self, fname), int) or getattr(self, fname) <= 0:
                 raise ConfigError(f"{fname} must be a positive integer, got {getattr(self, fname)!r}")
         if self.n_head % self.n_kv_head:
@@ -131,6 +145,15 @@ class Config:
             raise ConfigError(
                 "parallel_residual=True needs norm_placement='pre' (both branches read a "
                 "normalised input); post-norm has no place to put the shared residual")
+        if self.position_offset and self.position != "learned":
+            raise ConfigError(f"position_offset={self.position_offset} only applies to position='learned' "
+                              f"(got {self.position!r})")
+        if self.type_vocab_size < 0 or self.position_offset < 0:
+            raise ConfigError("type_vocab_size and position_offset must be >= 0")
+        if self.lm_head and self.embedding_size != self.n_embd and self.tie_embeddings and not self.head_transform:
+            raise ConfigError(
+                f"embedding_size={self.embedding_size} != n_embd={self.n_embd} with tied embeddings needs "
+                f"head_transform=True (it maps hidden states back to the embedding size), or tie_embeddings=False")
         if self.shared_parallel_norm and not self.parallel_residual:
             raise ConfigError("shared_parallel_norm=True only makes sense with parallel_residual=True")
 
@@ -189,7 +212,8 @@ class Config:
 # Names -> dict of Config fields. The zoo modules fill it with `register(...)`.
 REGISTRY: dict[str, dict[str, Any]] = {}
 # Fields that __post_init__ fills when they are None.
-_DERIVED = ("head_dim", "n_kv_head", "attn_out_bias", "final_norm", "intermediate_size")
+_DERIVED = ("head_dim", "n_kv_head", "attn_out_bias", "final_norm", "intermediate_size", "embedding_size",
+            "head_activation")
 
 
 def register(**kwargs) -> dict:

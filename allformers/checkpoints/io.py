@@ -55,7 +55,12 @@ def load_state_dict_into(model: torch.nn.Module, state: dict, source: str, stric
             + " — the checkpoint was made for a different config (check config.json: n_embd, n_layer, "
               "vocab_size, n_kv_head ...)")
     report.unexpected = sorted(k for k in state if k not in own)
-    report.missing = sorted(k for k in own if k not in state)
+    # A tensor shared by several names (tied or ALBERT-shared layers) is stored once: any name will do.
+    by_storage = {}
+    for k, v in own.items():
+        by_storage.setdefault((v.untyped_storage().data_ptr(), tuple(v.shape)), []).append(k)
+    present = {k for names in by_storage.values() if any(n in state for n in names) for k in names}
+    report.missing = sorted(k for k in own if k not in present)
     report.initialised = [k for k in report.missing if any(k.endswith(s) for s in allow_init)]
     hard_missing = [k for k in report.missing if k not in report.initialised]
     if strict and (hard_missing or report.unexpected):

@@ -12,18 +12,37 @@ import torch.nn.functional as F
 from ..blocks import (Attention, Block, KVCache, LearnedPositions, Rotary, SinusoidalPositions,
                       alibi_bias, alibi_slopes, build_feedforward, build_norm)
 from ..config import Config
-from ..errors import ContextLengthError
+from ..blocks.feedforward import ACTIVATIONS
+from ..errors import AllformersError, ContextLengthError
 
 
-def build_block(c: Config) -> Block:
-    """The parts of one layer, chosen by the config's switches."""
-    attn = Attention(c.n_embd, c.n_head, c.n_kv_head, c.head_dim, bias=c.attn_bias,
-                     out_bias=c.attn_out_bias, scale=c.attn_scale, dropout=c.dropout, causal=c.causal)
-    mlp = build_feedforward(c.mlp_class, c.n_embd, c.intermediate_size, c.activation, c.mlp_bias, c.dropout)
+def build_block(c: Config, shared_from: Optional[Block] = None) -> Block:
+    """The parts of one layer, chosen by the config's switches. With `share_layers`, parts are
+    taken from `shared_from` (the first layer) instead of being built again (ALBERT)."""
+    if shared_from is not None and c.share_layers == "all":
+        return shared_from
+    if shared_from is not None and c.share_layers == "attention":
+        attn = shared_from.attn
+    else:
+        attn = Attention(c.n_embd, c.n_head, c.n_kv_head, c.head_dim, bias=c.attn_bias,
+                         out_bias=c.attn_out_bias, scale=c.attn_scale, dropout=c.dropout, causal=c.causal)
+    if shared_from is not None and c.share_layers == "ffn":
+        mlp = shared_from.mlp
+    else:
+        mlp = build_feedforward(c.mlp_class, c.n_embd, c.intermediate_size, c.activation, c.mlp_bias, c.dropout)
     norm1 = build_norm(c.norm_class, c.n_embd, c.norm_eps, c.norm_bias)
     norm2 = None if c.shared_parallel_norm else build_norm(c.norm_class, c.n_embd, c.norm_eps, c.norm_bias)
     return Block(attn, mlp, norm1, norm2, placement=c.norm_placement, parallel=c.parallel_residual,
                  dropout=c.dropout)
+
+
+class _Activation(nn.Module):
+    def __init__(self, name: str):
+        super().__init__()
+        self.name, self.fn = name, ACTIVATIONS[name]
+
+    def forward(self, x):
+        return self.fn(x)
 
 
 class Cache:
@@ -52,16 +71,27 @@ class TransformerLM(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
         self.config = c = config
-        self.wte = nn.Embedding(c.vocab_size, c.n_embd)
+        E = c.embedding_size
+        self.wte = nn.Embedding(c.vocab_size, E)
         self.wpe = {"learned": LearnedPositions, "sinusoidal": SinusoidalPositions}.get(c.position)
-        self.wpe = self.wpe(c.block_size, c.n_embd) if self.wpe else None
-        self.embed_norm = build_norm(c.norm_class, c.n_embd, c.norm_eps, c.norm_bias) if c.embedding_norm else None
+        self.wpe = self.wpe(c.block_size + c.position_offset, E) if self.wpe else None
+        self.wtt = nn.Embedding(c.type_vocab_size, E) if c.type_vocab_size else None  # segments / languages
+        self.embed_norm = build_norm(c.norm_class, E, c.norm_eps, c.norm_bias) if c.embedding_norm else None
+        self.embed_proj = nn.Linear(E, c.n_embd) if E != c.n_embd else None  # factorized embeddings
         self.drop = nn.Dropout(c.dropout) if c.dropout else nn.Identity()
-        self.blocks = nn.ModuleList(build_block(c) for _ in range(c.n_layer))
+        blocks = [build_block(c)]
+        for _ in range(c.n_layer - 1):
+            blocks.append(build_block(c, shared_from=blocks[0] if c.share_layers != "none" else None))
+        self.blocks = nn.ModuleList(blocks)
         self.norm = build_norm(c.norm_class, c.n_embd, c.norm_eps, c.norm_bias) if c.final_norm else None
-        self.lm_head = None if c.tie_embeddings else nn.Linear(c.n_embd, c.vocab_size, bias=c.lm_head_bias)
+        head_in = E if c.head_transform else c.n_embd
+        self.head_transform = (nn.Sequential(nn.Linear(c.n_embd, E), _Activation(c.head_activation),
+                                             build_norm(c.norm_class, E, c.norm_eps, c.norm_bias))
+                               if c.lm_head and c.head_transform else None)
+        self.lm_head = (nn.Linear(head_in, c.vocab_size, bias=c.lm_head_bias)
+                        if c.lm_head and not c.tie_embeddings else None)
         self.lm_head_bias = (nn.Parameter(torch.zeros(c.vocab_size))
-                             if c.tie_embeddings and c.lm_head_bias else None)
+                             if c.lm_head and c.tie_embeddings and c.lm_head_bias else None)
         self.rotary = Rotary(c.rope_n_elem, c.rope_base) if c.position == "rotary" else None
         if c.position == "alibi":
             self.register_buffer("alibi_slopes", alibi_slopes(c.n_head), persistent=False)
@@ -88,7 +118,7 @@ class TransformerLM(nn.Module):
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
-            n -= self.wte.weight.numel() + (self.wpe.weight.numel() if isinstance(self.wpe, LearnedPositions) else 0)
+            n -= sum(m.weight.numel() for m in (self.wte, self.wpe, self.wtt) if isinstance(m, (nn.Embedding, LearnedPositions)))
         return n
 
     def new_cache(self, batch: int, max_len: Optional[int] = None) -> Cache:
@@ -96,6 +126,11 @@ class TransformerLM(nn.Module):
         return Cache(self, batch, max_len)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.config.lm_head:
+            raise AllformersError(f"{self.config.name or 'this model'} has no LM head (lm_head=False); "
+                                  f"call it with return_hidden=True or put a task head on it")
+        if self.head_transform is not None:
+            x = self.head_transform(x)
         if self.lm_head is not None:
             return self.lm_head(x)
         return F.linear(x, self.wte.weight, self.lm_head_bias)
@@ -103,7 +138,8 @@ class TransformerLM(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, idx: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, cache: Optional[Cache] = None,
-                last_only: bool = False, return_hidden: bool = False) -> torch.Tensor:
+                last_only: bool = False, return_hidden: bool = False,
+                token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, vocab) (or (B, 1, vocab) with last_only).
 
         attention_mask (B, T): 1 for real tokens, 0 for padding (left padding for generation).
@@ -122,12 +158,16 @@ class TransformerLM(nn.Module):
         if self.wpe is not None and int(position_ids.max()) >= c.block_size:
             raise ContextLengthError(f"position {int(position_ids.max())} is past block_size={c.block_size}")
 
-        x = self.wte(idx)  # (B, T, C)
+        x = self.wte(idx)  # (B, T, E)
         if self.wpe is not None:
-            x = x + self.wpe(position_ids)
+            x = x + self.wpe(position_ids + c.position_offset)
+        if self.wtt is not None:
+            x = x + (self.wtt(token_type_ids) if token_type_ids is not None else self.wtt.weight[0])
         if self.embed_norm is not None:
             x = self.embed_norm(x)
         x = self.drop(x)
+        if self.embed_proj is not None:
+            x = self.embed_proj(x)  # (B, T, E) -> (B, T, C)
 
         # Computed once, shared by every layer.
         rope = self.rotary(position_ids) if self.rotary is not None else None
