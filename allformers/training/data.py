@@ -1,0 +1,175 @@
+"""Data for the training recipes: finding (or downloading) the corpus, encoding it, and a
+nanoGPT-style random-window sampler with its own generator so a resumed run continues from
+exactly the same data position.
+
+Where the data comes from, first match wins:
+  1. an explicit `data_dir` (a folder holding `tinyshakespeare/input.txt` or `input.txt`, or the file);
+  2. $ALLFORMERS_DATA;
+  3. `../shared/data` next to the current directory or next to this repository;
+  4. the download cache ($ALLFORMERS_CACHE or ~/.cache/allformers), filled from the canonical URL.
+Files are read in place; nothing is copied into the repository."""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..errors import AllformersError
+
+TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+TINY_SHAKESPEARE_MD5 = "6fb458f1232090904fb40fe944165e91"
+TINY_SHAKESPEARE_REL = Path("tinyshakespeare") / "input.txt"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class DataError(AllformersError, ValueError):
+    """The training data is missing, unreadable or too short."""
+
+
+# ---------------------------------------------------------------------- locating the corpus
+def default_data_root() -> Optional[Path]:
+    """$ALLFORMERS_DATA, else the first `../shared/data` that exists (from the cwd, then the repo)."""
+    env = os.environ.get("ALLFORMERS_DATA")
+    if env:
+        if not Path(env).is_dir():
+            raise DataError(f"ALLFORMERS_DATA={env!r} is not a folder; point it at your data folder or unset it")
+        return Path(env)
+    for base in (Path.cwd(), REPO_ROOT):
+        candidate = (base / ".." / "shared" / "data").resolve()
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ALLFORMERS_CACHE") or Path.home() / ".cache" / "allformers")
+
+
+def download(url: str, dest: Path) -> Path:
+    """Fetch `url` into `dest` through a temporary file, so an interrupted download leaves nothing."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+    os.close(fd)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+            f.write(response.read())
+        os.replace(tmp, dest)
+    except (urllib.error.URLError, OSError) as e:
+        raise DataError(f"could not download {url} ({e}); without network access, put the file at "
+                        f"{dest} or pass --data-dir (a folder holding {TINY_SHAKESPEARE_REL})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return dest
+
+
+def tiny_shakespeare_path(data_dir=None) -> Path:
+    """Path of Tiny Shakespeare's input.txt, downloading it into the cache as a last resort."""
+    if data_dir is not None:
+        d = Path(data_dir)
+        for candidate in (d, d / TINY_SHAKESPEARE_REL, d / "input.txt"):
+            if candidate.is_file():
+                return candidate
+        raise DataError(f"no Tiny Shakespeare under {d}: expected {d / TINY_SHAKESPEARE_REL} or {d / 'input.txt'}")
+    root = default_data_root()
+    if root is not None and (root / TINY_SHAKESPEARE_REL).is_file():
+        return root / TINY_SHAKESPEARE_REL
+    cached = cache_dir() / TINY_SHAKESPEARE_REL
+    if not cached.is_file():
+        download(TINY_SHAKESPEARE_URL, cached)
+        digest = hashlib.md5(cached.read_bytes()).hexdigest()
+        if digest != TINY_SHAKESPEARE_MD5:
+            print(f"warning: {cached} has md5 {digest}, expected {TINY_SHAKESPEARE_MD5}")
+    return cached
+
+
+# ---------------------------------------------------------------------- encoding
+@dataclass
+class Corpus:
+    tokenizer: object  # allformers Tokenizer
+    train: torch.Tensor  # (N_train,) int64 token ids
+    val: torch.Tensor  # (N_val,)
+
+
+def char_corpus(path, train_fraction: float = 0.9) -> Corpus:
+    """Character-level corpus: the first `train_fraction` of the text trains, the rest validates."""
+    from ..tokenization import Tokenizer
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read {path} as UTF-8 text: {e}") from None
+    if len(text) < 2:
+        raise DataError(f"{path} is empty; a training corpus needs text")
+    tok = Tokenizer.char(text)
+    ids = encode_chars(tok, text)
+    n = int(train_fraction * len(ids))
+    return Corpus(tok, ids[:n], ids[n:])
+
+
+def encode_chars(tok, text: str) -> torch.Tensor:
+    """Encode with a lookup table built from the tokenizer's own vocabulary: the same ids as
+    `tok.encode` (checked on a prefix), ~100x faster than running the tokenizer on 1M chars."""
+    vocab = tok.backend.get_vocab()
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)  # one code point per char
+    table = np.full(int(codes.max()) + 1, -1, dtype=np.int64)
+    for ch, i in vocab.items():
+        if len(ch) == 1 and ord(ch) < len(table):
+            table[ord(ch)] = i
+    ids = table[codes]
+    if (ids < 0).any() or ids[:1000].tolist() != tok.encode(text[:1000]):
+        ids = np.asarray(tok.encode(text), dtype=np.int64)  # not a plain char vocabulary: slow path
+    return torch.from_numpy(ids)
+
+
+# ---------------------------------------------------------------------- sampling
+class RandomWindows:
+    """nanoGPT's get_batch: random windows of block_size + 1 tokens, split into (x, y) = (w[:-1], w[1:]).
+
+    The generator is the sampler's own (not torch's global one), so dropout and data order are
+    independent, and its state goes into checkpoints."""
+
+    def __init__(self, data: torch.Tensor, block_size: int, seed: int = 0):
+        if data.dim() != 1:
+            raise DataError(f"expected a 1-D tensor of token ids, got shape {tuple(data.shape)}")
+        if len(data) <= block_size:
+            raise DataError(f"{len(data)} tokens cannot fill one window of block_size={block_size} + 1; "
+                            f"use more text or a smaller block_size")
+        self.data, self.block_size = data.long(), block_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self._offsets = torch.arange(block_size + 1)  # (T+1,)
+
+    def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ix = torch.randint(len(self.data) - self.block_size, (n,), generator=self.generator)  # (n,)
+        w = self.data[ix[:, None] + self._offsets]  # (n, T+1)
+        return w[:, :-1], w[:, 1:]  # (n, T), (n, T)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def fixed_batches(data: torch.Tensor, block_size: int, batch_size: int, n_batches: int, seed: int) -> list:
+    """The same `n_batches` random batches every time: evaluations are comparable across steps
+    and never touch the training generators."""
+    sampler = RandomWindows(data, block_size, seed)
+    return [sampler.sample(batch_size) for _ in range(n_batches)]
+
+
+def all_windows(data: torch.Tensor, block_size: int, batch_size: int) -> list:
+    """Every non-overlapping window of the split, batched: the loss on the whole split."""
+    n = (len(data) - 1) // block_size
+    x = data[: n * block_size].view(n, block_size)  # (n, T)
+    y = data[1: n * block_size + 1].view(n, block_size)
+    return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, n, batch_size)]

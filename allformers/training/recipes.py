@@ -1,0 +1,188 @@
+"""Named training recipes: a zoo config, a data set and a TrainConfig that together reach a
+stated loss in a stated time on a CPU. `run_recipe(name)` runs one end to end and writes the
+checkpoint (with tokenizer), metrics.jsonl, loss.png and summary.json into its output folder."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..errors import AllformersError
+from .data import RandomWindows, all_windows, char_corpus, fixed_batches, tiny_shakespeare_path
+from .trainer import CHECKPOINT_DIR, METRICS_FILE, PLOT_FILE, TrainConfig, Trainer, TrainingError
+
+
+class UnknownRecipeError(AllformersError, KeyError):
+    def __init__(self, name, known):
+        close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.4)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        self.msg = f"unknown recipe {name!r}.{hint} Known recipes: {', '.join(sorted(known))}"
+        super().__init__(self.msg)
+
+    def __str__(self):  # KeyError would quote the message
+        return self.msg
+
+
+@dataclass
+class Recipe:
+    name: str
+    description: str
+    model: str  # a zoo config name
+    train: TrainConfig
+    model_overrides: dict = field(default_factory=dict)  # Config fields (block_size, dropout, sizes)
+    data: str = "tinyshakespeare-char"
+    eval_iters: int = 20  # batches per eval set (train and val), batch_size rows each
+    target: str = ""  # what the recipe is tuned to reach, for docs and the CLI
+
+
+RECIPES: dict[str, Recipe] = {}
+DATASETS = {  # name -> data_dir -> Corpus
+    "tinyshakespeare-char": lambda data_dir: char_corpus(tiny_shakespeare_path(data_dir), train_fraction=0.9),
+}
+
+
+def register_recipe(recipe: Recipe) -> Recipe:
+    if recipe.name in RECIPES:
+        raise TrainingError(f"recipe {recipe.name!r} is registered twice")
+    RECIPES[recipe.name] = recipe
+    return recipe
+
+
+def get_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise UnknownRecipeError(name, RECIPES)
+    return RECIPES[name]
+
+
+# nanoGPT's CPU "baby GPT" (README, "I only have a macbook"): 4x4x128, block 64, batch 12, 2,000 iters.
+register_recipe(Recipe(
+    name="shakespeare-char-cpu",
+    description="nanoGPT's CPU baby GPT on character-level Tiny Shakespeare (0.8M params, ~1.5 min on 2 cores)",
+    model="baby-gpt-char", model_overrides={"block_size": 64, "dropout": 0.0},
+    train=TrainConfig(max_iters=2000, batch_size=12, lr=1e-3, min_lr=1e-4, warmup_iters=100, weight_decay=0.1,
+                      beta2=0.99, grad_clip=1.0, eval_interval=250, log_interval=10),
+    eval_iters=20, target="val loss <= 1.89 in <= 97 s (nanoGPT's own script here: 1.886 in 97 s)"))
+
+# A wider, longer-context model for a ~10 minute CPU budget (tuned by measurement, docs/training.md).
+register_recipe(Recipe(
+    name="shakespeare-char-wide",
+    description="6 layers x 192 wide, 128-token context on character-level Tiny Shakespeare (~10 min on 2 cores)",
+    model="baby-gpt-char", model_overrides={"block_size": 128, "n_layer": 6, "n_head": 6, "n_embd": 192,
+                                            "dropout": 0.0},
+    train=TrainConfig(max_iters=3000, batch_size=24, lr=2e-3, min_lr=2e-4, warmup_iters=100, weight_decay=0.1,
+                      beta2=0.99, grad_clip=1.0, eval_interval=500, log_interval=10),
+    eval_iters=20, target="val loss <= 1.70 in <= 10 min"))
+
+
+# ---------------------------------------------------------------------- running one
+def split_overrides(recipe: Recipe, overrides: dict) -> tuple[dict, dict, dict]:
+    """Sort flat overrides into TrainConfig fields, model Config fields and recipe fields."""
+    from ..config import Config
+
+    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    model_keys = {f.name for f in dataclasses.fields(Config)} - {"name", "description", "family", "vocab_size"}
+    train, model, rest = {}, {}, {}
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        if k in train_keys:
+            train[k] = v
+        elif k in model_keys:
+            model[k] = v
+        elif k == "eval_iters":
+            rest[k] = v
+        else:
+            known = sorted(train_keys | model_keys | {"eval_iters"})
+            close = difflib.get_close_matches(k, known, n=3)
+            raise TrainingError(f"unknown override {k!r}" + (f"; did you mean {', '.join(close)}?" if close else "")
+                                + f" (recipe {recipe.name!r} takes training settings and model config fields)")
+    return train, model, rest
+
+
+def run_recipe(name: str, *, data_dir=None, out_dir=None, max_iters: Optional[int] = None,
+               seed: Optional[int] = None, progress: bool = True, resume: bool = False,
+               overrides: Optional[dict] = None, n_samples: int = 2, sample_tokens: int = 300,
+               full_val: bool = False) -> dict:
+    """Train recipe `name` end to end. Returns a dict with val_loss, train_loss (last evaluation),
+    wall_time_s (data + model + training + evals + checkpoint + plot; samples excluded), out_dir,
+    plot, checkpoint, samples and the run's settings."""
+    from ..config import Config
+    from ..models import TransformerLM
+    from ..objectives import CausalLM
+
+    t0 = time.perf_counter()
+    recipe = get_recipe(name)
+    train_over, model_over, rest = split_overrides(recipe, dict(overrides or {}))
+    if max_iters is not None:
+        train_over["max_iters"] = max_iters
+    if seed is not None:
+        train_over["seed"] = seed
+    cfg = recipe.train.replace(**train_over)
+    eval_iters = rest.get("eval_iters", recipe.eval_iters)
+    out_dir = Path(out_dir) if out_dir is not None else Path("runs") / name
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if is_main and not resume:  # a fresh run: stale metrics would be appended to
+        for stale in (METRICS_FILE, PLOT_FILE):
+            (out_dir / stale).unlink(missing_ok=True)
+
+    corpus = DATASETS[recipe.data](data_dir)
+    mcfg = Config.from_name(recipe.model, **{**recipe.model_overrides, **model_over,
+                                              "vocab_size": corpus.tokenizer.vocab_size})
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts them)
+    model = TransformerLM(mcfg)
+    block = mcfg.block_size
+    train_data = RandomWindows(corpus.train, block, seed=cfg.seed)
+    eval_data = {"train": fixed_batches(corpus.train, block, cfg.batch_size, eval_iters, seed=cfg.seed + 1),
+                 "val": fixed_batches(corpus.val, block, cfg.batch_size, eval_iters, seed=cfg.seed + 2)}
+    trainer = Trainer(model, CausalLM(), train_data, cfg, eval_data=eval_data, out_dir=out_dir,
+                      tokenizer=corpus.tokenizer, progress=progress)
+    if resume:
+        if (out_dir / CHECKPOINT_DIR).exists():
+            trainer.load_checkpoint()
+        elif trainer.is_main:
+            print(f"no checkpoint in {out_dir / CHECKPOINT_DIR}: starting from step 0")
+    summary = trainer.fit()
+    wall = time.perf_counter() - t0
+
+    result = {**summary, "recipe": name, "wall_time_s": wall, "params": model.num_params(),
+              "model_config": mcfg.to_dict(), "train_config": cfg.to_dict(), "eval_iters": eval_iters,
+              "threads": torch.get_num_threads()}
+    if full_val:  # the loss on every non-overlapping window of the val split, not only the eval sample
+        trainer.eval_data = {"val_full": all_windows(corpus.val, block, 64)}
+        result["val_loss_full"] = trainer.evaluate()["val_full"]
+    if trainer.is_main:
+        result["samples"] = [sample_text(model, corpus.tokenizer, max_new_tokens=sample_tokens, seed=i)
+                             for i in range(n_samples)]
+        (out_dir / "summary.json").write_text(json.dumps(result, indent=2))
+    if trainer.world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
+
+
+@torch.no_grad()
+def sample_text(model, tokenizer, prompt: str = "\n", max_new_tokens: int = 300, temperature: float = 0.8,
+                seed: int = 0) -> str:
+    """Plain sampling loop. It crops the context to block_size itself, so samples may be longer
+    than the model's context (a KV cache could not); its own generator leaves torch's RNG alone."""
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    block = model.config.block_size
+    idx = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=model.device)  # (1, T)
+    for _ in range(max_new_tokens):
+        logits = model(idx[:, -block:], last_only=True)[:, -1].float().cpu()  # (1, V)
+        probs = torch.softmax(logits / temperature, dim=-1)
+        nxt = torch.multinomial(probs, 1, generator=gen).to(idx.device)  # (1, 1)
+        idx = torch.cat([idx, nxt], dim=1)
+    model.train(was_training)
+    return tokenizer.decode(idx[0].tolist())
