@@ -22,6 +22,7 @@ NORMS = ("LayerNorm", "RMSNorm")
 NORM_PLACEMENTS = ("pre", "post")
 MLPS = ("MLP", "GLU")
 SHARING = ("none", "all", "attention", "ffn")
+TASKS = ("lm", "sequence-classification", "token-classification", "question-answering", "embedding")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 
 
@@ -68,7 +69,15 @@ class Config:
     type_vocab_size: int = 0  # segment (BERT) or language (XLM) embeddings; 0 = none
     position_offset: int = 0  # RoBERTa/BART start positions at padding_idx + 1 = 2
     embedding_size: Optional[int] = None  # None -> n_embd; smaller = factorized embeddings (ALBERT, ELECTRA)
-    lm_head: bool = True  # False: a bare encoder/backbone (ELECTRA's discriminator, sentence encoders)
+    lm_head: Optional[bool] = None  # None -> True for task="lm"; False: a bare body under a task head
+    # task head (models/heads.py): "lm" is a plain language model
+    task: str = "lm"
+    num_labels: int = 2
+    labels: Optional[list] = None  # label names, index = class id
+    classifier_dense: bool = True  # dense + activation before the output layer (BERT pooler, RoBERTa head)
+    classifier_activation: str = "tanh"
+    pooling: str = "first"  # "first" token ([CLS]) or "mean" over real tokens
+    normalize: bool = True  # sentence embeddings come out unit-length
     head_transform: bool = False  # dense + activation + norm before the LM head (BERT-style MLM heads)
     head_activation: Optional[str] = None  # None -> activation
     share_layers: str = "none"  # ALBERT: "all", or only "attention" / "ffn" shared across layers
@@ -90,6 +99,10 @@ class Config:
             self.attn_out_bias = self.attn_bias
         if self.embedding_size is None:
             self.embedding_size = self.n_embd
+        if self.lm_head is None:
+            self.lm_head = self.task == "lm"
+        if self.labels is not None:
+            self.num_labels = len(self.labels)
         if self.head_activation is None:
             self.head_activation = self.activation
         if self.final_norm is None:
@@ -117,6 +130,9 @@ class Config:
         choice("activation", ACTIVATIONS)
         choice("head_activation", ACTIVATIONS)
         choice("share_layers", SHARING)
+        choice("task", TASKS)
+        choice("pooling", ("first", "mean"))
+        choice("classifier_activation", ACTIVATIONS + ("tanh",))
         for fname in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head",
                       "head_dim", "intermediate_size", "embedding_size"):
             if not isinstance(getattr(self, fname), int) or getattr(self, fname) <= 0:
@@ -126,6 +142,8 @@ class Config:
                 f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head} "
                 f"(grouped-query attention shares each key/value head among n_head // n_kv_head "
                 f"query heads); pick n_kv_head among {_divisors(self.n_head)}")
+        if self.task in ("sequence-classification", "token-classification") and self.num_labels < 1:
+            raise ConfigError(f"num_labels={self.num_labels} must be >= 1 for task={self.task!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
         if self.norm_eps <= 0:
@@ -213,7 +231,7 @@ class Config:
 REGISTRY: dict[str, dict[str, Any]] = {}
 # Fields that __post_init__ fills when they are None.
 _DERIVED = ("head_dim", "n_kv_head", "attn_out_bias", "final_norm", "intermediate_size", "embedding_size",
-            "head_activation")
+            "head_activation", "lm_head")
 
 
 def register(**kwargs) -> dict:

@@ -144,7 +144,7 @@ def read_safetensors(file: Path) -> dict:
 
 
 def load_allformers(path: Path, map_location="cpu"):
-    from ..models import TransformerLM
+    from ..models import build_model
 
     path = Path(path)
     try:
@@ -154,8 +154,8 @@ def load_allformers(path: Path, map_location="cpu"):
     except ConfigError as e:
         raise CheckpointError(f"{path / CONFIG_FILE}: {e}") from None
     state = read_safetensors(path / WEIGHTS_FILE)
-    model = TransformerLM(config)
-    report = load_state_dict_into(model, state, str(path), allow_init=("lm_head.weight",) if config.tie_embeddings else ())
+    model = build_model(config)
+    report = load_state_dict_into(model, state, str(path))
     return model.to(map_location), report
 
 

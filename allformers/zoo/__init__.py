@@ -10,10 +10,10 @@ from . import decoders  # noqa: F401  (registers)
 
 def count_params(config: Config) -> int:
     """Parameter count without allocating memory (built on the meta device)."""
-    from ..models import TransformerLM
+    from ..models import build_model
 
     with torch.device("meta"):
-        return TransformerLM(config).num_params()
+        return build_model(config).num_params()
 
 
 def list_models() -> list[dict]:

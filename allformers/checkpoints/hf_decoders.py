@@ -1,0 +1,171 @@
+"""Key tables for the decoder families: GPT-2, GPT-NeoX, BLOOM, LLaMA."""
+from ..config import Config
+from .maps import Family, concat, pair, per_head_qkv, register_family, same, separate_qkv, transposed
+
+
+def _rope(h):
+    rp = h.get("rope_parameters") or {}
+    return (rp.get("rope_theta", h.get("rope_theta", h.get("rotary_emb_base", 10000.0))),
+            rp.get("partial_rotary_factor", h.get("partial_rotary_factor", h.get("rotary_pct", 1.0))))
+
+
+# ---------------------------------------------------------------- GPT-2
+def _gpt2_rows(c):
+    p = "transformer.h.{}."
+    rows = [same("wte.weight", "transformer.wte.weight"), same("wpe.weight", "transformer.wpe.weight"),
+            *pair("norm", "transformer.ln_f"), *pair("blocks.{}.norm1", p + "ln_1"), *pair("blocks.{}.norm2", p + "ln_2")]
+    for ours, hf in [("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")]:
+        rows += [transposed(f"blocks.{{}}.{ours}.weight", p + f"{hf}.weight"), same(f"blocks.{{}}.{ours}.bias", p + f"{hf}.bias")]
+    return rows
+
+
+def _gpt2_config(h):
+    act = h.get("activation_function", "gelu_new")
+    return dict(vocab_size=h["vocab_size"], block_size=h["n_positions"], n_layer=h["n_layer"], n_head=h["n_head"],
+                n_embd=h["n_embd"], intermediate_size=h.get("n_inner") or 4 * h["n_embd"], norm_eps=h["layer_norm_epsilon"],
+                activation={"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}[act],
+                position="learned", tie_embeddings=h.get("tie_word_embeddings", True))
+
+
+def _gpt2_to_hf(c: Config):
+    return dict(vocab_size=c.vocab_size, n_positions=c.block_size, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
+                n_inner=c.intermediate_size, layer_norm_epsilon=c.norm_eps,
+                activation_function={"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}[c.activation],
+                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=c.tie_embeddings)
+
+
+def _gpt2_fits(c: Config):
+    return (c.position == "learned" and c.norm_placement == "pre" and not c.parallel_residual and c.causal
+            and c.norm_class == "LayerNorm" and c.mlp_class == "MLP" and c.attn_bias and c.mlp_bias
+            and c.n_kv_head == c.n_head and c.tie_embeddings and not c.embedding_norm and not c.type_vocab_size)
+
+
+register_family(Family("gpt2", {"lm": "GPT2LMHeadModel"}, _gpt2_rows, _gpt2_config, _gpt2_to_hf, _gpt2_fits,
+                       ignore=(".attn.bias", ".attn.masked_bias"), tied_hf_key="lm_head.weight",
+                       base_prefix="transformer."))
+
+
+# ---------------------------------------------------------------- GPT-NeoX (Pythia)
+def _neox_rows(c):
+    p = "gpt_neox.layers.{}."
+    rows = [same("wte.weight", "gpt_neox.embed_in.weight"), same("lm_head.weight", "embed_out.weight"),
+            *pair("norm", "gpt_neox.final_layer_norm")]
+    for ours, hf in [("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm"), ("attn.proj", "attention.dense"),
+                     ("mlp.fc", "mlp.dense_h_to_4h"), ("mlp.proj", "mlp.dense_4h_to_h")]:
+        rows += pair(f"blocks.{{}}.{ours}", p + hf)
+    rows += [per_head_qkv("blocks.{}.attn.qkv.weight", p + "attention.query_key_value.weight"),
+             per_head_qkv("blocks.{}.attn.qkv.bias", p + "attention.query_key_value.bias")]
+    return rows
+
+
+def _neox_config(h):
+    base, pct = _rope(h)
+    return dict(vocab_size=h["vocab_size"], block_size=h["max_position_embeddings"], n_layer=h["num_hidden_layers"],
+                n_head=h["num_attention_heads"], n_embd=h["hidden_size"], intermediate_size=h["intermediate_size"],
+                norm_eps=h["layer_norm_eps"], activation={"gelu": "gelu", "gelu_new": "gelu_tanh", "relu": "relu"}[h["hidden_act"]],
+                position="rotary", rotary_pct=pct, rope_base=base, parallel_residual=h.get("use_parallel_residual", True),
+                attn_bias=h.get("attention_bias", True), tie_embeddings=h.get("tie_word_embeddings", False))
+
+
+def _neox_to_hf(c: Config):
+    return dict(vocab_size=c.vocab_size, max_position_embeddings=c.block_size, num_hidden_layers=c.n_layer,
+                num_attention_heads=c.n_head, hidden_size=c.n_embd, intermediate_size=c.intermediate_size,
+                layer_norm_eps=c.norm_eps, hidden_act={"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}[c.activation],
+                rope_parameters={"rope_theta": c.rope_base, "partial_rotary_factor": c.rotary_pct, "rope_type": "default"},
+                use_parallel_residual=c.parallel_residual, attention_bias=c.attn_bias,
+                tie_word_embeddings=c.tie_embeddings, attention_dropout=0.0, hidden_dropout=0.0)
+
+
+def _neox_fits(c: Config):
+    return (c.position == "rotary" and c.norm_class == "LayerNorm" and c.mlp_class == "MLP" and c.causal
+            and c.n_kv_head == c.n_head and not c.shared_parallel_norm and c.mlp_bias and c.norm_placement == "pre")
+
+
+register_family(Family("gpt_neox", {"lm": "GPTNeoXForCausalLM"}, _neox_rows, _neox_config, _neox_to_hf, _neox_fits,
+                       ignore=(".attention.bias", ".attention.masked_bias", "rotary_emb.inv_freq"),
+                       tied_hf_key="embed_out.weight", aliases=(("lm_head.weight", "embed_out.weight"),)))
+
+
+# ---------------------------------------------------------------- BLOOM
+def _bloom_rows(c):
+    p = "transformer.h.{}."
+    rows = [same("wte.weight", "transformer.word_embeddings.weight"),
+            *pair("embed_norm", "transformer.word_embeddings_layernorm"), *pair("norm", "transformer.ln_f")]
+    for ours, hf in [("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm"),
+                     ("attn.proj", "self_attention.dense"), ("mlp.fc", "mlp.dense_h_to_4h"), ("mlp.proj", "mlp.dense_4h_to_h")]:
+        rows += pair(f"blocks.{{}}.{ours}", p + hf)
+    rows += [per_head_qkv("blocks.{}.attn.qkv.weight", p + "self_attention.query_key_value.weight"),
+             per_head_qkv("blocks.{}.attn.qkv.bias", p + "self_attention.query_key_value.bias")]
+    return rows
+
+
+def _bloom_config(h):
+    return dict(vocab_size=h["vocab_size"], block_size=h.get("seq_length") or 2048, n_layer=h.get("n_layer", h.get("num_hidden_layers")),
+                n_head=h.get("n_head", h.get("num_attention_heads")), n_embd=h["hidden_size"],
+                norm_eps=h["layer_norm_epsilon"], activation="gelu_tanh", position="alibi", embedding_norm=True,
+                tie_embeddings=h.get("tie_word_embeddings", True))
+
+
+def _bloom_to_hf(c: Config):
+    return dict(vocab_size=c.vocab_size, hidden_size=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
+                layer_norm_epsilon=c.norm_eps, seq_length=c.block_size, tie_word_embeddings=c.tie_embeddings,
+                apply_residual_connection_post_layernorm=False, hidden_dropout=0.0, attention_dropout=0.0)
+
+
+def _bloom_fits(c: Config):
+    return (c.position == "alibi" and c.embedding_norm and c.norm_class == "LayerNorm" and c.mlp_class == "MLP" and c.causal
+            and not c.parallel_residual and c.n_kv_head == c.n_head and c.norm_placement == "pre")
+
+
+register_family(Family("bloom", {"lm": "BloomForCausalLM"}, _bloom_rows, _bloom_config, _bloom_to_hf, _bloom_fits,
+                       tied_hf_key="lm_head.weight"))
+
+
+# ---------------------------------------------------------------- LLaMA (and SmolLM2)
+def _llama_rows(c: Config):
+    p = "model.layers.{}."
+    glu = lambda ours, g, u: concat(ours, g, u, sizes=lambda c: [c.intermediate_size] * 2)  # noqa: E731
+    rows = [same("wte.weight", "model.embed_tokens.weight"), same("lm_head.weight", "lm_head.weight"),
+            same("norm.weight", "model.norm.weight"), same("blocks.{}.norm1.weight", p + "input_layernorm.weight"),
+            same("blocks.{}.norm2.weight", p + "post_attention_layernorm.weight"),
+            *separate_qkv("blocks.{}.attn.qkv", *(p + f"self_attn.{x}_proj" for x in "qkv"), bias=c.attn_bias),
+            same("blocks.{}.attn.proj.weight", p + "self_attn.o_proj.weight"),
+            glu("blocks.{}.mlp.fc.weight", p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
+            same("blocks.{}.mlp.proj.weight", p + "mlp.down_proj.weight")]
+    if c.attn_out_bias:
+        rows.append(same("blocks.{}.attn.proj.bias", p + "self_attn.o_proj.bias"))
+    if c.mlp_bias:
+        rows += [glu("blocks.{}.mlp.fc.bias", p + "mlp.gate_proj.bias", p + "mlp.up_proj.bias"),
+                 same("blocks.{}.mlp.proj.bias", p + "mlp.down_proj.bias")]
+    return rows
+
+
+def _llama_config(h):
+    base, _ = _rope(h)
+    heads = h["num_attention_heads"]
+    return dict(vocab_size=h["vocab_size"], block_size=h["max_position_embeddings"], n_layer=h["num_hidden_layers"],
+                n_head=heads, n_kv_head=h.get("num_key_value_heads") or heads, n_embd=h["hidden_size"],
+                head_dim=h.get("head_dim") or h["hidden_size"] // heads, intermediate_size=h["intermediate_size"],
+                norm_eps=h["rms_norm_eps"], rope_base=base, position="rotary", norm_class="RMSNorm", mlp_class="GLU",
+                activation={"silu": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh"}[h.get("hidden_act", "silu")],
+                attn_bias=h.get("attention_bias", False), mlp_bias=h.get("mlp_bias", False),
+                tie_embeddings=h.get("tie_word_embeddings", False))
+
+
+def _llama_to_hf(c: Config):
+    return dict(vocab_size=c.vocab_size, max_position_embeddings=c.block_size, num_hidden_layers=c.n_layer,
+                num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head, hidden_size=c.n_embd, head_dim=c.head_dim,
+                intermediate_size=c.intermediate_size, rms_norm_eps=c.norm_eps,
+                rope_parameters={"rope_theta": c.rope_base, "rope_type": "default"},
+                hidden_act={"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}[c.activation],
+                attention_bias=c.attn_bias, mlp_bias=c.mlp_bias, tie_word_embeddings=c.tie_embeddings)
+
+
+def _llama_fits(c: Config):
+    return (c.position == "rotary" and c.norm_class == "RMSNorm" and c.mlp_class == "GLU" and c.causal
+            and c.norm_placement == "pre" and not c.parallel_residual and c.rope_n_elem == c.head_dim
+            and c.attn_out_bias == c.attn_bias)
+
+
+register_family(Family("llama", {"lm": "LlamaForCausalLM"}, _llama_rows, _llama_config, _llama_to_hf, _llama_fits,
+                       ignore=("rotary_emb.inv_freq",), tied_hf_key="lm_head.weight"))

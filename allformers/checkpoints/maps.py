@@ -1,0 +1,85 @@
+"""The vocabulary of checkpoint key tables: row kinds and the Family record.
+
+A row says: our key (with "{}" for the layer index) <- the HF key(s) and how the tensors
+change on the way. Each row converts in both directions."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from ..config import Config
+
+
+@dataclass
+class Row:
+    ours: str
+    hf: tuple  # one or more HF templates
+    to_ours: Callable  # (list of HF tensors, config) -> our tensor
+    to_hf: Callable  # (our tensor, config) -> list of HF tensors
+
+
+def same(ours, hf):
+    return Row(ours, (hf,), lambda ts, c: ts[0], lambda t, c: [t])
+
+
+def pair(ours, hf):
+    """weight and bias of one Linear / LayerNorm."""
+    return [same(f"{ours}.weight", f"{hf}.weight"), same(f"{ours}.bias", f"{hf}.bias")]
+
+
+def transposed(ours, hf):  # GPT-2 stores Linear weights as Conv1D (in, out)
+    return Row(ours, (hf,), lambda ts, c: ts[0].t(), lambda t, c: [t.t()])
+
+
+def concat(ours, *hf, sizes: Callable):
+    """Several HF matrices stacked on dim 0 into one of ours (q/k/v -> qkv, gate/up -> fc)."""
+    return Row(ours, hf, lambda ts, c: torch.cat(ts, 0), lambda t, c: list(t.split(sizes(c), 0)))
+
+
+def qkv_sizes(c: Config):
+    return [c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.n_kv_head * c.head_dim]
+
+
+def separate_qkv(ours_prefix, q, k, v, bias=True):
+    """Separate q/k/v projections (BERT, LLaMA, DistilBERT...) -> our fused qkv."""
+    rows = [concat(f"{ours_prefix}.weight", f"{q}.weight", f"{k}.weight", f"{v}.weight", sizes=qkv_sizes)]
+    if bias:
+        rows.append(concat(f"{ours_prefix}.bias", f"{q}.bias", f"{k}.bias", f"{v}.bias", sizes=qkv_sizes))
+    return rows
+
+
+def per_head_qkv(ours, hf):
+    """GPT-NeoX and BLOOM fuse qkv per head: rows ordered (head, [q|k|v], dim); ours are ([q|k|v], head, dim)."""
+    def to_ours(ts, c):
+        t = ts[0]
+        return t.view(c.n_head, 3, c.head_dim, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+
+    def to_hf(t, c):
+        return [t.view(3, c.n_head, c.head_dim, *t.shape[1:]).transpose(0, 1).reshape(t.shape)]
+
+    return Row(ours, (hf,), to_ours, to_hf)
+
+
+@dataclass
+class Family:
+    model_type: str
+    architectures: dict  # task -> HF class name ("lm" -> GPT2LMHeadModel, ...)
+    body_rows: Callable  # config -> rows, our keys relative to TransformerLM
+    config_from_hf: Callable  # HF config dict -> Config kwargs
+    config_to_hf: Callable  # Config -> HF config dict
+    fits: Callable  # Config -> bool: can this HF architecture hold the config exactly?
+    head_rows: dict = field(default_factory=dict)  # task -> (config -> rows); "lm" rows are TransformerLM keys
+    ignore: tuple = ()  # HF keys that are buffers or unused parts, not weights we need
+    tied_hf_key: Optional[str] = None  # HF head key that is absent/duplicated when tied
+    aliases: tuple = ()  # (other name, canonical name): names newer transformers use in memory
+    base_prefix: str = ""  # prefix that bare-backbone checkpoints (BertModel, GPT2Model) leave out
+
+
+FAMILIES: dict = {}
+
+
+def register_family(family: Family) -> Family:
+    FAMILIES[family.model_type] = family
+    return family

@@ -1,0 +1,92 @@
+"""Task heads that sit on a TransformerLM body: sequence classification, token classification
+(NER, ELECTRA's replaced-token detector), extractive QA and sentence embeddings.
+
+`TaskModel` pairs a body with one head; which head is a Config switch (`task`), so a saved
+folder knows how to rebuild itself."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..blocks.feedforward import ACTIVATIONS
+from ..config import Config
+from .lm import TransformerLM
+
+ACTS = {**ACTIVATIONS, "tanh": torch.tanh}
+
+
+def pool(hidden: torch.Tensor, mask: Optional[torch.Tensor], how: str) -> torch.Tensor:
+    """(B, T, C) -> (B, C): the first token ([CLS]/<s>) or the mean over real tokens."""
+    if how == "first":
+        return hidden[:, 0]
+    if mask is None:
+        return hidden.mean(1)
+    m = mask[..., None].to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+class ClassificationHead(nn.Module):
+    """[dense -> activation ->] out. BERT's pooler + classifier, RoBERTa's and ELECTRA's
+    classification heads and DistilBERT's pre_classifier are all this with other switches."""
+
+    def __init__(self, dim: int, n_out: int, dense: bool, activation: str, dropout: float = 0.0):
+        super().__init__()
+        self.dense = nn.Linear(dim, dim) if dense else None
+        self.act = ACTS[activation]
+        self.drop = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.out = nn.Linear(dim, n_out)
+
+    def forward(self, x):
+        if self.dense is not None:
+            x = self.act(self.dense(self.drop(x)))
+        return self.out(self.drop(x))
+
+
+class TaskModel(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = c = config
+        self.body = TransformerLM(c)
+        if c.task == "embedding":
+            self.head = None
+        elif c.task == "question-answering":
+            self.head = ClassificationHead(c.n_embd, 2, dense=False, activation="tanh")
+        else:
+            self.head = ClassificationHead(c.n_embd, c.num_labels, dense=c.classifier_dense,
+                                           activation=c.classifier_activation, dropout=c.dropout)
+
+    def forward(self, idx, attention_mask=None, token_type_ids=None, position_ids=None):
+        """sequence-classification: (B, num_labels); token-classification: (B, T, num_labels);
+        question-answering: (start, end) logits, each (B, T); embedding: (B, C), unit length."""
+        c = self.config
+        h = self.body(idx, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                      position_ids=position_ids, return_hidden=True)  # (B, T, C)
+        if c.task == "sequence-classification":
+            return self.head(pool(h, attention_mask, c.pooling))
+        if c.task == "token-classification":
+            return self.head(h)
+        if c.task == "question-answering":
+            start, end = self.head(h).unbind(-1)
+            return start, end
+        e = pool(h, attention_mask, c.pooling)
+        return F.normalize(e, dim=-1) if c.normalize else e
+
+    @property
+    def device(self):
+        return self.body.device
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def save(self, path, format: str = "allformers", **kwargs):
+        from ..checkpoints import save
+
+        return save(self, path, format=format, **kwargs)
+
+
+def build_model(config: Config) -> nn.Module:
+    """The right class for a config: a plain LM, or a body with a task head."""
+    return TransformerLM(config) if config.task == "lm" else TaskModel(config)
