@@ -22,14 +22,20 @@ def sampling_kwargs(args) -> dict:
                 repetition_penalty=args.repetition_penalty, stop=args.stop, generator=gen)
 
 
-def load_model(source: str):
+def load_any(source: str):
     """A path (allformers folder, HF folder, .gguf) or the name of a bundled real model."""
     from .. import load
 
     model = load(resolve_model(source))
+    print(f"[allformers] {model.load_report}", file=sys.stderr)
+    return model
+
+
+def load_model(source: str):
+    """load_any, for commands that need the model's tokenizer."""
+    model = load_any(source)
     if getattr(model, "tokenizer", None) is None:
         raise AllformersError(f"{source} has no tokenizer; save the model with its tokenizer (save(..., tokenizer=tok))")
-    print(f"[allformers] {model.load_report}", file=sys.stderr)
     return model
 
 
@@ -39,7 +45,8 @@ def write(text: str):
 
 
 # Short names for the real models that ship as Python packages.
-BUNDLED = {"smollm2": "smollm2_gguf_path", "smollm2-135m-instruct": "smollm2_gguf_path"}
+BUNDLED = {"smollm2": "smollm2_gguf_path", "smollm2-135m-instruct": "smollm2_gguf_path",
+           "minilm": "minilm_path", "all-minilm-l6-v2": "minilm_path"}
 
 
 def resolve_model(source: str):

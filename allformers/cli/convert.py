@@ -1,5 +1,4 @@
 """`allformers convert SRC DST --to allformers|hf`: between our format, HF folders and GGUF (import only)."""
-import sys
 
 
 def register(sub):
@@ -11,11 +10,9 @@ def register(sub):
 
 
 def run(args):
-    from .. import load
-    from .common import resolve_model
+    from .common import load_any
 
-    model = load(resolve_model(args.src))
-    print(f"[allformers] {model.load_report}", file=sys.stderr)
+    model = load_any(args.src)
     model.save(args.dst, format=args.to, tokenizer=getattr(model, "tokenizer", None))
     print(f"wrote {args.to} checkpoint to {args.dst}")
     return 0

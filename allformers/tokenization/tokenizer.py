@@ -121,6 +121,28 @@ class Tokenizer:
             out = [[self.bos_id] + ids for ids in out]
         return out
 
+    def batch(self, texts: list, pairs: Optional[list] = None, max_length: Optional[int] = None):
+        """Encoder-style batch: special tokens added by the tokenizer's own post-processor
+        ([CLS] a [SEP] b [SEP] for BERT), truncated to max_length, right-padded.
+        Returns input_ids, attention_mask and token_type_ids, each (B, T)."""
+        import torch
+
+        self.backend.no_padding()  # we pad to the longest row ourselves
+        if max_length:
+            self.backend.enable_truncation(max_length)
+        else:
+            self.backend.no_truncation()
+        items = list(zip(texts, pairs)) if pairs is not None else list(texts)
+        encs = self.backend.encode_batch(items, add_special_tokens=True)
+        T = max(len(e.ids) for e in encs)
+        ids = torch.full((len(encs), T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(encs), T), dtype=torch.long)
+        types = torch.zeros((len(encs), T), dtype=torch.long)
+        for i, e in enumerate(encs):
+            n = len(e.ids)
+            ids[i, :n], mask[i, :n], types[i, :n] = torch.tensor(e.ids), 1, torch.tensor(e.type_ids)
+        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(map(int, ids)), skip_special_tokens=skip_special_tokens)
 
