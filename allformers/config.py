@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from .errors import ConfigError, UnknownModelError
 
-POSITIONS = ("learned", "sinusoidal", "rotary", "alibi", "none")
+POSITIONS = ("learned", "sinusoidal", "rotary", "alibi", "relative_bias", "none")
 NORMS = ("LayerNorm", "RMSNorm")
 NORM_PLACEMENTS = ("pre", "post")
 MLPS = ("MLP", "GLU")
@@ -50,6 +50,8 @@ class Config:
     position: str = "learned"
     rotary_pct: float = 1.0  # fraction of each head that rotates (GPT-NeoX: 0.25)
     rope_base: float = 10000.0
+    rel_buckets: int = 32  # T5 relative bias: distance buckets and the distance where they stop growing
+    rel_max_distance: int = 128
     # norms and residual layout
     norm_class: str = "LayerNorm"
     norm_eps: float = 1e-5
@@ -66,6 +68,7 @@ class Config:
     # embeddings and head
     tie_embeddings: bool = True
     lm_head_bias: bool = False
+    head_input_scale: Optional[float] = None  # T5 scales hidden states by d_model**-0.5 before a tied head
     type_vocab_size: int = 0  # segment (BERT) or language (XLM) embeddings; 0 = none
     position_offset: int = 0  # RoBERTa/BART start positions at padding_idx + 1 = 2
     embedding_size: Optional[int] = None  # None -> n_embd; smaller = factorized embeddings (ALBERT, ELECTRA)

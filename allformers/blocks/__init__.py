@@ -3,7 +3,9 @@ from .attention import Attention, KVCache
 from .block import Block
 from .feedforward import GLU, MLP, build_feedforward
 from .norms import build_norm
-from .positions import LearnedPositions, Rotary, SinusoidalPositions, alibi_bias, alibi_slopes, apply_rotary
+from .positions import LearnedPositions, Rotary, SinusoidalPositions, alibi_slopes, apply_rotary
+from .relative import AlibiBias, T5RelativeBias, build_relative
 
 __all__ = ["Attention", "KVCache", "Block", "MLP", "GLU", "build_feedforward", "build_norm",
-           "LearnedPositions", "SinusoidalPositions", "Rotary", "apply_rotary", "alibi_slopes", "alibi_bias"]
+           "LearnedPositions", "SinusoidalPositions", "Rotary", "apply_rotary", "alibi_slopes", "AlibiBias",
+           "T5RelativeBias", "build_relative"]

@@ -70,9 +70,3 @@ def alibi_slopes(n_head: int) -> torch.Tensor:
     closest = 2 ** math.floor(math.log2(n_head))
     extra = powers(2 * closest)[0::2][: n_head - closest]
     return torch.tensor(powers(closest) + extra)
-
-
-def alibi_bias(slopes: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-    """-slope * |distance|: (H,), (B, Tq), (B, Tk) -> (B, H, Tq, Tk)."""
-    dist = (k_pos[:, None, :] - q_pos[:, :, None]).abs().float()  # (B, Tq, Tk)
-    return -slopes.to(dist.device)[None, :, None, None] * dist[:, None]

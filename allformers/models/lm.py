@@ -9,8 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..blocks import (Attention, Block, KVCache, LearnedPositions, Rotary, SinusoidalPositions,
-                      alibi_bias, alibi_slopes, build_feedforward, build_norm)
+from ..blocks import (Attention, Block, KVCache, LearnedPositions, Rotary, SinusoidalPositions, build_feedforward,
+                      build_norm)
+from ..blocks.relative import build_relative
 from ..config import Config
 from ..blocks.feedforward import ACTIVATIONS
 from ..errors import AllformersError, ContextLengthError
@@ -93,8 +94,7 @@ class TransformerLM(nn.Module):
         self.lm_head_bias = (nn.Parameter(torch.zeros(c.vocab_size))
                              if c.lm_head and c.tie_embeddings and c.lm_head_bias else None)
         self.rotary = Rotary(c.rope_n_elem, c.rope_base) if c.position == "rotary" else None
-        if c.position == "alibi":
-            self.register_buffer("alibi_slopes", alibi_slopes(c.n_head), persistent=False)
+        self.relative = build_relative(c)  # ALiBi or T5 bias: one (B, H, T, S) bias shared by all layers
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
@@ -131,6 +131,8 @@ class TransformerLM(nn.Module):
                                   f"call it with return_hidden=True or put a task head on it")
         if self.head_transform is not None:
             x = self.head_transform(x)
+        if self.config.head_input_scale is not None:
+            x = x * self.config.head_input_scale
         if self.lm_head is not None:
             return self.lm_head(x)
         return F.linear(x, self.wte.weight, self.lm_head_bias)
@@ -211,8 +213,7 @@ class TransformerLM(nn.Module):
         """None (fused causal kernel) when nothing but causality is needed; else a bool or
         float mask of shape (B, 1 or H, T, start+T)."""
         c = self.config
-        alibi = c.position == "alibi"
-        if key_mask is None and not alibi and (not c.causal or start == 0 or T == 1):
+        if key_mask is None and self.relative is None and (not c.causal or start == 0 or T == 1):
             return None
         S = start + T
         device = position_ids.device
@@ -224,13 +225,13 @@ class TransformerLM(nn.Module):
             allowed = allowed & key_mask[:, None, None, :]
             # A padding query may see nothing; let it see itself so softmax stays finite.
             allowed = allowed | ~allowed.any(-1, keepdim=True)
-        if not alibi:
+        if self.relative is None:
             return allowed
         if cache is not None and start:  # positions of the cached keys
             k_pos = torch.cat([self._cached_positions(cache, B, start, device), position_ids], dim=1)
         else:
             k_pos = position_ids
-        bias = alibi_bias(self.alibi_slopes, position_ids, k_pos)  # (B, H, T, S)
+        bias = self.relative(position_ids, k_pos)  # (B, H, T, S)
         return bias.masked_fill(~allowed, float("-inf"))
 
     @staticmethod
