@@ -42,6 +42,7 @@ class Config:
     head_dim: Optional[int] = None  # None -> n_embd // n_head
     intermediate_size: Optional[int] = None  # None -> 4 * n_embd (MLP) or LLaMA's 8/3 rule (GLU)
     # attention
+    attention_class: str = "Attention"  # a name in blocks.ATTENTION_CLASSES (DeBERTa registers its own)
     causal: bool = True
     attn_bias: bool = True  # bias on q, k, v projections
     attn_out_bias: Optional[bool] = None  # None -> attn_bias
@@ -134,6 +135,9 @@ class Config:
         choice("head_activation", ACTIVATIONS)
         choice("share_layers", SHARING)
         choice("task", TASKS)
+        from .blocks.attention import ATTENTION_CLASSES
+
+        choice("attention_class", ATTENTION_CLASSES)
         choice("pooling", ("first", "mean"))
         choice("classifier_activation", ACTIVATIONS + ("tanh",))
         for fname in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head",

@@ -34,7 +34,21 @@ class KVCache:
         self.v = self.v.index_select(0, index)
 
 
+ATTENTION_CLASSES: dict = {}  # Config.attention_class -> class (DeBERTa adds its own)
+
+
+def register_attention(cls):
+    ATTENTION_CLASSES[cls.__name__] = cls
+    return cls
+
+
+@register_attention
 class Attention(nn.Module):
+    @classmethod
+    def from_config(cls, c) -> "Attention":
+        return cls(c.n_embd, c.n_head, c.n_kv_head, c.head_dim, bias=c.attn_bias, out_bias=c.attn_out_bias,
+                   scale=c.attn_scale, dropout=c.dropout, causal=c.causal)
+
     def __init__(self, dim: int, n_head: int, n_kv_head: int, head_dim: int, *, bias: bool = True,
                  out_bias: bool = True, scale: Optional[float] = None, dropout: float = 0.0,
                  causal: bool = True, cross: bool = False, kv_dim: Optional[int] = None):

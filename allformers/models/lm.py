@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..blocks import (Attention, Block, KVCache, LearnedPositions, Rotary, SinusoidalPositions, build_feedforward,
+from ..blocks import (ATTENTION_CLASSES, Block, KVCache, LearnedPositions, Rotary, SinusoidalPositions, build_feedforward,
                       build_norm)
 from ..blocks.relative import build_relative
 from ..config import Config
@@ -25,8 +25,7 @@ def build_block(c: Config, shared_from: Optional[Block] = None) -> Block:
     if shared_from is not None and c.share_layers == "attention":
         attn = shared_from.attn
     else:
-        attn = Attention(c.n_embd, c.n_head, c.n_kv_head, c.head_dim, bias=c.attn_bias,
-                         out_bias=c.attn_out_bias, scale=c.attn_scale, dropout=c.dropout, causal=c.causal)
+        attn = ATTENTION_CLASSES[c.attention_class].from_config(c)
     if shared_from is not None and c.share_layers == "ffn":
         mlp = shared_from.mlp
     else:
@@ -173,9 +172,9 @@ class TransformerLM(nn.Module):
 
         # Computed once, shared by every layer.
         rope = self.rotary(position_ids) if self.rotary is not None else None
-        mask = self._attn_mask(key_mask, position_ids, cache, B, T, start)
+        mask, extra = self._attn_mask(key_mask, position_ids, cache, B, T, start)
         for i, block in enumerate(self.blocks):
-            x = block(x, rope=rope, mask=mask, cache=cache.layers[i] if cache else None, cache_start=start)
+            x = block(x, rope=rope, mask=mask, cache=cache.layers[i] if cache else None, cache_start=start, **extra)
         if cache is not None:
             cache.pos = start + T
             cache.key_mask = key_mask
@@ -210,11 +209,12 @@ class TransformerLM(nn.Module):
         return torch.arange(start, start + T, device=device).expand(B, T)
 
     def _attn_mask(self, key_mask, position_ids, cache, B, T, start):
-        """None (fused causal kernel) when nothing but causality is needed; else a bool or
-        float mask of shape (B, 1 or H, T, start+T)."""
+        """(mask, extra attention kwargs). The mask is None (fused causal kernel) when nothing
+        but causality is needed; else a bool or float mask of shape (B, 1 or H, T, start+T).
+        A relative scheme returns either a bias (added here) or kwargs for its attention class."""
         c = self.config
         if key_mask is None and self.relative is None and (not c.causal or start == 0 or T == 1):
-            return None
+            return None, {}
         S = start + T
         device = position_ids.device
         allowed = torch.ones(B, 1, T, S, dtype=torch.bool, device=device)
@@ -226,13 +226,15 @@ class TransformerLM(nn.Module):
             # A padding query may see nothing; let it see itself so softmax stays finite.
             allowed = allowed | ~allowed.any(-1, keepdim=True)
         if self.relative is None:
-            return allowed
+            return allowed, {}
         if cache is not None and start:  # positions of the cached keys
             k_pos = torch.cat([self._cached_positions(cache, B, start, device), position_ids], dim=1)
         else:
             k_pos = position_ids
-        bias = self.relative(position_ids, k_pos)  # (B, H, T, S)
-        return bias.masked_fill(~allowed, float("-inf"))
+        rel = self.relative(position_ids, k_pos)  # (B, H, T, S) bias, or a dict of attention kwargs
+        if isinstance(rel, dict):
+            return allowed, rel
+        return rel.masked_fill(~allowed, float("-inf")), {}
 
     @staticmethod
     def _cached_positions(cache, B, start, device):
