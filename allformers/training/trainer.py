@@ -165,7 +165,8 @@ class Trainer:
     Seeds torch's global RNG (dropout) with seed + rank."""
 
     def __init__(self, model: torch.nn.Module, loss_fn: Callable, train_data, config: Optional[TrainConfig] = None,
-                 *, eval_data: Optional[dict] = None, out_dir=None, tokenizer=None, progress: bool = True):
+                 *, eval_data: Optional[dict] = None, out_dir=None, tokenizer=None, progress: bool = True,
+                 eval_metrics: Optional[Callable[[], dict]] = None):
         self.cfg = cfg = config or TrainConfig()
         want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
         self.rank, self.world_size, local_rank = init_distributed("cuda" if want_cuda else "cpu")
@@ -193,6 +194,9 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []  # every logged record (train and eval), on every rank
         self.last_eval: dict = {}
+        # Called after each evaluation; its {name: float} joins the eval record and the bar (e.g. accuracy
+        # an objective counted during evaluate()). Every rank calls it: reduce across ranks inside.
+        self.eval_metrics, self.last_metrics = eval_metrics, {}
         self._peak: Optional[float] = None
 
     # ------------------------------------------------------------------ setup helpers
@@ -362,8 +366,10 @@ class Trainer:
 
     def _eval_and_log(self) -> dict:
         self.last_eval = self.evaluate()
-        self._write({"event": "eval", "step": self.step, **{f"{k}_loss": v for k, v in self.last_eval.items()}})
-        return self.last_eval
+        self.last_metrics = dict(self.eval_metrics()) if self.eval_metrics else {}
+        self._write({"event": "eval", "step": self.step, **{f"{k}_loss": v for k, v in self.last_eval.items()},
+                     **self.last_metrics})
+        return {**self.last_eval, **self.last_metrics}
 
     def _write(self, record: dict):
         self.history.append(record)
