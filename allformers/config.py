@@ -17,7 +17,8 @@ from typing import Any, Optional
 
 from .errors import ConfigError, UnknownModelError
 
-POSITIONS = ("learned", "sinusoidal", "rotary", "alibi", "relative_bias", "none")
+POSITIONS = ("learned", "sinusoidal", "rotary", "alibi", "relative_bias", "disentangled", "none")
+POS_ATT_TERMS = ("c2p", "p2c")  # DeBERTa: content-to-position, position-to-content
 NORMS = ("LayerNorm", "RMSNorm")
 NORM_PLACEMENTS = ("pre", "post")
 MLPS = ("MLP", "GLU")
@@ -53,6 +54,12 @@ class Config:
     rope_base: float = 10000.0
     rel_buckets: int = 32  # T5 relative bias: distance buckets and the distance where they stop growing
     rel_max_distance: int = 128
+    # DeBERTa (position="disentangled", attention_class="DisentangledAttention"): one relative embedding
+    # table shared by every layer; log-spaced distance buckets per side (0 = exact distances) that stop
+    # growing at max_relative_positions, and which position terms join content-to-content ("c2p|p2c")
+    position_buckets: int = 256
+    max_relative_positions: int = 512
+    pos_att_type: str = "c2p|p2c"
     # norms and residual layout
     norm_class: str = "LayerNorm"
     norm_eps: float = 1e-5
@@ -179,6 +186,26 @@ class Config:
             raise ConfigError(
                 f"embedding_size={self.embedding_size} != n_embd={self.n_embd} with tied embeddings needs "
                 f"head_transform=True (it maps hidden states back to the embedding size), or tie_embeddings=False")
+        if (self.position == "disentangled") != (self.attention_class == "DisentangledAttention"):
+            raise ConfigError(
+                f"position={self.position!r} with attention_class={self.attention_class!r}: DeBERTa's disentangled "
+                f"positions and attention go together; set both position='disentangled' and "
+                f"attention_class='DisentangledAttention', or neither")
+        if self.position == "disentangled":
+            if self.position_buckets < 0 or self.max_relative_positions < 1:
+                raise ConfigError(f"position_buckets={self.position_buckets} must be >= 0 (0 = no buckets) and "
+                                  f"max_relative_positions={self.max_relative_positions} >= 1")
+            if self.position_buckets and not 2 <= self.position_buckets // 2 + 1 < self.max_relative_positions:
+                raise ConfigError(f"position_buckets={self.position_buckets} spends half its buckets on exact "
+                                  f"distances; it needs 2 <= position_buckets < 2 * (max_relative_positions - 1) "
+                                  f"(max_relative_positions={self.max_relative_positions})")
+            bad = [t for t in self.pos_att_type.split("|") if t and t not in POS_ATT_TERMS]
+            if bad:
+                raise ConfigError(f"pos_att_type={self.pos_att_type!r}: {bad} not among {list(POS_ATT_TERMS)} "
+                                  f"(write them joined by '|', e.g. 'c2p|p2c')")
+            if self.n_kv_head != self.n_head:
+                raise ConfigError(f"position='disentangled' projects positions with every head's query and key; "
+                                  f"it needs n_kv_head == n_head (got {self.n_kv_head} and {self.n_head})")
         if self.shared_parallel_norm and not self.parallel_residual:
             raise ConfigError("shared_parallel_norm=True only makes sense with parallel_residual=True")
 

@@ -6,6 +6,7 @@ import math
 import torch
 import torch.nn as nn
 
+from .disentangled import DisentangledPositions
 from .positions import alibi_slopes
 
 
@@ -59,4 +60,6 @@ def build_relative(c):
         return AlibiBias(c.n_head)
     if c.position == "relative_bias":
         return T5RelativeBias(c.n_head, c.rel_buckets, c.rel_max_distance, bidirectional=not c.causal)
+    if c.position == "disentangled":  # DeBERTa: one relative embedding table, handed to every layer
+        return DisentangledPositions.from_config(c)
     return None
