@@ -148,7 +148,7 @@ def config_from_hf(hf: dict, path: Path = Path(".")) -> Config:
     return Config(name=hf.get("_name_or_path", "") or family.model_type,
                   family="encoder" if kwargs.get("causal") is False else "decoder",
                   description=f"imported from a Hugging Face {(hf.get('architectures') or [family.model_type])[0]}",
-                  **kwargs, **task)
+                  **{**task, **kwargs})  # a family may fix its heads (DistilBERT: ReLU)
 
 
 def load_hf(path):

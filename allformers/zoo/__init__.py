@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..config import REGISTRY, Config
-from . import decoders  # noqa: F401  (registers)
+from . import decoders, encoders  # noqa: F401  (registers)
 
 
 def count_params(config: Config) -> int:
