@@ -92,6 +92,12 @@ class Config:
     head_transform: bool = False  # dense + activation + norm before the LM head (BERT-style MLM heads)
     head_activation: Optional[str] = None  # None -> activation
     share_layers: str = "none"  # ALBERT: "all", or only "attention" / "ffn" shared across layers
+    # encoder-decoder (models/seq2seq.py builds two stacks from one config)
+    is_encoder_decoder: bool = False
+    n_decoder_layer: Optional[int] = None  # None -> n_layer
+    cross_attention: bool = False  # set on the decoder stack: blocks attend to the encoder output
+    decoder_start_token_id: int = 0
+    embed_scale: Optional[float] = None  # multiply token embeddings (the original Transformer: sqrt(d_model))
     # regularisation
     dropout: float = 0.0
     # derived (filled in __post_init__, kept in JSON for readers, recomputed on load)
@@ -112,6 +118,8 @@ class Config:
             self.embedding_size = self.n_embd
         if self.lm_head is None:
             self.lm_head = self.task == "lm"
+        if self.n_decoder_layer is None and self.is_encoder_decoder:
+            self.n_decoder_layer = self.n_layer
         if self.labels is not None:
             self.num_labels = len(self.labels)
         if self.head_activation is None:
@@ -186,6 +194,11 @@ class Config:
             raise ConfigError(
                 f"embedding_size={self.embedding_size} != n_embd={self.n_embd} with tied embeddings needs "
                 f"head_transform=True (it maps hidden states back to the embedding size), or tie_embeddings=False")
+        if self.is_encoder_decoder and (self.cross_attention or not self.causal):
+            raise ConfigError("an encoder-decoder config describes its decoder (causal=True); its stacks are derived "
+                              "with encoder_config() / decoder_config() — do not set cross_attention or causal=False on it")
+        if self.is_encoder_decoder and self.task != "lm":
+            raise ConfigError(f"task={self.task!r} is not available for encoder-decoders yet; use task='lm'")
         if (self.position == "disentangled") != (self.attention_class == "DisentangledAttention"):
             raise ConfigError(
                 f"position={self.position!r} with attention_class={self.attention_class!r}: DeBERTa's disentangled "
@@ -210,9 +223,14 @@ class Config:
             raise ConfigError("shared_parallel_norm=True only makes sense with parallel_residual=True")
 
     # ---------------------------------------------------------------- derived
-    @property
-    def n_query_groups(self) -> int:
-        return self.n_kv_head
+    def encoder_config(self) -> "Config":
+        """The encoder stack of an encoder-decoder: bidirectional, no LM head."""
+        return self.replace(is_encoder_decoder=False, causal=False, lm_head=False, n_decoder_layer=None)
+
+    def decoder_config(self) -> "Config":
+        """The decoder stack: causal, cross-attends to the encoder, n_decoder_layer layers."""
+        return self.replace(is_encoder_decoder=False, cross_attention=True, n_layer=self.n_decoder_layer,
+                            n_decoder_layer=None)
 
     @property
     def activation_is_glu(self) -> bool:
@@ -265,7 +283,7 @@ class Config:
 REGISTRY: dict[str, dict[str, Any]] = {}
 # Fields that __post_init__ fills when they are None.
 _DERIVED = ("head_dim", "n_kv_head", "attn_out_bias", "final_norm", "intermediate_size", "embedding_size",
-            "head_activation", "lm_head")
+            "head_activation", "lm_head", "n_decoder_layer")
 
 
 def register(**kwargs) -> dict:

@@ -34,6 +34,18 @@ class KVCache:
         self.v = self.v.index_select(0, index)
 
 
+class CrossKV:
+    """Cross-attention keys/values of one layer: the encoder output does not change while the
+    decoder runs, so they are projected once and reused at every step."""
+
+    def __init__(self):
+        self.k = self.v = None
+
+    def reorder(self, index: torch.Tensor):
+        if self.k is not None:
+            self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
+
+
 ATTENTION_CLASSES: dict = {}  # Config.attention_class -> class (DeBERTa adds its own)
 
 
@@ -73,11 +85,18 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         if self.cross:
-            q = self.q(x)
-            k, v = self.kv(context).split(kv_size, dim=-1)
+            q = self._heads(self.q(x), self.n_head)
+            if cache is not None and cache.k is not None:  # projected at the first step
+                k, v = cache.k, cache.v
+            else:
+                k, v = self.kv(context).split(kv_size, dim=-1)
+                k, v = self._heads(k, self.n_kv_head), self._heads(v, self.n_kv_head)
+                if cache is not None:
+                    cache.k, cache.v = k, v
+            cache = None  # nothing more to append
         else:
             q, k, v = self.qkv(x).split((q_size, kv_size, kv_size), dim=-1)
-        q, k, v = self._heads(q, self.n_head), self._heads(k, self.n_kv_head), self._heads(v, self.n_kv_head)
+            q, k, v = self._heads(q, self.n_head), self._heads(k, self.n_kv_head), self._heads(v, self.n_kv_head)
         if rope is not None:  # (B, H, T, D) rotated on the first n_elem dims
             cos, sin = rope
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

@@ -12,7 +12,7 @@ import torch
 
 from ..config import Config
 from ..errors import CheckpointError
-from . import hf_decoders, hf_encoders  # noqa: F401  (register the tables)
+from . import hf_decoders, hf_encoders, hf_seq2seq  # noqa: F401  (register the tables)
 from .io import CONFIG_FILE, _contiguous, atomic_folder_write, load_state_dict_into, read_safetensors
 from .maps import FAMILIES, Family
 
@@ -51,6 +51,13 @@ def _prefixed(row, prefix):
     return replace(row, ours=prefix + row.ours)
 
 
+def _n_layers(row, config: Config) -> int:
+    """How many layers a "{}" row runs over: an encoder-decoder's decoder may be deeper or shallower."""
+    if config.is_encoder_decoder and row.ours.startswith("decoder."):
+        return config.n_decoder_layer
+    return config.n_layer
+
+
 def _layer_of(key: str) -> int:
     return int(next(p for p in key.split(".") if p.isdigit()))
 
@@ -67,7 +74,7 @@ def hf_to_ours(hf_state: dict, config: Config, family: Family):
             hf_state[canonical] = hf_state.pop(alias)
     ours, used = {}, set()
     for row in rows_for(family, config):
-        n = config.n_layer if "{}" in row.ours else 1
+        n = _n_layers(row, config) if "{}" in row.ours else 1
         for i in range(n):
             keys = [t.format(i) for t in row.hf]
             if not all(k in hf_state for k in keys):
@@ -83,7 +90,7 @@ def hf_to_ours(hf_state: dict, config: Config, family: Family):
 def ours_to_hf(state: dict, config: Config, family: Family) -> dict:
     out = {}
     for row in rows_for(family, config):
-        keys = [row.ours.format(i) for i in range(config.n_layer)] if "{}" in row.ours else [row.ours]
+        keys = [row.ours.format(i) for i in range(_n_layers(row, config))] if "{}" in row.ours else [row.ours]
         for key in keys:
             if key not in state:
                 continue
@@ -145,8 +152,8 @@ def config_from_hf(hf: dict, path: Path = Path(".")) -> Config:
     family = _family(hf.get("model_type"))
     task = _task_of(family, hf, path)
     kwargs = family.config_from_hf(hf)
-    return Config(name=hf.get("_name_or_path", "") or family.model_type,
-                  family="encoder" if kwargs.get("causal") is False else "decoder",
+    shape = "encoder-decoder" if kwargs.get("is_encoder_decoder") else "encoder" if kwargs.get("causal") is False else "decoder"
+    return Config(name=hf.get("_name_or_path", "") or family.model_type, family=shape,
                   description=f"imported from a Hugging Face {(hf.get('architectures') or [family.model_type])[0]}",
                   **{**task, **kwargs})  # a family may fix its heads (DistilBERT: ReLU)
 

@@ -12,6 +12,10 @@ import torch
 from ..errors import AllformersError, ContextLengthError
 
 
+def eos_tensor(eos_id) -> torch.Tensor:
+    return torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id or []), dtype=torch.long)
+
+
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int):
     """Token lists of different lengths -> ids (B, T) and attention mask (B, T), padded on the
     left so that every row's next token is at the same index."""
@@ -90,17 +94,28 @@ def generate(model, input_ids: torch.Tensor, *, attention_mask: Optional[torch.T
         raise ContextLengthError(
             f"the prompt has {T} tokens and max_new_tokens={max_new_tokens}: {T + max_new_tokens} > the model's "
             f"context of {limit}; shorten the prompt or lower max_new_tokens to {max(limit - T, 0)}")
-    eos = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id or []), dtype=torch.long)
+    eos = eos_tensor(eos_id)
     pad_id = pad_id if pad_id is not None else (int(eos[0]) if len(eos) else 0)
-    device = model.device
-    input_ids = input_ids.to(device)
+    input_ids = input_ids.to(model.device)
 
     cache = model.new_cache(B, T + max_new_tokens)
     logits = model(input_ids, attention_mask=attention_mask, cache=cache, last_only=True)[:, -1]
-    out = input_ids
+    step = lambda nxt: model(nxt[:, None], cache=cache, last_only=True)[:, -1]  # noqa: E731
+    return decode_loop(step, logits, input_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                       top_p=top_p, repetition_penalty=repetition_penalty, eos=eos, pad_id=pad_id, stop=stop,
+                       tokenizer=tokenizer, on_token=on_token, generator=generator)
+
+
+def decode_loop(step: Callable, logits: torch.Tensor, out: torch.Tensor, *, max_new_tokens: int, temperature: float,
+                top_k, top_p, repetition_penalty: float, eos: torch.Tensor, pad_id: int, stop=None, tokenizer=None,
+                on_token=None, generator=None) -> torch.Tensor:
+    """Greedy or sampled decoding shared by decoder-only and encoder-decoder models.
+    step(next ids (B,)) -> next logits (B, V); out (B, T) holds what came before (prompt or start token)."""
+    B, T = out.shape
+    device = out.device
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    texts = [""] * B
-    for step in range(max_new_tokens):
+    eos = eos.to(device)
+    for i in range(max_new_tokens):
         logits = process_logits(logits.float(), out, temperature=temperature, top_k=top_k, top_p=top_p,
                                 repetition_penalty=repetition_penalty)
         if temperature:
@@ -112,15 +127,14 @@ def generate(model, input_ids: torch.Tensor, *, attention_mask: Optional[torch.T
         if on_token is not None and not done[0]:
             on_token(int(nxt[0]))
         if len(eos):
-            done |= torch.isin(nxt, eos.to(device))
+            done |= torch.isin(nxt, eos)
         if stop:
             for b in range(B):
                 if not done[b]:
-                    texts[b] = tokenizer.decode(out[b, T:].tolist())
-                    done[b] = any(s in texts[b] for s in stop)
-        if bool(done.all()) or step == max_new_tokens - 1:
+                    done[b] = any(s in tokenizer.decode(out[b, T:].tolist()) for s in stop)
+        if bool(done.all()) or i == max_new_tokens - 1:
             break
-        logits = model(nxt[:, None], cache=cache, last_only=True)[:, -1]
+        logits = step(nxt)
     return out
 
 

@@ -88,5 +88,9 @@ class TaskModel(nn.Module):
 
 
 def build_model(config: Config) -> nn.Module:
-    """The right class for a config: a plain LM, or a body with a task head."""
+    """The right class for a config: a plain LM, an encoder-decoder, or a body with a task head."""
+    if config.is_encoder_decoder:
+        from .seq2seq import Seq2SeqLM
+
+        return Seq2SeqLM(config)
     return TransformerLM(config) if config.task == "lm" else TaskModel(config)

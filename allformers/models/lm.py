@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..blocks import (ATTENTION_CLASSES, Block, KVCache, LearnedPositions, Rotary, SinusoidalPositions, build_feedforward,
+from ..blocks import (ATTENTION_CLASSES, Attention, Block, CrossKV, KVCache, LearnedPositions, Rotary, SinusoidalPositions, build_feedforward,
                       build_norm)
 from ..blocks.relative import build_relative
 from ..config import Config
@@ -32,8 +32,13 @@ def build_block(c: Config, shared_from: Optional[Block] = None) -> Block:
         mlp = build_feedforward(c.mlp_class, c.n_embd, c.intermediate_size, c.activation, c.mlp_bias, c.dropout)
     norm1 = build_norm(c.norm_class, c.n_embd, c.norm_eps, c.norm_bias)
     norm2 = None if c.shared_parallel_norm else build_norm(c.norm_class, c.n_embd, c.norm_eps, c.norm_bias)
+    cross = norm_cross = None
+    if c.cross_attention:  # decoder of an encoder-decoder: queries from x, keys/values from the encoder
+        cross = Attention(c.n_embd, c.n_head, c.n_kv_head, c.head_dim, bias=c.attn_bias, out_bias=c.attn_out_bias,
+                          scale=c.attn_scale, dropout=c.dropout, causal=False, cross=True)
+        norm_cross = build_norm(c.norm_class, c.n_embd, c.norm_eps, c.norm_bias)
     return Block(attn, mlp, norm1, norm2, placement=c.norm_placement, parallel=c.parallel_residual,
-                 dropout=c.dropout)
+                 dropout=c.dropout, cross_attn=cross, norm_cross=norm_cross)
 
 
 class _Activation(nn.Module):
@@ -54,13 +59,17 @@ class Cache:
         p = next(model.parameters())
         self.layers = [KVCache(batch, c.n_kv_head, max_len, c.head_dim, p.dtype, p.device)
                        for _ in range(c.n_layer)]
+        self.cross = [CrossKV() for _ in range(c.n_layer)] if c.cross_attention else None
+        self.context_mask: Optional[torch.Tensor] = None  # (B, 1, 1, S) bool, encoder padding
         self.max_len, self.pos = max_len, 0
         self.key_mask: Optional[torch.Tensor] = None  # (B, pos) bool, None while all tokens are real
         self.next_position: Optional[torch.Tensor] = None  # (B,) next position id per row
 
     def reorder(self, index: torch.Tensor):
-        for layer in self.layers:
+        for layer in self.layers + (self.cross or []):
             layer.reorder(index)
+        if self.context_mask is not None:
+            self.context_mask = self.context_mask.index_select(0, index)
         if self.key_mask is not None:
             self.key_mask = self.key_mask.index_select(0, index)
         if self.next_position is not None:
@@ -140,11 +149,13 @@ class TransformerLM(nn.Module):
     def forward(self, idx: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, cache: Optional[Cache] = None,
                 last_only: bool = False, return_hidden: bool = False,
-                token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                token_type_ids: Optional[torch.Tensor] = None, context: Optional[torch.Tensor] = None,
+                context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, vocab) (or (B, 1, vocab) with last_only).
 
         attention_mask (B, T): 1 for real tokens, 0 for padding (left padding for generation).
-        cache: continue a sequence; its positions and padding are tracked for you."""
+        cache: continue a sequence; its positions and padding are tracked for you.
+        context (B, S, C), context_mask (B, S): the encoder output a decoder stack cross-attends to."""
         c = self.config
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
@@ -160,6 +171,8 @@ class TransformerLM(nn.Module):
             raise ContextLengthError(f"position {int(position_ids.max())} is past block_size={c.block_size}")
 
         x = self.wte(idx)  # (B, T, E)
+        if c.embed_scale is not None:
+            x = x * c.embed_scale
         if self.wpe is not None:
             x = x + self.wpe(position_ids + c.position_offset)
         if self.wtt is not None:
@@ -173,7 +186,14 @@ class TransformerLM(nn.Module):
         # Computed once, shared by every layer.
         rope = self.rotary(position_ids) if self.rotary is not None else None
         mask, extra = self._attn_mask(key_mask, position_ids, cache, B, T, start)
+        if c.cross_attention:
+            if context is None:
+                raise AllformersError("this decoder stack cross-attends: pass context= (the encoder output)")
+            extra["context"] = context
+            extra["context_mask"] = self._context_mask(context_mask, cache)
         for i, block in enumerate(self.blocks):
+            if cache is not None and cache.cross is not None:
+                extra["cross_cache"] = cache.cross[i]
             x = block(x, rope=rope, mask=mask, cache=cache.layers[i] if cache else None, cache_start=start, **extra)
         if cache is not None:
             cache.pos = start + T
@@ -198,6 +218,16 @@ class TransformerLM(nn.Module):
         new = new if new is not None else torch.ones(B, T, dtype=torch.bool, device=device)
         past = past if past is not None else torch.ones(B, start, dtype=torch.bool, device=device)
         return torch.cat([past, new], dim=1)
+
+    @staticmethod
+    def _context_mask(context_mask, cache):
+        """(B, S) encoder padding -> (B, 1, 1, S) bool, remembered by the cache for later steps."""
+        if context_mask is None:
+            return cache.context_mask if cache is not None else None
+        m = None if bool(context_mask.all()) else context_mask.bool()[:, None, None, :]
+        if cache is not None:
+            cache.context_mask = m
+        return m
 
     @staticmethod
     def _positions(key_mask, cache, B, T, start, device):
