@@ -12,7 +12,7 @@ import torch
 
 from ..config import Config
 from ..errors import CheckpointError
-from . import hf_decoders, hf_encoders, hf_seq2seq  # noqa: F401  (register the tables)
+from . import hf_decoders, hf_encoders, hf_seq2seq, hf_deberta  # noqa: F401  (register the tables)
 from .io import CONFIG_FILE, _contiguous, atomic_folder_write, load_state_dict_into, read_safetensors
 from .maps import FAMILIES, Family
 

@@ -59,3 +59,18 @@ register(name="labse", description="LaBSE 471M: BERT-base with a 501,153-token m
          n_layer=12, n_head=12, n_embd=768, task="embedding", pooling="first", **{**_bert, "vocab_size": 501153})
 register(name="all-minilm-l6-v2", description="all-MiniLM-L6-v2 22.7M: 6x384 BERT, mean-pooled sentence embeddings",
          n_layer=6, n_head=12, n_embd=384, intermediate_size=1536, task="embedding", pooling="mean", **_bert)
+
+# --- DeBERTa-v3 (2021): no absolute positions at all. Attention is disentangled: each layer adds content-to-position
+#     and position-to-content scores (scaled by 1/sqrt(3 * head_dim)) read from ONE relative-embedding table of
+#     256 log-spaced distance buckets per side (LayerNorm'd, shared by every layer, projected by each layer's own
+#     q/k weights). 128K SentencePiece vocabulary, no segments, eps 1e-7, GELU classification pooler.
+_deberta_v3 = dict(_post_ln, vocab_size=128100, block_size=512, type_vocab_size=0, norm_eps=1e-7,
+                   position="disentangled", attention_class="DisentangledAttention", position_buckets=256,
+                   max_relative_positions=512, pos_att_type="c2p|p2c", classifier_activation="gelu")
+for name, (layers, heads, dim, ff), size in [("deberta-v3-xsmall", (12, 6, 384, 1536), "22M backbone + 49M embeddings"),
+                                             ("deberta-v3-small", (6, 12, 768, 3072), "43M backbone + 98M embeddings"),
+                                             ("deberta-v3-base", (12, 12, 768, 3072), "85M backbone + 98M embeddings"),
+                                             ("deberta-v3-large", (24, 16, 1024, 4096), "303M backbone + 131M embeddings")]:
+    register(name=name, description=f"DeBERTa-v3 {name[11:]} ({size}): disentangled content/position attention, "
+             f"one log-bucketed relative-position table shared by all {layers} layers, no absolute positions",
+             n_layer=layers, n_head=heads, n_embd=dim, intermediate_size=ff, **_deberta_v3)
