@@ -23,7 +23,7 @@ NORMS = ("LayerNorm", "RMSNorm")
 NORM_PLACEMENTS = ("pre", "post")
 MLPS = ("MLP", "GLU")
 SHARING = ("none", "all", "attention", "ffn")
-TASKS = ("lm", "sequence-classification", "token-classification", "question-answering", "embedding")
+TASKS = ("lm", "sequence-classification", "token-classification", "question-answering", "embedding", "pretraining")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 
 
@@ -80,8 +80,9 @@ class Config:
     type_vocab_size: int = 0  # segment (BERT) or language (XLM) embeddings; 0 = none
     position_offset: int = 0  # RoBERTa/BART start positions at padding_idx + 1 = 2
     embedding_size: Optional[int] = None  # None -> n_embd; smaller = factorized embeddings (ALBERT, ELECTRA)
-    lm_head: Optional[bool] = None  # None -> True for task="lm"; False: a bare body under a task head
-    # task head (models/heads.py): "lm" is a plain language model
+    lm_head: Optional[bool] = None  # None -> True for task="lm"/"pretraining"; False: a bare body under a task head
+    # task head (models/heads.py): "lm" is a plain language model; "pretraining" (models/pretraining.py) is the
+    # body's MLM head plus a pooled 2-way sentence-pair head (BERT's NSP, ALBERT's SOP) in one forward
     task: str = "lm"
     num_labels: int = 2
     labels: Optional[list] = None  # label names, index = class id
@@ -117,7 +118,7 @@ class Config:
         if self.embedding_size is None:
             self.embedding_size = self.n_embd
         if self.lm_head is None:
-            self.lm_head = self.task == "lm"
+            self.lm_head = self.task in ("lm", "pretraining")
         if self.n_decoder_layer is None and self.is_encoder_decoder:
             self.n_decoder_layer = self.n_layer
         if self.labels is not None:
@@ -166,6 +167,9 @@ class Config:
                 f"query heads); pick n_kv_head among {_divisors(self.n_head)}")
         if self.task in ("sequence-classification", "token-classification") and self.num_labels < 1:
             raise ConfigError(f"num_labels={self.num_labels} must be >= 1 for task={self.task!r}")
+        if self.task == "pretraining" and (not self.lm_head or self.num_labels != 2):
+            raise ConfigError(f"task='pretraining' predicts masked tokens and a 2-way sentence-pair label (NSP/SOP): "
+                              f"it needs lm_head=True (got {self.lm_head}) and num_labels=2 (got {self.num_labels})")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
         if self.norm_eps <= 0:

@@ -29,12 +29,16 @@ def _heads_fit(c: Config, cls_act="tanh", mlm_act=None, cls_dense=True, mlm_tran
     """Does the config's task head have the shape of this family's HF head? cls_act: the sequence classifier's
     activation; mlm_act: the MLM transform's (None: hidden_act); token_dense: a dense layer before the token
     classifier (ELECTRA's replaced-token detector)."""
+    mlm_ok = (c.tie_embeddings and c.lm_head_bias and c.head_transform == mlm_transform
+              and (not mlm_transform or c.head_activation == (mlm_act or c.activation)))
+    cls_ok = (c.pooling == "first" and c.classifier_dense == cls_dense
+              and (not cls_dense or c.classifier_activation == cls_act))
     if c.task == "lm":
-        return (c.tie_embeddings and c.lm_head_bias and c.head_transform == mlm_transform
-                and (not mlm_transform or c.head_activation == (mlm_act or c.activation)))
+        return mlm_ok
     if c.task == "sequence-classification":
-        return (c.pooling == "first" and c.classifier_dense == cls_dense
-                and (not cls_dense or c.classifier_activation == cls_act))
+        return cls_ok
+    if c.task == "pretraining":  # MLM head + pooled [CLS] sentence-pair head (BertForPreTraining)
+        return mlm_ok and cls_ok
     if c.task == "token-classification":
         return c.classifier_dense == token_dense(c) and (not c.classifier_dense or c.classifier_activation == c.activation)
     return True
@@ -99,6 +103,14 @@ def _mlm(transform, ln, bias):
     return lambda c: [*pair("head_transform.0", transform), *pair("head_transform.2", ln), same("lm_head_bias", bias)]
 
 
+def _pretraining(mlm_rows, pooler, pair_out):
+    """MLM + sentence-pair heads (BertForPreTraining, AlbertForPreTraining): the MLM rows live on the body
+    (PretrainingModel.body), the pooler and the 2-way classifier are the pair head."""
+    from dataclasses import replace
+
+    return lambda c: [replace(r, ours="body." + r.ours) for r in mlm_rows(c)] + _classifier(pooler, pair_out)(c)
+
+
 def _token_and_qa():
     return {"token-classification": _classifier(None, "classifier"), "question-answering": _classifier(None, "qa_outputs")}
 
@@ -109,9 +121,10 @@ def _archs(name):
             "embedding": f"{name}Model"}
 
 
-_bert_like("bert", "bert", _archs("Bert"), _mlm("cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm",
-                                               "cls.predictions.bias"),
-           {"sequence-classification": _classifier("bert.pooler.dense", "classifier"), **_token_and_qa()})
+_BERT_MLM = _mlm("cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm", "cls.predictions.bias")
+_bert_like("bert", "bert", {**_archs("Bert"), "pretraining": "BertForPreTraining"}, _BERT_MLM,
+           {"sequence-classification": _classifier("bert.pooler.dense", "classifier"), **_token_and_qa(),
+            "pretraining": _pretraining(_BERT_MLM, "bert.pooler.dense", "cls.seq_relationship")})
 _bert_like("roberta", "roberta", _archs("Roberta"), _mlm("lm_head.dense", "lm_head.layer_norm", "lm_head.bias"),
            {"sequence-classification": _classifier("classifier.dense", "classifier.out_proj"), **_token_and_qa()},
            offset=True, mlm_act="gelu")
@@ -202,10 +215,13 @@ def _albert_fits(c: Config):
             and c.share_layers == "all" and c.embedding_size != c.n_embd and _heads_fit(c))
 
 
-register_family(Family("albert", _archs("Albert"), _albert_body, _albert_from_hf, _albert_to_hf, _albert_fits,
-                       head_rows={"lm": _mlm("predictions.dense", "predictions.LayerNorm", "predictions.bias"),
+_ALBERT_MLM = _mlm("predictions.dense", "predictions.LayerNorm", "predictions.bias")
+register_family(Family("albert", {**_archs("Albert"), "pretraining": "AlbertForPreTraining"}, _albert_body,
+                       _albert_from_hf, _albert_to_hf, _albert_fits,
+                       head_rows={"lm": _ALBERT_MLM,
                                   "sequence-classification": _classifier("albert.pooler", "classifier"),
-                                  **_token_and_qa()},
+                                  **_token_and_qa(),
+                                  "pretraining": _pretraining(_ALBERT_MLM, "albert.pooler", "sop_classifier.classifier")},
                        ignore=("position_ids", "predictions.decoder.bias"), tied_hf_key="predictions.decoder.weight",
                        base_prefix="albert."))
 

@@ -93,4 +93,8 @@ def build_model(config: Config) -> nn.Module:
         from .seq2seq import Seq2SeqLM
 
         return Seq2SeqLM(config)
+    if config.task == "pretraining":  # MLM + sentence-pair heads on one body
+        from .pretraining import PretrainingModel
+
+        return PretrainingModel(config)
     return TransformerLM(config) if config.task == "lm" else TaskModel(config)
