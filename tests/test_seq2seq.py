@@ -109,3 +109,26 @@ def test_shift_right_and_errors(tmp_path):
         m.generate(torch.tensor([[5, 6]]), max_new_tokens=100)
     with pytest.raises(AllformersError, match="temperature=0"):
         m.generate(torch.tensor([[5, 6]]), num_beams=2, temperature=1.0)
+
+
+def test_generate_command_for_an_encoder_decoder(tmp_path, capsys):
+    """Text in, text out through the CLI: source tokenized with the tokenizer's own </s>."""
+    from tokenizers import processors
+
+    from allformers.cli.main import main
+    from allformers.generation import generate_text
+    from allformers.tokenization import Tokenizer
+
+    tok = Tokenizer.train_bpe(["summarise this e-mail about the meeting"] * 10, vocab_size=V,
+                              special_tokens=("<pad>", "</s>", "<unk>"))
+    tok.eos_token, tok.pad_token = "</s>", "<pad>"
+    tok.backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", tok.eos_id)])
+    hf, _, _ = tiny("t5v10")
+    hf.save_pretrained(tmp_path / "hf")
+    load(tmp_path / "hf").save(tmp_path / "m", tokenizer=tok)
+    m = load(tmp_path / "m")
+    assert m.tokenizer.batch(["summarise this"])["input_ids"][0, -1].item() == tok.eos_id
+    expected = generate_text(m, m.tokenizer, ["summarise this", "the meeting"], max_new_tokens=6, num_beams=2)
+    assert main(["generate", str(tmp_path / "m"), "summarise this", "the meeting", "--max-new-tokens", "6",
+                 "--num-beams", "2"]) == 0
+    assert capsys.readouterr().out.splitlines() == expected

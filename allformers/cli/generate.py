@@ -7,6 +7,7 @@ def register(sub):
     p.add_argument("model", help="allformers folder, Hugging Face folder, .gguf file, or 'smollm2'")
     p.add_argument("prompts", nargs="+")
     add_sampling_args(p)
+    p.add_argument("--num-beams", type=int, default=1, help="beam search (encoder-decoders)")
     p.set_defaults(handler=run)
 
 
@@ -15,6 +16,10 @@ def run(args):
 
     model = load_model(args.model)
     kw = sampling_kwargs(args)
+    if model.config.is_encoder_decoder:  # text in, text out: the output does not continue the input
+        for text in generate_text(model, model.tokenizer, args.prompts, num_beams=args.num_beams, **kw):
+            write(text + "\n")
+        return 0
     if len(args.prompts) == 1:  # stream a single prompt token by token
         write(args.prompts[0])
         generate_text(model, model.tokenizer, args.prompts[0], stream=write, **kw)

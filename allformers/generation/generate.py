@@ -147,7 +147,12 @@ def _trim(text: str, stop: Optional[Sequence[str]]) -> str:
 
 def generate_text(model, tokenizer, prompts: Union[str, Sequence[str]], *, stream: Optional[Callable[[str], None]] = None,
                   stop: Optional[Sequence[str]] = None, **kwargs) -> Union[str, list]:
-    """Text in, text out. A list of prompts is run as one left-padded batch."""
+    """Text in, text out. A list of prompts is run as one left-padded batch (decoder-only) or
+    one right-padded source batch (encoder-decoder)."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        from .seq2seq import seq2seq_text
+
+        return seq2seq_text(model, tokenizer, prompts, stream=stream, stop=stop, **kwargs)
     single = isinstance(prompts, str)
     batch = [prompts] if single else list(prompts)
     ids, mask = left_pad([tokenizer.encode(p) for p in batch], tokenizer.pad_id)

@@ -146,3 +146,19 @@ def _beam_search(model, enc, attention_mask, *, start, eos, pad_id, K, max_lengt
             break
     best_seq = seqs[:, 0]
     return best_seq[:, : 1 + int(lengths[:, 0].max())]
+
+
+def seq2seq_text(model, tokenizer, prompts, *, stream=None, max_length: Optional[int] = None, **kwargs):
+    """Text in, text out for an encoder-decoder: the source is tokenized with the tokenizer's own
+    special tokens (T5 appends </s>), right-padded, and the decoder output is decoded."""
+    from .generate import TextStream
+
+    single = isinstance(prompts, str)
+    batch = tokenizer.batch([prompts] if single else list(prompts), max_length=max_length or model.config.block_size)
+    kwargs.setdefault("eos_id", tokenizer.eos_id)
+    if kwargs.pop("stop", None):
+        raise AllformersError("stop strings are not supported for encoder-decoders; use eos or max_new_tokens")
+    on_token = TextStream(tokenizer, stream) if stream else None
+    out = generate_seq2seq(model, batch["input_ids"], batch["attention_mask"], on_token=on_token, **kwargs)
+    texts = [tokenizer.decode(row[1:].tolist()) for row in out]
+    return texts[0] if single else texts
