@@ -119,11 +119,13 @@ def test_generate_command_for_an_encoder_decoder(tmp_path, capsys):
     from allformers.generation import generate_text
     from allformers.tokenization import Tokenizer
 
-    tok = Tokenizer.train_bpe(["summarise this e-mail about the meeting"] * 10, vocab_size=V,
+    tok = Tokenizer.train_bpe(["summarise this e-mail about the meeting"] * 10, vocab_size=300,
                               special_tokens=("<pad>", "</s>", "<unk>"))
     tok.eos_token, tok.pad_token = "</s>", "<pad>"
     tok.backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", tok.eos_id)])
-    hf, _, _ = tiny("t5v10")
+    torch.manual_seed(0)
+    hf = T.T5ForConditionalGeneration(T.T5Config(vocab_size=tok.vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                                 num_heads=4, decoder_start_token_id=0))
     hf.save_pretrained(tmp_path / "hf")
     load(tmp_path / "hf").save(tmp_path / "m", tokenizer=tok)
     m = load(tmp_path / "m")
