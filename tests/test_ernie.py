@@ -236,3 +236,18 @@ def test_ernie_save_load_round_trip(tmp_path):
     for x, y in zip(a, b):
         assert torch.equal(x, y)
     assert back.text.lm_head is None  # the MLM decoder is still tied to the word embeddings
+
+
+def test_allformers_load_opens_an_ernie_folder(tmp_path):
+    """The generic loader follows config.json's config_class to ERNIE's own loader."""
+    import allformers
+    from allformers.models.ernie import ErnieModel
+
+    folder = tmp_path / "ernie"
+    torch.manual_seed(0)
+    model = ErnieModel(_config()).eval()
+    model.save(folder)
+    back = allformers.load(folder)
+    assert isinstance(back, ErnieModel) and back.load_report.loaded
+    for (k, a), (_, b) in zip(model.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), k

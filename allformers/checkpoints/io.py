@@ -143,10 +143,19 @@ def read_safetensors(file: Path) -> dict:
             f"format — re-save it, or convert it with `allformers convert`") from None
 
 
+# Models whose config is not a plain Config name their class in config.json ("config_class");
+# their module provides the loader. Values are "module:function" so nothing is imported early.
+CONFIG_LOADERS = {"ErnieConfig": "allformers.models.ernie:load_ernie"}
+
+
 def load_allformers(path: Path, map_location="cpu"):
     from ..models import build_model
 
     path = Path(path)
+    special = _special_loader(path / CONFIG_FILE)
+    if special is not None:
+        model = special(path)
+        return model.to(map_location), getattr(model, "load_report", LoadReport(source=str(path)))
     try:
         config = Config.from_json(path / CONFIG_FILE)
     except json.JSONDecodeError as e:
@@ -157,6 +166,21 @@ def load_allformers(path: Path, map_location="cpu"):
     model = build_model(config)
     report = load_state_dict_into(model, state, str(path))
     return model.to(map_location), report
+
+
+def _special_loader(config_file: Path):
+    import importlib
+
+    try:
+        name = json.loads(config_file.read_text()).get("config_class")
+    except (json.JSONDecodeError, OSError):
+        return None  # reported properly by the plain path
+    if name is None:
+        return None
+    if name not in CONFIG_LOADERS:
+        raise CheckpointError(f"{config_file}: config_class {name!r} is unknown; known: {sorted(CONFIG_LOADERS)}")
+    module, fn = CONFIG_LOADERS[name].split(":")
+    return getattr(importlib.import_module(module), fn)
 
 
 def load(path, *, verbose: bool = False, return_report: bool = False, dtype: Optional[torch.dtype] = None):
