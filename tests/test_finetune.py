@@ -255,8 +255,9 @@ def test_finetune_refuses_bad_data(workdir, tmp_path):
 # ---------------------------------------------------------------------- the real thing
 @pytest.mark.slow
 def test_minilm_spam_finetune(tmp_path):
-    """all-MiniLM-L6-v2 on the full SpamAssassin set, short settings (~3 min on 2 cores):
-    held-out accuracy well above the 69% majority class, and the folder classifies."""
+    """all-MiniLM-L6-v2 on the full SpamAssassin set with max_length 64 (~3 min on 2 quiet cores;
+    measured 0.9783, docs/finetune.md): held-out accuracy far above the 69% majority class, and
+    the saved folder classifies."""
     try:
         data = resolve_data(None)
     except FinetuneError:
@@ -265,7 +266,7 @@ def test_minilm_spam_finetune(tmp_path):
     r = finetune("minilm", data, tmp_path / "spam", epochs=1, max_length=64, batch_size=16, lr=1e-4, seed=0,
                  progress=False, verbose=False)
     assert r["split"]["heldout"] == 967 and r["split"]["train"] == 3870
-    assert r["accuracy"] >= 0.95, r["table"]
+    assert r["accuracy"] >= 0.96, r["table"]
     model = allformers.load(tmp_path / "spam")
     labels, _ = classify(model, ["WIN a FREE prize now!!! click here to claim your cash"], max_length=64)
     assert labels[0] in ("ham", "spam") and model.config.labels == ["ham", "spam"]

@@ -406,7 +406,7 @@ def finetune(model="minilm", data=None, out="runs/spam", *, epochs: float = 1.0,
     cfg = TrainConfig(max_iters=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr=lr / 10,
                       warmup_iters=max(1, int(warmup_fraction * steps)) if warmup_fraction else 0,
                       weight_decay=weight_decay, beta1=0.9, beta2=0.999, grad_clip=1.0,
-                      eval_interval=eval_interval, eval_at_start=False, log_interval=max(1, min(10, steps // 20)),
+                      eval_interval=eval_interval, eval_at_start=False, log_interval=max(1, steps // 500),
                       checkpoint_interval=checkpoint_interval, seed=seed, device=device, num_threads=num_threads)
     out = Path(out)
     if not resume:  # a fresh run: stale metrics would be appended to
