@@ -54,3 +54,22 @@ def test_embed_refuses_a_language_model(tmp_path):
 
     with pytest.raises(AllformersError, match="task is 'lm', not 'embedding'"):
         embed(TransformerLM(Config.from_name("baby-gpt-char")), ["x"])
+
+
+def test_hf_export_keeps_mean_pooling_and_refuses_a_mean_pooled_classifier(minilm, tmp_path):
+    from allformers import CheckpointError, Config
+    from allformers.models import build_model
+
+    minilm.save(tmp_path / "hf", format="hf")
+    back = allformers.load(tmp_path / "hf")
+    assert back.config.pooling == "mean"
+    assert torch.allclose(embed(back, PAIR), embed(minilm, PAIR), atol=1e-6)
+    clf = build_model(Config.from_name("all-minilm-l6-v2", task="sequence-classification", pooling="mean"))
+    with pytest.raises(CheckpointError, match="pools by 'mean'"):
+        clf.save(tmp_path / "clf", format="hf")
+
+
+def test_batching_leaves_the_tokenizer_settings_alone(minilm):
+    before = (minilm.tokenizer.backend.padding, minilm.tokenizer.backend.truncation)
+    minilm.tokenizer.batch(PAIR, max_length=8)
+    assert (minilm.tokenizer.backend.padding, minilm.tokenizer.backend.truncation) == before

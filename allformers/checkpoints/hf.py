@@ -181,6 +181,10 @@ def save_hf(model, path, tokenizer=None):
     from safetensors.torch import save_file
 
     config = model.config
+    if config.task == "sequence-classification" and config.pooling != "first":
+        raise CheckpointError(
+            f"this {config.task} model pools by {config.pooling!r}; Hugging Face's classes for it pool the first "
+            f"token, so the export would behave differently — save it with format='allformers'")
     family = next((f for f in FAMILIES.values() if f.fits(config) and head_kind(f, config) in f.architectures), None)
     if family is None:
         raise CheckpointError(
@@ -201,6 +205,11 @@ def save_hf(model, path, tokenizer=None):
     def write(tmp: Path):
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2))
+        if config.task == "embedding":  # sentence-transformers' way of saying how to pool
+            (tmp / "1_Pooling").mkdir()
+            (tmp / "1_Pooling" / "config.json").write_text(json.dumps(
+                {"word_embedding_dimension": config.n_embd, "pooling_mode_cls_token": config.pooling == "first",
+                 "pooling_mode_mean_tokens": config.pooling == "mean"}, indent=2))
         if tokenizer is not None:
             tokenizer.save(tmp)
 

@@ -60,10 +60,11 @@ def load_state_dict_into(model: torch.nn.Module, state: dict, source: str, stric
     for k, v in own.items():
         by_storage.setdefault((v.untyped_storage().data_ptr(), tuple(v.shape)), []).append(k)
     present = {k for names in by_storage.values() if any(n in state for n in names) for k in names}
-    report.missing = sorted(k for k in own if k not in present)
-    report.initialised = [k for k in report.missing if any(k.endswith(s) for s in allow_init)]
-    hard_missing = [k for k in report.missing if k not in report.initialised]
-    if strict and (hard_missing or report.unexpected):
+    absent = sorted(k for k in own if k not in present)
+    # a missing key the caller expects (a new task head) keeps its fresh init and is reported as such
+    report.initialised = [k for k in absent if any(k.endswith(s) for s in allow_init)]
+    report.missing = [k for k in absent if k not in report.initialised]
+    if strict and (report.missing or report.unexpected):
         raise CheckpointError(f"{source} does not match the model: {report}")
     with torch.no_grad():
         for k, v in state.items():

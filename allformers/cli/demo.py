@@ -35,6 +35,8 @@ def run(args):
 
         print(f"\n=== 2. Train a GPT from scratch: recipe {args.recipe!r}")
         result = run_recipe(args.recipe, data_dir=args.data_dir, out_dir=args.out_dir, max_iters=args.max_iters)
+        for i, text in enumerate(result.get("samples", [])):
+            print(f"\n--- sample {i + 1} ---\n{text}")
         print(f"\nval loss {result['val_loss']:.4f} after {result['wall_time_s']:.0f} s; "
               f"checkpoint and loss plot in {result['out_dir']} (plot: {result['plot']})")
     return 0

@@ -127,13 +127,22 @@ class Tokenizer:
         Returns input_ids, attention_mask and token_type_ids, each (B, T)."""
         import torch
 
+        padding, truncation = self.backend.padding, self.backend.truncation  # restored below: saved files keep theirs
         self.backend.no_padding()  # we pad to the longest row ourselves
         if max_length:
             self.backend.enable_truncation(max_length)
         else:
             self.backend.no_truncation()
         items = list(zip(texts, pairs)) if pairs is not None else list(texts)
-        encs = self.backend.encode_batch(items, add_special_tokens=True)
+        try:
+            encs = self.backend.encode_batch(items, add_special_tokens=True)
+        finally:
+            if padding:
+                self.backend.enable_padding(**{k: v for k, v in padding.items() if k != "length"}, length=padding.get("length"))
+            if truncation:
+                self.backend.enable_truncation(**truncation)
+            else:
+                self.backend.no_truncation()
         T = max(len(e.ids) for e in encs)
         ids = torch.full((len(encs), T), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(encs), T), dtype=torch.long)
