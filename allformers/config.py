@@ -299,12 +299,18 @@ def register(**kwargs) -> dict:
     return kwargs
 
 
+_NOT_DERIVABLE = object()  # equals no field value
+
+
 def _derived_value(cfg: Config, fname: str):
     """What __post_init__ would give `fname` for this config if it were left as None."""
     d = cfg.to_dict()
     d[fname] = None
     d.pop("rope_n_elem")
-    return getattr(Config(**d), fname)
+    try:
+        return getattr(Config(**d), fname)
+    except ConfigError:  # it cannot be derived (e.g. head_dim when n_embd % n_head != 0): it was explicit
+        return _NOT_DERIVABLE
 
 
 def _divisors(n: int) -> list[int]:

@@ -6,7 +6,7 @@ from allformers import Config, TransformerLM
 from allformers.config import REGISTRY
 from allformers.generation import generate, left_pad
 
-DECODERS = [n for n in REGISTRY if Config.from_name(n).causal]
+DECODERS = [n for n in REGISTRY if Config.from_name(n).causal and not Config.from_name(n).is_encoder_decoder]
 
 
 def tiny(name: str) -> TransformerLM:
