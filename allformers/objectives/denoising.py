@@ -28,7 +28,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from .mlm import ObjectiveError
-from .span_corruption import RNG, as_rng, seq2seq_batch
+from .span_corruption import RNG, StreamExamples, as_rng
 
 
 def _check_ratio(name: str, ratio: float):
@@ -234,7 +234,7 @@ class BartNoiser:
         return x
 
 
-class DenoisingData:
+class DenoisingData(StreamExamples):
     """Random windows of `window` tokens from a stream (a "document" each), noised afresh every
     draw; source = <s> noised </s>, target = original </s> (the decoder starts from the config's
     decoder_start_token_id). sample(n) -> {input_ids, attention_mask, labels}."""
@@ -247,29 +247,15 @@ class DenoisingData:
         self.noiser, self.eos_id, self.pad_id, self.bos_id, self.window = noiser, eos_id, pad_id, bos_id, window
         self.rng = np.random.default_rng(seed)
 
+    @property
+    def span(self) -> int:
+        return self.window
+
     def example(self, start: int) -> tuple[np.ndarray, np.ndarray]:
         doc = self.stream[start:start + self.window]
         src = self.noiser(doc, self.rng)
         head = [self.bos_id] if self.bos_id is not None else []
         return np.concatenate([head, src, [self.eos_id]]).astype(np.int64), np.append(doc, self.eos_id)
-
-    def sample(self, n: int) -> dict:
-        starts = self.rng.integers(0, len(self.stream) - self.window, size=n)
-        pairs = [self.example(int(s)) for s in starts]
-        return seq2seq_batch([p[0] for p in pairs], [p[1] for p in pairs], self.pad_id)
-
-    def fixed_batches(self, batch_size: int, n_batches: int, seed: int) -> list:
-        saved, self.rng = self.rng, np.random.default_rng(seed)
-        try:
-            return [self.sample(batch_size) for _ in range(n_batches)]
-        finally:
-            self.rng = saved
-
-    def state_dict(self) -> dict:
-        return {"rng": self.rng.bit_generator.state}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.rng.bit_generator.state = state["rng"]
 
 
 def full_stop_ids(tokenizer, marks: str = ".!?") -> list[int]:

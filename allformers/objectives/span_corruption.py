@@ -202,30 +202,13 @@ def seq2seq_batch(sources: Sequence, targets: Sequence, pad_id: int) -> dict:
             "labels": labels.masked_fill(label_mask == 0, IGNORE_INDEX)}
 
 
-class SpanCorruptionData:
-    """Random windows of a token stream, span-corrupted afresh each time they are drawn (the noise
-    is dynamic). `inputs_length` fixes the corrupted input length (EOS included), as T5 does:
-    windows are compute_input_and_target_lengths(inputs_length)[0] raw tokens long.
-    sample(n) -> {input_ids, attention_mask, labels}; its RNG state goes into checkpoints."""
-
-    def __init__(self, stream, sentinel_ids, eos_id: int, pad_id: int, inputs_length: int = 128,
-                 noise_density: float = 0.15, mean_noise_span_length: float = 3.0, seed: int = 0):
-        self.stream = np.asarray(stream, dtype=np.int64)
-        self.sentinel_ids, self.eos_id, self.pad_id = np.asarray(sentinel_ids, dtype=np.int64), eos_id, pad_id
-        self.noise_density, self.mean_noise_span_length = noise_density, mean_noise_span_length
-        self.tokens_length, self.targets_length = compute_input_and_target_lengths(
-            inputs_length, noise_density, mean_noise_span_length)
-        if len(self.stream) <= self.tokens_length:
-            raise ObjectiveError(f"{len(self.stream)} tokens cannot fill one window of {self.tokens_length}")
-        self.rng = np.random.default_rng(seed)
-
-    def example(self, start: int) -> tuple[np.ndarray, np.ndarray]:
-        window = self.stream[start:start + self.tokens_length]
-        return span_corruption(window, self.sentinel_ids, self.eos_id, self.noise_density,
-                               self.mean_noise_span_length, self.rng)
+class StreamExamples:
+    """Seeded random examples from a token stream, for the Trainer: a subclass sets `stream`,
+    `span` (raw tokens an example reads), `pad_id` and `rng`, and defines example(start) ->
+    (source ids, target ids). Noise is drawn afresh each time; the RNG state goes into checkpoints."""
 
     def sample(self, n: int) -> dict:
-        starts = self.rng.integers(0, len(self.stream) - self.tokens_length, size=n)
+        starts = self.rng.integers(0, len(self.stream) - self.span, size=n)
         pairs = [self.example(int(s)) for s in starts]
         return seq2seq_batch([p[0] for p in pairs], [p[1] for p in pairs], self.pad_id)
 
@@ -242,3 +225,30 @@ class SpanCorruptionData:
 
     def load_state_dict(self, state: dict) -> None:
         self.rng.bit_generator.state = state["rng"]
+
+
+class SpanCorruptionData(StreamExamples):
+    """Random windows of a token stream, span-corrupted afresh each time they are drawn (the noise
+    is dynamic). `inputs_length` fixes the corrupted input length (EOS included), as T5 does:
+    windows are compute_input_and_target_lengths(inputs_length)[0] raw tokens long.
+    sample(n) -> {input_ids, attention_mask, labels}; its RNG state goes into checkpoints."""
+
+    def __init__(self, stream, sentinel_ids, eos_id: int, pad_id: int, inputs_length: int = 128,
+                 noise_density: float = 0.15, mean_noise_span_length: float = 3.0, seed: int = 0):
+        self.stream = np.asarray(stream, dtype=np.int64)
+        self.sentinel_ids, self.eos_id, self.pad_id = np.asarray(sentinel_ids, dtype=np.int64), eos_id, pad_id
+        self.noise_density, self.mean_noise_span_length = noise_density, mean_noise_span_length
+        self.tokens_length, self.targets_length = compute_input_and_target_lengths(
+            inputs_length, noise_density, mean_noise_span_length)
+        if len(self.stream) <= self.tokens_length:
+            raise ObjectiveError(f"{len(self.stream)} tokens cannot fill one window of {self.tokens_length}")
+        self.rng = np.random.default_rng(seed)
+
+    @property
+    def span(self) -> int:
+        return self.tokens_length
+
+    def example(self, start: int) -> tuple[np.ndarray, np.ndarray]:
+        window = self.stream[start:start + self.tokens_length]
+        return span_corruption(window, self.sentinel_ids, self.eos_id, self.noise_density,
+                               self.mean_noise_span_length, self.rng)
