@@ -13,6 +13,17 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 VOCAB = 97
 
 
+@pytest.fixture()
+def one_thread():
+    """For training tests: tiny models gain nothing from threads, a second thread stalls every op
+    when another process holds the other core, and one thread fixes the summation order (golden
+    losses). Files opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_hf(family: str):
     """A tiny random `transformers` causal LM of each family, with the switches that make it
     different turned on (NeoX: partial rotary + parallel residual; LLaMA: GQA; BLOOM: ALiBi + embedding norm)."""

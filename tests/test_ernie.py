@@ -14,14 +14,7 @@ BERT = dict(causal=False, norm_placement="post", embedding_norm=True, head_trans
             type_vocab_size=2, vocab_size=VOCAB, block_size=32, n_head=4, n_embd=32, intermediate_size=64)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and a second thread stalls every op when another process holds
-    the other core (as test_training.py does)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def _config(n_text=1, n_agg=2, **kw):

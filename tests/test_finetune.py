@@ -22,13 +22,7 @@ HAM_WORDS = "meeting report project schedule patch kernel review lunch agenda bu
 FILLER = "the a of to and in is for on with this that you we it be".split()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads; one thread also keeps results repeatable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def synthetic(n_ham=100, n_spam=100, seed=0):

@@ -210,15 +210,6 @@ def tiny_t5(vocab=64):
                             head_dim=8, intermediate_size=64, head_input_scale=32 ** -0.5)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models train ~50x faster on one thread than on two when the cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_seq2seq_loss_decreases_on_tiny_t5(one_thread):
     from allformers.models import Seq2SeqLM
     from allformers.training import TrainConfig, Trainer

@@ -32,14 +32,7 @@ def corpus(n=6000, seed=0):
 DATA = corpus()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and a second thread stalls every op when another
-    process holds the other core; one thread also fixes the summation order (golden loss)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def tiny_model(dropout=0.0, seed=0):
