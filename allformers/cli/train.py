@@ -64,6 +64,6 @@ def run(args):
         print(f"--- sample {i + 1}\n{text}")
     print(f"--- {args.recipe}: val loss {result['val_loss']:.4f}, train loss {result['train_loss']:.4f}, "
           f"{result['step']} steps in {result['wall_time_s']:.1f} s "
-          f"({result['tokens_per_s']:.0f} tokens/s, MFU {100 * (result['mfu'] or 0):.1f}%)")
+          f"({result['tokens_per_s'] or 0:.0f} tokens/s, MFU {100 * (result['mfu'] or 0):.1f}%)")
     print(f"checkpoint: {result['checkpoint']}\nmetrics: {result['metrics']}\nplot: {result['plot']}")
     return 0

@@ -209,14 +209,14 @@ class Trainer:
             torch.set_num_threads(n)
 
     def _check(self, cfg: TrainConfig):
+        for name in ("max_iters", "batch_size", "grad_accum", "log_interval"):
+            if getattr(cfg, name) <= 0:
+                raise TrainingError(f"{name} must be positive, got {getattr(cfg, name)}")
         per_step = self.world_size * cfg.grad_accum
         if cfg.batch_size % per_step:
             raise TrainingError(
                 f"batch_size={cfg.batch_size} does not split into world_size={self.world_size} x "
                 f"grad_accum={cfg.grad_accum} equal micro-batches; use a multiple of {per_step}")
-        for name in ("max_iters", "batch_size", "grad_accum", "log_interval"):
-            if getattr(cfg, name) <= 0:
-                raise TrainingError(f"{name} must be positive, got {getattr(cfg, name)}")
         if cfg.min_lr > cfg.lr:
             raise TrainingError(f"min_lr={cfg.min_lr} is above lr={cfg.lr}; the cosine decays from lr to min_lr")
 
