@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -40,6 +41,10 @@ class LoRAConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: tuple[str, ...] = ("qkv", "q", "kv", "proj", "fc")  # last path component of nn.Linear modules
+    # Which blocks get adapters: None = all; else block indices, negative counting from the end
+    # ((-8, -7, ..., -1) = the top 8). Adapting only the top layers also cuts the backward pass:
+    # gradients never flow below the lowest adapted block.
+    layers: Optional[tuple[int, ...]] = None
 
     def __post_init__(self):
         if isinstance(self.targets, str):
@@ -51,6 +56,8 @@ class LoRAConfig:
             raise LoRAError(f"LoRA alpha must be positive, got {self.alpha!r} (the update is scaled by alpha / rank)")
         if not 0.0 <= self.dropout < 1.0:
             raise LoRAError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        if self.layers is not None:
+            self.layers = tuple(int(i) for i in self.layers)
         if not self.targets:
             raise LoRAError("LoRA targets is empty; name at least one Linear, e.g. ('qkv', 'proj', 'fc')")
         bad = [t for t in self.targets if t in EXCLUDED]
@@ -141,6 +148,8 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     chosen = [(n, m) for n, m in linears
               if n.rpartition(".")[2] in cfg.targets and n.rpartition(".")[2] not in EXCLUDED
               and m.weight.data_ptr() not in embeddings]  # a Linear tied to an embedding is the LM head
+    if cfg.layers is not None:
+        chosen = [(n, m) for n, m in chosen if _block_index(n) in _wanted_blocks(model, cfg.layers)]
     if not chosen:
         names = sorted({n.rpartition(".")[2] for n, _ in linears})
         raise LoRAError(f"no nn.Linear matches LoRA targets {list(cfg.targets)}; this model's Linear names "
@@ -152,6 +161,25 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     for name, linear in chosen:
         _set_child(model, name, LoRALinear(linear, cfg.rank, cfg.alpha, cfg.dropout))
     return [n for n, _ in chosen]
+
+
+def _block_index(name: str) -> Optional[int]:
+    """'blocks.3.attn.qkv' -> 3 (the layer a module sits in), else None."""
+    parts = name.split(".")
+    for a, b in zip(parts, parts[1:]):
+        if a == "blocks" and b.isdigit():
+            return int(b)
+    return None
+
+
+def _wanted_blocks(model: nn.Module, layers: tuple[int, ...]) -> set[int]:
+    n = len(getattr(model, "blocks", None) or getattr(getattr(model, "body", None), "blocks", []))
+    if n == 0:
+        raise LoRAError("LoRAConfig.layers needs a model with a `blocks` list (a TransformerLM or a task model on one)")
+    bad = [i for i in layers if not -n <= i < n]
+    if bad:
+        raise LoRAError(f"LoRA layers {bad} are out of range for a model with {n} blocks (use 0..{n - 1} or -{n}..-1)")
+    return {i % n for i in layers}
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
