@@ -9,7 +9,7 @@ import sys
 from ..errors import AllformersError
 
 # subcommand -> module under allformers.cli
-COMMANDS = ["train", "generate", "chat", "embed", "convert", "zoo", "demo", "finetune", "classify", "pretrain"]
+COMMANDS = ["train", "generate", "chat", "embed", "convert", "zoo", "demo", "finetune", "classify", "pretrain", "sft"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -41,6 +41,17 @@ def build_block(c: Config, shared_from: Optional[Block] = None) -> Block:
                  dropout=c.dropout, cross_attn=cross, norm_cross=norm_cross)
 
 
+def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) document ids, each document a contiguous run -> position ids restarting at 0 at
+    the first token of every run: [7, 7, 7, 2, 2] -> [0, 1, 2, 0, 1]."""
+    B, T = document_ids.shape
+    t = torch.arange(T, device=document_ids.device).expand(B, T)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    first = torch.where(starts, t, torch.zeros_like(t)).cummax(dim=1).values  # (B, T) start of each run
+    return t - first
+
+
 class _Activation(nn.Module):
     def __init__(self, name: str):
         super().__init__()
@@ -150,14 +161,20 @@ class TransformerLM(nn.Module):
                 position_ids: Optional[torch.Tensor] = None, cache: Optional[Cache] = None,
                 last_only: bool = False, return_hidden: bool = False,
                 token_type_ids: Optional[torch.Tensor] = None, context: Optional[torch.Tensor] = None,
-                context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                context_mask: Optional[torch.Tensor] = None,
+                document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, vocab) (or (B, 1, vocab) with last_only).
 
         attention_mask (B, T): 1 for real tokens, 0 for padding (left padding for generation).
         cache: continue a sequence; its positions and padding are tracked for you.
-        context (B, S, C), context_mask (B, S): the encoder output a decoder stack cross-attends to."""
+        context (B, S, C), context_mask (B, S): the encoder output a decoder stack cross-attends to.
+        document_ids (B, T): packed rows holding several documents (contiguous runs of one id); a
+        token attends only inside its document, and positions restart at 0 in each one."""
         c = self.config
         B, T = idx.shape
+        if document_ids is not None and cache is not None:
+            raise AllformersError("document_ids (packed training rows) cannot be used with a cache; "
+                                  "generate from one document at a time")
         start = cache.pos if cache is not None else 0
         limit = cache.max_len if cache is not None else c.block_size
         if start + T > limit:
@@ -165,7 +182,9 @@ class TransformerLM(nn.Module):
                 f"sequence of {start + T} tokens does not fit: the {'cache' if cache else 'model'} holds "
                 f"{limit} (block_size={c.block_size}); shorten the prompt or max_new_tokens")
         key_mask = self._key_mask(attention_mask, cache, B, T)  # (B, start+T) bool or None
-        if position_ids is None:
+        if position_ids is None and document_ids is not None:
+            position_ids = document_positions(document_ids)
+        elif position_ids is None:
             position_ids = self._positions(key_mask, cache, B, T, start, idx.device)
         if self.wpe is not None and int(position_ids.max()) >= c.block_size:
             raise ContextLengthError(f"position {int(position_ids.max())} is past block_size={c.block_size}")
@@ -185,7 +204,7 @@ class TransformerLM(nn.Module):
 
         # Computed once, shared by every layer.
         rope = self.rotary(position_ids) if self.rotary is not None else None
-        mask, extra = self._attn_mask(key_mask, position_ids, cache, B, T, start)
+        mask, extra = self._attn_mask(key_mask, position_ids, cache, B, T, start, document_ids)
         if c.cross_attention:
             if context is None:
                 raise AllformersError("this decoder stack cross-attends: pass context= (the encoder output)")
@@ -238,12 +257,13 @@ class TransformerLM(nn.Module):
             return pos.clamp(min=0)[:, -T:]
         return torch.arange(start, start + T, device=device).expand(B, T)
 
-    def _attn_mask(self, key_mask, position_ids, cache, B, T, start):
+    def _attn_mask(self, key_mask, position_ids, cache, B, T, start, document_ids=None):
         """(mask, extra attention kwargs). The mask is None (fused causal kernel) when nothing
         but causality is needed; else a bool or float mask of shape (B, 1 or H, T, start+T).
         A relative scheme returns either a bias (added here) or kwargs for its attention class."""
         c = self.config
-        if key_mask is None and self.relative is None and (not c.causal or start == 0 or T == 1):
+        if (key_mask is None and self.relative is None and document_ids is None
+                and (not c.causal or start == 0 or T == 1)):
             return None, {}
         S = start + T
         device = position_ids.device
@@ -251,6 +271,8 @@ class TransformerLM(nn.Module):
         if c.causal:
             q_idx = torch.arange(start, S, device=device)[:, None]
             allowed = allowed & (torch.arange(S, device=device)[None, :] <= q_idx)
+        if document_ids is not None:  # block-diagonal: queries see keys of their own document only
+            allowed = allowed & (document_ids[:, None, :, None] == document_ids[:, None, None, :])
         if key_mask is not None:
             allowed = allowed & key_mask[:, None, None, :]
             # A padding query may see nothing; let it see itself so softmax stays finite.

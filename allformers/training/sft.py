@@ -1,0 +1,244 @@
+"""Supervised fine-tuning of a causal LM on prompt/response records, fully or with LoRA.
+
+    from allformers.training.sft import run_sft
+    from allformers.models import LoRAConfig
+    result = run_sft("smollm2", "data/alpaca.jsonl", "runs/sft", template="alpaca",
+                     lora=LoRAConfig(rank=8, alpha=16), merge=True, max_iters=100)
+    model = result["trained_model"]  # in memory; also saved into runs/sft
+
+Step by step:
+  * data: a JSON-lines file (or a list) of Alpaca records {instruction, input?, output} or chat
+    records {messages}; each becomes prompt + response + eos with the loss on the response and
+    eos only (allformers/objectives/sft.py). A fixed share (by hash of the record) is held out
+    and its response loss is evaluated before and after training.
+  * model: a path / bundled name ("smollm2") or a model object (PPO and DPO pass their own).
+    With `lora`, every base weight is frozen and adapters train instead.
+  * training: the library's Trainer with the SFT objective; `pack` fills rows of max_length
+    tokens with several examples, attention isolated per example.
+  * output (when `out` is given): a model folder in our format with the tokenizer (and a chat
+    template, so `allformers chat OUT` works): the full model after full fine-tuning or with
+    `merge`; else a small adapter folder that names its base (allformers.load reads it too).
+    Also sft.json (settings, losses), metrics.jsonl and loss.png."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from ..models.lora import LoRAConfig, apply_lora, lora_parameters, merge_lora, save_adapter
+from ..objectives.sft import (TEMPLATES, SFTData, SFTError, SFTLoss, check_record, collate, encode_example,
+                              template_for_saving)
+from .trainer import CHECKPOINT_DIR, METRICS_FILE, PLOT_FILE, TrainConfig, Trainer
+
+SUMMARY_FILE = "sft.json"
+
+
+def read_sft_records(path) -> list[dict]:
+    """Every record of a JSON-lines file, each checked; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise SFTError(f"{path} does not exist or is not a file; pass a JSON-lines file of "
+                       f"{{instruction, input, output}} or {{messages}} records")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SFTError(f"{path} line {n} is not valid JSON ({e.msg}); each line must be one JSON object") from None
+            check_record(rec, f"{path} line {n}")
+            records.append(rec)
+    if not records:
+        raise SFTError(f"{path} has no records")
+    return records
+
+
+def record_key(record: dict) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def heldout(records: list[dict], fraction: float) -> tuple[list[dict], list[dict]]:
+    """(train, held out): the round(fraction * n) records with the smallest hash are held out
+    (at least one when fraction > 0), independent of the seed and the file's order."""
+    if fraction <= 0:
+        return records, []
+    if fraction >= 1:
+        raise SFTError(f"eval fraction {fraction} must be below 1")
+    n_eval = max(1, round(fraction * len(records)))
+    if n_eval >= len(records):
+        raise SFTError(f"{len(records)} record(s) cannot spare {n_eval} for evaluation; add data or use --eval-fraction 0")
+    ranked = sorted(range(len(records)), key=lambda i: record_key(records[i]))
+    held = set(ranked[:n_eval])
+    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+
+
+def load_base(model, tokenizer=None):
+    """(model, tokenizer, base path or None) from a path, a bundled name or a model object."""
+    if isinstance(model, torch.nn.Module):
+        tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        source = None
+    else:
+        from .. import load
+        from ..cli.common import resolve_model
+
+        source = Path(resolve_model(str(model))).resolve()
+        model = load(source)
+        print(f"[allformers] {model.load_report}", file=sys.stderr)
+        tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    if tok is None:
+        raise SFTError("SFT needs the model's tokenizer: load a folder saved with its tokenizer or pass tokenizer=")
+    if not getattr(model.config, "causal", False) or getattr(model.config, "is_encoder_decoder", False):
+        raise SFTError("SFT here trains decoder-only causal LMs (e.g. smollm2); this model is not one")
+    return model, tok, source
+
+
+def encode_all(records: list[dict], tokenizer, template: str, max_length: int) -> tuple[list, int, int]:
+    """(examples, skipped, truncated): skipped records keep no response token within max_length."""
+    examples, skipped, truncated = [], 0, 0
+    for i, r in enumerate(records):
+        try:
+            e = encode_example(r, tokenizer, template, max_length)
+        except SFTError as err:
+            raise SFTError(f"record {i} ({json.dumps(r)[:60]}...): {err}") from None
+        if e is None:
+            skipped += 1
+            continue
+        truncated += e.labels[-1] != tokenizer.eos_id  # the eos was cut off
+        examples.append(e)
+    return examples, skipped, truncated
+
+
+def run_sft(model: Union[str, Path, torch.nn.Module] = "smollm2", data: Union[str, Path, list] = None,
+            out: Optional[Union[str, Path]] = None, *, template: str = "chatml", tokenizer=None,
+            lora: Optional[LoRAConfig] = None, merge: bool = False, pack: bool = False, max_length: Optional[int] = None,
+            max_iters: int = 100, batch_size: int = 8, grad_accum: int = 1, lr: Optional[float] = None,
+            min_lr: Optional[float] = None, warmup_iters: Optional[int] = None, weight_decay: float = 0.0,
+            eval_fraction: float = 0.1, eval_interval: int = 0, eval_batch_size: int = 8,
+            max_records: Optional[int] = None, log_interval: int = 1, seed: int = 0,
+            num_threads: Optional[int] = None, device: str = "auto", progress: bool = True,
+            verbose: bool = True) -> dict:
+    """Fine-tune `model` on `data` (see the module docstring). Returns a summary (also written to
+    out/sft.json) with the held-out response loss before and after, and `trained_model`."""
+    t0 = time.perf_counter()
+    log = (lambda *a: print(*a, file=sys.stderr)) if verbose else (lambda *a: None)
+    if template not in TEMPLATES:
+        raise SFTError(f"unknown template {template!r}; use one of {list(TEMPLATES)}")
+    if data is None:
+        raise SFTError("no data: pass a JSON-lines file (or a list of records)")
+    if merge and lora is None:
+        raise SFTError("merge only applies to LoRA training (full fine-tuning already changes the weights)")
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    if isinstance(data, (list, tuple)):
+        for i, r in enumerate(data):
+            check_record(r, f"record {i}")
+        records, data_name = list(data), f"{len(data)} records"
+    else:
+        records, data_name = read_sft_records(data), str(data)
+    if max_records is not None:
+        records = records[:max_records]
+
+    model, tok, source = load_base(model, tokenizer)
+    max_length = max_length or min(512, model.config.block_size)
+    if max_length > model.config.block_size:
+        raise SFTError(f"max_length={max_length} is longer than the model's block_size={model.config.block_size}")
+    if max_length < 8:
+        raise SFTError(f"max_length={max_length} is too short for a prompt and a reply")
+    train_recs, eval_recs = heldout(records, eval_fraction)
+    train_ex, skipped, truncated = encode_all(train_recs, tok, template, max_length)
+    eval_ex, _, _ = encode_all(eval_recs, tok, template, max_length)
+    if not train_ex:
+        raise SFTError(f"no training example keeps a response token within max_length={max_length}; raise it")
+    n_resp = sum(sum(t != -100 for t in e.labels) for e in train_ex)
+    log(f"[allformers] {data_name}: {len(train_ex)} train / {len(eval_ex)} held-out examples, template {template}; "
+        f"{n_resp} response tokens of {sum(len(e) for e in train_ex)}; {skipped} skipped, {truncated} truncated "
+        f"at max_length={max_length}")
+
+    torch.manual_seed(seed)  # the adapters' initial A
+    wrapped = apply_lora(model, lora) if lora is not None else []
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    if lora is not None:
+        log(f"[allformers] LoRA rank {lora.rank}, alpha {lora.alpha} on {len(wrapped)} Linears: "
+            f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    lr = lr if lr is not None else (2e-4 if lora is not None else 2e-5)
+    cfg = TrainConfig(max_iters=max_iters, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+                      min_lr=min_lr if min_lr is not None else lr / 10,
+                      warmup_iters=warmup_iters if warmup_iters is not None else max_iters // 10,
+                      weight_decay=weight_decay, beta1=0.9, beta2=0.999, grad_clip=1.0,
+                      eval_interval=eval_interval, eval_at_start=True, log_interval=log_interval,
+                      seed=seed, device=device, num_threads=num_threads)
+    save_tok = copy.copy(tok)  # saved with a chat template, so `allformers chat OUT` prompts as trained
+    save_tok.chat_template = template_for_saving(tok, template)
+    out = Path(out) if out is not None else None
+    if out is not None:
+        for stale in (METRICS_FILE, PLOT_FILE):  # a fresh run: old metrics would be appended to
+            (out / stale).unlink(missing_ok=True)
+    train_data = SFTData(train_ex, tok.pad_id, pack=pack, block_size=max_length, seed=seed)
+    evals = ({"val": [collate(eval_ex[i:i + eval_batch_size], tok.pad_id)
+                      for i in range(0, len(eval_ex), eval_batch_size)]} if eval_ex else None)
+    trainer = Trainer(model, SFTLoss(), train_data, cfg, eval_data=evals, out_dir=out, tokenizer=save_tok,
+                      progress=progress)
+    fit = trainer.fit()
+
+    eval_losses = [r["val_loss"] for r in trainer.history if r["event"] == "eval"]
+    train_losses = trainer.history_train_losses()
+    if lora is not None and merge:
+        merge_lora(model)
+    model.tokenizer = save_tok
+    saved = None
+    if out is not None and trainer.is_main:
+        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)  # optimizer state: not needed after the run
+        if lora is None or merge:
+            from .finetune import save_final
+
+            save_final(model, save_tok, out)
+            saved = "merged model" if merge else "model"
+        else:
+            base = source
+            if base is None:  # an in-memory model: its frozen weights go beside the adapters
+                base = out / "base"
+                frozen = copy.deepcopy(model)
+                with torch.no_grad():
+                    for p in lora_parameters(frozen):
+                        p.zero_()  # a zero update: merging gives back the base weights
+                merge_lora(frozen).save(base, tokenizer=save_tok)
+            tmp = out / ".adapter.tmp"
+            save_adapter(model, tmp, lora, base.resolve(), tokenizer=save_tok)
+            for f in tmp.iterdir():
+                f.replace(out / f.name)
+            shutil.rmtree(tmp, ignore_errors=True)
+            saved = "adapters"
+    summary = {
+        "model": str(source) if source is not None else "(model object)", "data": data_name, "template": template,
+        "out": str(out) if out is not None else None, "saved": saved, "pack": pack, "max_length": max_length,
+        "lora": {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout, "targets": list(lora.targets),
+                 "wrapped": len(wrapped), "merged": merge} if lora is not None else None,
+        "trainable_params": trainable, "total_params": total,
+        "examples": {"train": len(train_ex), "heldout": len(eval_ex), "skipped": skipped, "truncated": truncated,
+                     "train_response_tokens": n_resp},
+        "settings": {"max_iters": max_iters, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
+                     "min_lr": cfg.min_lr, "warmup_iters": cfg.warmup_iters, "weight_decay": weight_decay,
+                     "seed": seed, "threads": torch.get_num_threads()},
+        "heldout_loss_before": eval_losses[0] if eval_losses else None,
+        "heldout_loss_after": eval_losses[-1] if eval_losses else None,
+        "first_train_loss": train_losses[0] if train_losses else None,
+        "final_train_loss": train_losses[-1] if train_losses else None,
+        "response_tokens_per_s": fit["tokens_per_s"],
+        "times_s": {"fit": fit["fit_time_s"], "train": fit["train_time_s"],
+                    "total": time.perf_counter() - t0},
+        "metrics_file": fit["metrics"], "plot": fit["plot"],
+    }
+    if out is not None and trainer.is_main:
+        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    summary["trained_model"] = model
+    return summary
