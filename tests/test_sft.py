@@ -243,3 +243,44 @@ def test_clear_errors(files, tmp_path, capsys):
     assert "no nn.Linear matches" in capsys.readouterr().err
     assert main(["sft", "--model", str(base), "--data", str(data), "--out", str(tmp_path / "o"), "--merge"]) == 2
     assert "merge only applies to LoRA" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- the real model
+REAL = [{"instruction": "What is the capital of France?", "output": "The capital of France is Paris."},
+        {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour."},
+        {"instruction": "Give the plural of the word.", "input": "mouse", "output": "mice"},
+        {"instruction": "Name three primary colours.", "output": "Red, blue and yellow."},
+        {"instruction": "What is 7 times 6?", "output": "7 times 6 is 42."},
+        {"instruction": "Write a haiku about rain.", "output": "Soft rain on the roof,\ngrey clouds hum a quiet song,\n"
+                                                              "the garden drinks deep."},
+        {"instruction": "Classify the sentiment.", "input": "I loved this film!", "output": "positive"},
+        {"instruction": "Summarise in one word.", "input": "The cat sat on the mat all afternoon, sleeping.",
+         "output": "Napping."}]
+
+
+@pytest.mark.slow
+def test_lora_sft_on_smollm2_lowers_the_response_loss_and_merges_exactly():
+    """10 LoRA steps on SmolLM2-135M-Instruct (measured: response loss on the 8 records 3.86 -> 0.84)."""
+    import allformers
+    from allformers.models import merge_lora
+    from allformers.zoo.assets import smollm2_gguf_path
+
+    try:
+        model = allformers.load(smollm2_gguf_path())
+    except allformers.AllformersError as e:
+        pytest.skip(str(e))
+    tok = model.tokenizer
+    batch = collate([encode_example(r, tok, "alpaca", 512) for r in REAL], tok.pad_id)
+    with torch.no_grad():
+        before = sft_loss(model, batch).item()
+    result = run_sft(model, REAL, None, template="alpaca", lora=LoRAConfig(rank=8, alpha=16), max_iters=10,
+                     batch_size=4, lr=1e-3, eval_fraction=0, progress=False, verbose=False)
+    model = result["trained_model"].eval()
+    x = batch["input_ids"]
+    with torch.no_grad():
+        after = sft_loss(model, batch).item()
+        adapted = model(x)
+        merged = merge_lora(model)(x)
+    assert after < 0.5 * before, (before, after)
+    # fp32 through 30 layers: logits of magnitude ~40 agree to ~1e-4 (measured 1.2e-4), i.e. 3e-6 relative
+    assert (merged - adapted).abs().max().item() <= 1e-5 * adapted.abs().max().item()

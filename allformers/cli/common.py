@@ -22,6 +22,14 @@ def sampling_kwargs(args) -> dict:
                 repetition_penalty=args.repetition_penalty, stop=args.stop, generator=gen)
 
 
+def add_run_args(p):
+    """Flags every training command takes: threads, device, progress bar, JSON summary."""
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
 def load_any(source: str):
     """A path (allformers folder, HF folder, .gguf) or the name of a bundled real model."""
     from .. import load

@@ -2,6 +2,8 @@
 turn an encoder into a sequence classifier (details in allformers/training/finetune.py)."""
 import json
 
+from .common import add_run_args
+
 TASKS = ("classification", "sequence-classification")
 
 
@@ -29,10 +31,7 @@ def register(sub):
     p.add_argument("--checkpoint-interval", type=int, default=0, help="steps between checkpoints (0: none)")
     p.add_argument("--keep-checkpoint", action="store_true", help="keep OUT/checkpoint (optimizer state) at the end")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_run_args(p)
     p.set_defaults(handler=run)
 
 

@@ -4,6 +4,7 @@ import json
 
 from ..models.lora import LoRAConfig
 from ..objectives.sft import TEMPLATES
+from .common import add_run_args
 
 
 def register(sub):
@@ -37,10 +38,7 @@ def register(sub):
     p.add_argument("--eval-interval", type=int, default=0, help="steps between held-out evaluations (0: start and end)")
     p.add_argument("--max-records", type=int, help="use only the first N records")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_run_args(p)
     p.set_defaults(handler=run)
 
 

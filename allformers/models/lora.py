@@ -120,7 +120,8 @@ class LoRALinear(nn.Module):
         out = nn.Linear(b.in_features, b.out_features, bias=b.bias is not None, device=b.weight.device,
                         dtype=b.weight.dtype)
         with torch.no_grad():
-            out.weight.copy_(b.weight + self.delta())
+            # summed in float64 and rounded once: merging adds no error beyond the dtype's own
+            out.weight.copy_(b.weight.double() + (self.lora_B.double() @ self.lora_A.double()) * self.scale)
             if b.bias is not None:
                 out.bias.copy_(b.bias)
         return out

@@ -92,6 +92,27 @@ def tiny_shakespeare_path(data_dir=None) -> Path:
     return cached
 
 
+# ---------------------------------------------------------------------- JSON-lines records
+def read_jsonl(path, error=DataError) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of a JSON-lines file. A line that is not
+    one JSON object raises `error` (the caller's error class) naming the file and the line."""
+    import json
+
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(f"{path} line {n} is not valid JSON ({e.msg}); each line must be one JSON object") from None
+            if not isinstance(rec, dict):
+                raise error(f"{path} line {n} is a {type(rec).__name__}, not a JSON object")
+            rows.append((n, rec))
+    return rows
+
+
 # ---------------------------------------------------------------------- encoding
 @dataclass
 class Corpus:

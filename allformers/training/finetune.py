@@ -86,27 +86,19 @@ def read_records(path, need_label: bool = True) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FinetuneError(f"{path} does not exist or is not a file")
+    from .data import read_jsonl
+
     records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise FinetuneError(f"{path} line {n} is not valid JSON ({e.msg}); each line must be one "
-                                    f"JSON object") from None
-            if not isinstance(rec, dict):
-                raise FinetuneError(f"{path} line {n} is a {type(rec).__name__}, not a JSON object")
-            if "text" not in rec:
-                raise FinetuneError(f"{path} line {n} has no 'text' field (fields: {sorted(rec)}); every "
-                                    f"record needs 'text' (and optionally 'subject')")
-            if not isinstance(rec["text"], str) or not isinstance(rec.get("subject") or "", str):
-                raise FinetuneError(f"{path} line {n}: 'text' and 'subject' must be strings")
-            if need_label and rec.get("label") is None:
-                raise FinetuneError(f"{path} line {n} has no 'label' field; training records need one")
-            rec["_line"] = n
-            records.append(rec)
+    for n, rec in read_jsonl(path, FinetuneError):
+        if "text" not in rec:
+            raise FinetuneError(f"{path} line {n} has no 'text' field (fields: {sorted(rec)}); every "
+                                f"record needs 'text' (and optionally 'subject')")
+        if not isinstance(rec["text"], str) or not isinstance(rec.get("subject") or "", str):
+            raise FinetuneError(f"{path} line {n}: 'text' and 'subject' must be strings")
+        if need_label and rec.get("label") is None:
+            raise FinetuneError(f"{path} line {n} has no 'label' field; training records need one")
+        rec["_line"] = n
+        records.append(rec)
     if not records:
         raise FinetuneError(f"{path} is empty: no records to read (expected one JSON object a line)")
     return records

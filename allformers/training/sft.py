@@ -35,6 +35,7 @@ import torch
 from ..models.lora import LoRAConfig, apply_lora, lora_parameters, merge_lora, save_adapter
 from ..objectives.sft import (TEMPLATES, SFTData, SFTError, SFTLoss, check_record, collate, encode_example,
                               template_for_saving)
+from .data import read_jsonl
 from .trainer import CHECKPOINT_DIR, METRICS_FILE, PLOT_FILE, TrainConfig, Trainer
 
 SUMMARY_FILE = "sft.json"
@@ -47,16 +48,9 @@ def read_sft_records(path) -> list[dict]:
         raise SFTError(f"{path} does not exist or is not a file; pass a JSON-lines file of "
                        f"{{instruction, input, output}} or {{messages}} records")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SFTError(f"{path} line {n} is not valid JSON ({e.msg}); each line must be one JSON object") from None
-            check_record(rec, f"{path} line {n}")
-            records.append(rec)
+    for n, rec in read_jsonl(path, SFTError):
+        check_record(rec, f"{path} line {n}")
+        records.append(rec)
     if not records:
         raise SFTError(f"{path} has no records")
     return records
