@@ -147,7 +147,8 @@ def read_safetensors(file: Path) -> dict:
 # Models whose config is not a plain Config name their class in config.json ("config_class");
 # their module provides the loader. Values are "module:function" so nothing is imported early.
 CONFIG_LOADERS = {"ErnieConfig": "allformers.models.ernie:load_ernie",
-                  "LoRAAdapter": "allformers.models.lora:load_adapter"}  # adapters + the path of their base
+                  "LoRAAdapter": "allformers.models.lora:load_adapter",  # adapters + the path of their base
+                  "MultimodalConfig": "allformers.models.multimodal:load_multimodal"}
 
 
 def load_allformers(path: Path, map_location="cpu"):

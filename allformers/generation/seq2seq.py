@@ -39,8 +39,11 @@ def generate_seq2seq(model, input_ids: torch.Tensor, attention_mask: Optional[to
                      early_stopping=False, no_repeat_ngram_size: int = 0, temperature: float = 0.0,
                      top_k: Optional[int] = None, top_p: Optional[float] = None, repetition_penalty: float = 1.0,
                      eos_id=None, pad_id: Optional[int] = None, decoder_start_token_id: Optional[int] = None,
-                     generator: Optional[torch.Generator] = None, on_token=None) -> torch.Tensor:
-    """Source ids (B, S) -> decoder sequences (B, 1 + n), starting with the decoder start token."""
+                     generator: Optional[torch.Generator] = None, on_token=None,
+                     encoder_out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Source ids (B, S) -> decoder sequences (B, 1 + n), starting with the decoder start token.
+    encoder_out (B, S, C): states to decode from instead of model.encode(input_ids) (e.g. the encoder
+    output after fusing image features into it); input_ids then only give the batch and length."""
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     if num_beams < 1:
@@ -59,7 +62,7 @@ def generate_seq2seq(model, input_ids: torch.Tensor, attention_mask: Optional[to
     start = model.config.decoder_start_token_id if decoder_start_token_id is None else decoder_start_token_id
     eos = eos_tensor(eos_id)
     B = input_ids.shape[0]
-    enc = model.encode(input_ids, attention_mask)  # (B, S, C), once
+    enc = model.encode(input_ids, attention_mask) if encoder_out is None else encoder_out.to(device)  # (B, S, C), once
     if num_beams == 1:
         cache = model.new_cache(B, max_new_tokens + 1)
         out = torch.full((B, 1), start, dtype=torch.long, device=device)

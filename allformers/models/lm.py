@@ -161,17 +161,21 @@ class TransformerLM(nn.Module):
                 position_ids: Optional[torch.Tensor] = None, cache: Optional[Cache] = None,
                 last_only: bool = False, return_hidden: bool = False,
                 token_type_ids: Optional[torch.Tensor] = None, context: Optional[torch.Tensor] = None,
-                context_mask: Optional[torch.Tensor] = None,
+                context_mask: Optional[torch.Tensor] = None, inputs_embeds: Optional[torch.Tensor] = None,
                 document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, vocab) (or (B, 1, vocab) with last_only).
 
         attention_mask (B, T): 1 for real tokens, 0 for padding (left padding for generation).
         cache: continue a sequence; its positions and padding are tracked for you.
         context (B, S, C), context_mask (B, S): the encoder output a decoder stack cross-attends to.
+        inputs_embeds (B, T, E): vectors used in place of the token table's rows (pass idx=None), e.g.
+        projected image features spliced between word embeddings (PaLM-E); scaling and positions still apply.
         document_ids (B, T): packed rows holding several documents (contiguous runs of one id); a
         token attends only inside its document, and positions restart at 0 in each one."""
         c = self.config
-        B, T = idx.shape
+        if (idx is None) == (inputs_embeds is None):
+            raise AllformersError("pass exactly one of idx (token ids) and inputs_embeds (B, T, embedding_size)")
+        B, T = idx.shape if idx is not None else inputs_embeds.shape[:2]
         if document_ids is not None and cache is not None:
             raise AllformersError("document_ids (packed training rows) cannot be used with a cache; "
                                   "generate from one document at a time")
@@ -185,11 +189,11 @@ class TransformerLM(nn.Module):
         if position_ids is None and document_ids is not None:
             position_ids = document_positions(document_ids)
         elif position_ids is None:
-            position_ids = self._positions(key_mask, cache, B, T, start, idx.device)
+            position_ids = self._positions(key_mask, cache, B, T, start, self.device)
         if self.wpe is not None and int(position_ids.max()) >= c.block_size:
             raise ContextLengthError(f"position {int(position_ids.max())} is past block_size={c.block_size}")
 
-        x = self.wte(idx)  # (B, T, E)
+        x = self.wte(idx) if inputs_embeds is None else inputs_embeds  # (B, T, E)
         if c.embed_scale is not None:
             x = x * c.embed_scale
         if self.wpe is not None:

@@ -1,0 +1,208 @@
+"""Image encoders that turn pictures into a set of feature vectors (B, N, D) for a language model
+to attend to, plus the loader for features someone computed already.
+
+  * `ViTEncoder`: cut the image into patches, embed each with one strided convolution, add learned
+    positions, run bidirectional transformer blocks (the same `Block`s as every text model). Trains
+    from scratch at any size.
+  * `DETREncoder`: a backbone (a small CNN, or a ViT) gives a grid of features; a transformer encoder
+    mixes them; N learned object queries then cross-attend to them through decoder blocks and come
+    out as N feature vectors, one per "slot" (DETR's object queries, without the box heads).
+  * `load_image_features`: the precomputed arrays of the Multimodal-CoT release, (images, patches,
+    dim) in a .npy file plus a name map {question id: row}, with the shapes checked up front.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..errors import AllformersError
+
+# Shapes (patches, dim) of the feature files the Multimodal-CoT reference code reads.
+REFERENCE_SHAPES = {"detr": (100, 256), "vit": (145, 1024), "clip": (49, 2048)}
+
+
+class VisionError(AllformersError, ValueError):
+    """An image or a feature file does not have the shape the encoder or the model expects."""
+
+
+def _block_config(width: int, heads: int, depth: int, mlp_ratio: int, dropout: float, cross: bool = False):
+    """A bidirectional pre-LayerNorm block config (ViT's layout: GELU MLP, biases) for build_block."""
+    from ..config import Config
+
+    if width % heads:
+        raise VisionError(f"width={width} is not divisible by heads={heads}")
+    return Config(name="vision", vocab_size=1, block_size=1, n_layer=depth, n_head=heads, n_embd=width,
+                  intermediate_size=mlp_ratio * width, causal=False, position="none", norm_class="LayerNorm",
+                  norm_eps=1e-6, activation="gelu", dropout=dropout, cross_attention=cross)
+
+
+def _check_images(images: torch.Tensor, channels: int, size: Optional[int]):
+    if images.dim() != 4 or images.shape[1] != channels or (size and tuple(images.shape[2:]) != (size, size)):
+        want = f"(B, {channels}, {size}, {size})" if size else f"(B, {channels}, H, W)"
+        raise VisionError(f"images have shape {tuple(images.shape)}; this encoder takes {want} "
+                          f"(resize them with allformers.data.synthetic_science.load_image(path, size))")
+
+
+class ViTEncoder(nn.Module):
+    """(B, C, H, W) images in [0, 1] -> (B, (H/p) * (W/p), width) patch features."""
+
+    def __init__(self, image_size: int = 32, patch_size: int = 8, channels: int = 3, width: int = 128,
+                 depth: int = 2, heads: int = 4, mlp_ratio: int = 4, dropout: float = 0.0):
+        super().__init__()
+        from ..models.lm import build_block
+
+        if image_size % patch_size:
+            raise VisionError(f"image_size={image_size} is not a multiple of patch_size={patch_size}")
+        self.image_size, self.channels, self.out_dim = image_size, channels, width
+        self.num_tokens = (image_size // patch_size) ** 2
+        self.patch = nn.Conv2d(channels, width, patch_size, stride=patch_size)  # one linear map per patch
+        self.pos = nn.Parameter(torch.randn(1, self.num_tokens, width) * 0.02)
+        cfg = _block_config(width, heads, depth, mlp_ratio, dropout)
+        self.blocks = nn.ModuleList(build_block(cfg) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        _check_images(images, self.channels, self.image_size)
+        x = self.patch(images - 0.5)  # (B, width, H/p, W/p), centred pixels
+        x = x.flatten(2).transpose(1, 2) + self.pos  # (B, N, width)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+class ConvBackbone(nn.Module):
+    """A small CNN for DETREncoder: `layers` 3x3 convolutions, each halving the grid."""
+
+    def __init__(self, channels: int = 3, width: int = 64, layers: int = 3):
+        super().__init__()
+        mods, c = [], channels
+        for _ in range(layers):
+            mods += [nn.Conv2d(c, width, 3, stride=2, padding=1), nn.GroupNorm(1, width), nn.GELU()]
+            c = width
+        self.net, self.channels, self.out_dim = nn.Sequential(*mods), channels, width
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, width, H/2^l, W/2^l)
+        _check_images(images, self.channels, None)
+        return self.net(images - 0.5)
+
+
+class DETREncoder(nn.Module):
+    """backbone grid -> transformer encoder -> `num_queries` learned queries decoded against it ->
+    (B, num_queries, width). The backbone returns a grid (B, C, h, w) (gets learned row + column
+    positions, as DETR's PositionEmbeddingLearned) or tokens (B, N, C) (a ViT: already positioned)."""
+
+    def __init__(self, backbone: nn.Module, backbone_dim: int, width: int = 128, num_queries: int = 16,
+                 encoder_depth: int = 1, decoder_depth: int = 2, heads: int = 4, mlp_ratio: int = 4,
+                 max_grid: int = 32, dropout: float = 0.0):
+        super().__init__()
+        from ..models.lm import build_block
+
+        self.backbone, self.out_dim, self.num_tokens = backbone, width, num_queries
+        self.input_proj = nn.Linear(backbone_dim, width)
+        self.row_embed = nn.Parameter(torch.randn(max_grid, width // 2) * 0.02)
+        self.col_embed = nn.Parameter(torch.randn(max_grid, width - width // 2) * 0.02)
+        enc = _block_config(width, heads, encoder_depth, mlp_ratio, dropout)
+        dec = _block_config(width, heads, decoder_depth, mlp_ratio, dropout, cross=True)
+        self.encoder = nn.ModuleList(build_block(enc) for _ in range(encoder_depth))
+        self.decoder = nn.ModuleList(build_block(dec) for _ in range(decoder_depth))
+        self.queries = nn.Parameter(torch.randn(num_queries, width) * 0.02)  # DETR's object queries
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+
+    def _grid_positions(self, h: int, w: int) -> torch.Tensor:  # (h*w, width)
+        if max(h, w) > self.row_embed.shape[0]:
+            raise VisionError(f"the backbone grid is {h}x{w}, larger than max_grid={self.row_embed.shape[0]}")
+        rows = self.row_embed[:h, None].expand(h, w, -1)
+        cols = self.col_embed[None, :w].expand(h, w, -1)
+        return torch.cat([rows, cols], dim=-1).reshape(h * w, -1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        feats = self.backbone(images)
+        if feats.dim() == 4:  # (B, C, h, w) grid -> (B, h*w, C) tokens with 2-D positions
+            B, C, h, w = feats.shape
+            memory = self.input_proj(feats.flatten(2).transpose(1, 2)) + self._grid_positions(h, w)
+        else:
+            memory = self.input_proj(feats)  # (B, N, width)
+        for block in self.encoder:
+            memory = block(memory)
+        x = self.queries.expand(memory.shape[0], -1, -1)  # (B, Q, width)
+        for block in self.decoder:  # self-attention among queries, cross-attention to the image
+            x = block(x, context=memory)
+        return self.norm(x)
+
+
+# ---------------------------------------------------------------------- precomputed features
+@dataclass
+class ImageFeatureBank:
+    """Rows of a feature array looked up by question id; questions without a row get no image."""
+
+    features: np.ndarray  # (images, patches, dim), possibly memory-mapped
+    name_map: dict  # question id (str) -> row
+    source: str = ""
+
+    @property
+    def patch_num(self) -> int:
+        return int(self.features.shape[1])
+
+    @property
+    def patch_dim(self) -> int:
+        return int(self.features.shape[2])
+
+    def __contains__(self, qid) -> bool:
+        return str(qid) in self.name_map
+
+    def lookup(self, qids: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> features (B, patches, dim) float32, mask (B, patches) bool (all False for no image)."""
+        out = torch.zeros(len(qids), self.patch_num, self.patch_dim)
+        mask = torch.zeros(len(qids), self.patch_num, dtype=torch.bool)
+        for i, q in enumerate(qids):
+            row = self.name_map.get(str(q))
+            if row is not None:
+                out[i] = torch.from_numpy(np.array(self.features[row], dtype=np.float32))  # a copy: the file may be mapped read-only
+                mask[i] = True
+        return out, mask
+
+
+def load_image_features(path, name_map=None, kind: Optional[str] = None) -> ImageFeatureBank:
+    """Load a (images, patches, dim) .npy feature file and its {question id: row} name map (a dict, or a
+    JSON file; default: name_map.json beside the features). kind ("detr", "vit", "clip") checks the
+    per-image shape against the reference's; every row named in the map must exist."""
+    path = Path(path)
+    if not path.is_file():
+        raise VisionError(f"feature file {path} does not exist")
+    try:
+        feats = np.load(path, mmap_mode="r")
+    except (ValueError, OSError) as e:
+        raise VisionError(f"{path} is not a .npy array ({e}); save features with numpy.save") from None
+    if feats.ndim != 3:
+        raise VisionError(f"{path} has shape {feats.shape}; image features must be 3-D (images, patches, dim), "
+                          f"e.g. (n, 100, 256) for DETR, (n, 145, 1024) for ViT, (n, 49, 2048) for CLIP")
+    if kind is not None:
+        if kind not in REFERENCE_SHAPES:
+            raise VisionError(f"kind={kind!r} is not one of {sorted(REFERENCE_SHAPES)}")
+        if tuple(feats.shape[1:]) != REFERENCE_SHAPES[kind]:
+            raise VisionError(f"{path} has per-image shape {tuple(feats.shape[1:])}, but {kind} features are "
+                              f"{REFERENCE_SHAPES[kind]} (patches, dim); is this the {kind} file? Pass the right kind, "
+                              f"or kind=None to accept any (patches, dim)")
+    if name_map is None:
+        name_map = path.with_name("name_map.json")
+        if not name_map.is_file():
+            raise VisionError(f"no name map for {path}: pass name_map= (a dict or JSON file of question id -> row); "
+                              f"{name_map} does not exist")
+    source = str(name_map) if not isinstance(name_map, dict) else "name_map"
+    if not isinstance(name_map, dict):
+        name_map = json.loads(Path(name_map).read_text())
+    try:
+        name_map = {str(k): int(v) for k, v in name_map.items()}
+    except (TypeError, ValueError):
+        raise VisionError(f"{source}: the name map must be {{question id: integer row}}") from None
+    bad = {k: v for k, v in name_map.items() if not 0 <= v < feats.shape[0]}
+    if bad:
+        shown = ", ".join(f"{k}->{v}" for k, v in list(bad.items())[:5])
+        raise VisionError(f"{source} names {len(bad)} row(s) outside the {feats.shape[0]} rows of {path}: {shown}")
+    return ImageFeatureBank(feats, name_map, str(path))

@@ -1,0 +1,349 @@
+"""Language models that read an image too (Multimodal-CoT's fused T5 and a PaLM-E-style decoder).
+
+  * `MultimodalSeq2Seq`: an unchanged `Seq2SeqLM` (T5) plus a vision encoder and a `GatedFusion`
+    that sits between the encoder output and the decoder: encode text, fuse image features into
+    it, hand the fused states to the decoder as its `encoder_out`. With the gate forced to 0 it
+    is the text-only T5, exactly.
+  * `MultimodalDecoderLM` (PaLM-E, Driess et al. 2023): image features projected to the word
+    embedding size and spliced into the input sequence of a decoder-only LM (e.g. SmolLM2) after
+    its first `image_pos` prompt tokens; trained with LoRA on the LM or with the projection alone.
+
+Images reach both as `images` (B, C, H, W) in [0, 1] with `has_image` (B,) when the model owns a
+vision encoder (ViT / DETR), or as precomputed `image_features` (B, N, P) with `image_mask` (B, N)
+(feature files, kind "features"). A question without an image simply has has_image False."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..blocks.fusion import GatedFusion
+from ..blocks.vision import ConvBackbone, DETREncoder, ViTEncoder, VisionError
+from ..config import Config
+from ..errors import CheckpointError
+from .lm import TransformerLM
+from .seq2seq import Seq2SeqLM
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class MultimodalConfig:
+    text: Config  # the T5 (is_encoder_decoder=True) or decoder-only LM
+    # {"kind": "vit", ViTEncoder kwargs} | {"kind": "detr", "backbone": {"kind": "cnn"|"vit", ...}, DETREncoder
+    # kwargs} | {"kind": "features", "patch_dim": P} (precomputed, no encoder) | None: text only (no fusion)
+    vision: Optional[dict] = field(default_factory=lambda: {"kind": "vit"})
+    image_pos: int = 0  # decoder-only: prompt tokens before the image tokens (e.g. the chat header)
+    base: Optional[str] = None  # decoder-only: pretrained LM whose weights are not stored (SmolLM2)
+    lora: Optional[dict] = None  # LoRAConfig fields when the LM carries LoRA adapters
+    config_class: str = "MultimodalConfig"
+
+    def __getattr__(self, name):
+        # Generic code (MFU, context limits) reads sizes such as n_layer or block_size: the text model's.
+        if name == "text" or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.text, name)
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["text"] = self.text.to_dict()
+        return d
+
+    def to_json(self, path=None) -> str:
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MultimodalConfig":
+        d = dict(d)
+        return cls(text=Config.from_dict(d.pop("text")), **d)
+
+    @classmethod
+    def from_json(cls, path) -> "MultimodalConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def build_vision(spec: Optional[dict]) -> tuple[Optional[nn.Module], int]:
+    """A vision spec -> (encoder or None for precomputed features, feature dim P); None -> (None, 0): text only."""
+    if spec is None:
+        return None, 0
+    spec = dict(spec)
+    kind = spec.pop("kind", None)
+    if kind == "vit":
+        enc = ViTEncoder(**spec)
+        return enc, enc.out_dim
+    if kind == "detr":
+        bb = dict(spec.pop("backbone", {"kind": "cnn"}))
+        bb_kind = bb.pop("kind", "cnn")
+        if bb_kind == "cnn":
+            backbone = ConvBackbone(**bb)
+        elif bb_kind == "vit":
+            backbone = ViTEncoder(**bb)
+        else:
+            raise VisionError(f"DETR backbone kind {bb_kind!r}: 'cnn' or 'vit'")
+        enc = DETREncoder(backbone, backbone.out_dim, **spec)
+        return enc, enc.out_dim
+    if kind == "features":
+        return None, int(spec["patch_dim"])
+    raise VisionError(f"vision kind {kind!r} is not one of 'vit', 'detr', 'features'")
+
+
+class _Vision(nn.Module):
+    """Shared by both models: turn whatever image input a batch carries into (features, mask)."""
+
+    def _init_vision(self, spec: dict):
+        self.vision, self.patch_dim = build_vision(spec)
+
+    def visual(self, images=None, has_image=None, image_features=None, image_mask=None):
+        """-> (features (B, N, P), mask (B, N) bool) or (None, None) when the batch carries no image
+        (or the model is text-only: then any image is ignored)."""
+        if not self.patch_dim:
+            return None, None
+        if image_features is not None:
+            if image_features.shape[-1] != self.patch_dim:
+                raise VisionError(f"image features of dim {image_features.shape[-1]}; this model was built for "
+                                  f"{self.patch_dim} (vision spec {self.config.vision})")
+            if image_mask is None:
+                image_mask = torch.ones(image_features.shape[:2], dtype=torch.bool, device=image_features.device)
+            return image_features, image_mask.bool()
+        if images is None:
+            return None, None
+        if self.vision is None:
+            raise VisionError("this model reads precomputed image_features (vision kind 'features'), not images")
+        B = images.shape[0]
+        if has_image is None:
+            has_image = torch.ones(B, dtype=torch.bool, device=images.device)
+        has_image = has_image.bool()
+        rows = has_image.nonzero().flatten()
+        # encode only the rows that have a picture; the others get zeros and an all-False mask
+        n, d = self.vision.num_tokens, self.vision.out_dim
+        feats = torch.zeros(B, n, d, device=images.device, dtype=images.dtype)
+        if len(rows):
+            feats = feats.index_copy(0, rows, self.vision(images[rows]))
+        return feats, has_image[:, None].expand(B, n)
+
+
+def image_kwargs(batch: dict) -> dict:
+    """The image entries of a batch dict, by the names the models take."""
+    return {k: batch[k] for k in ("images", "has_image", "image_features", "image_mask") if k in batch}
+
+
+class MultimodalSeq2Seq(_Vision):
+    def __init__(self, config: MultimodalConfig, t5: Optional[Seq2SeqLM] = None):
+        super().__init__()
+        self.config = config
+        self.t5 = t5 if t5 is not None else Seq2SeqLM(config.text)
+        self._init_vision(config.vision)
+        self.fusion = GatedFusion(config.text.n_embd, self.patch_dim) if config.vision else None
+
+    @property
+    def device(self):
+        return self.t5.device
+
+    def encode(self, input_ids, attention_mask=None, *, return_gate: bool = False, **image):
+        """Text (B, S) + image -> fused encoder states (B, S, D) [and the gate (B, S, D)]."""
+        h = self.t5.encode(input_ids, attention_mask)  # (B, S, D)
+        gate = None
+        if self.fusion is not None:  # text-only: the T5 encoder output goes to the decoder as it is
+            feats, mask = self.visual(**image)
+            h, gate = self.fusion(h, feats, mask)
+        return (h, gate) if return_gate else h
+
+    def forward(self, input_ids, decoder_input_ids, attention_mask=None, encoder_out=None, cache=None,
+                last_only: bool = False, **image) -> torch.Tensor:
+        if encoder_out is None:
+            encoder_out = self.encode(input_ids, attention_mask, **image)
+        return self.t5(None, decoder_input_ids, attention_mask=attention_mask, encoder_out=encoder_out, cache=cache,
+                       last_only=last_only)
+
+    def shift_right(self, labels):
+        return self.t5.shift_right(labels)
+
+    @torch.inference_mode()
+    def generate(self, input_ids, attention_mask=None, *, images=None, has_image=None, image_features=None,
+                 image_mask=None, **kwargs) -> torch.Tensor:
+        from ..generation.seq2seq import generate_seq2seq
+
+        enc = self.encode(input_ids.to(self.device), attention_mask.to(self.device) if attention_mask is not None else None,
+                          **_to(dict(images=images, has_image=has_image, image_features=image_features,
+                                     image_mask=image_mask), self.device))
+        return generate_seq2seq(self.t5, input_ids, attention_mask, encoder_out=enc, **kwargs)
+
+    def save(self, path, tokenizer=None):
+        return save_multimodal(self, path, tokenizer)
+
+
+class MultimodalDecoderLM(_Vision):
+    def __init__(self, config: MultimodalConfig, lm: Optional[TransformerLM] = None):
+        super().__init__()
+        self.config = config
+        self.lm = lm if lm is not None else TransformerLM(config.text)
+        self._init_vision(config.vision)
+        # PaLM-E's projector: image features -> the word embedding space
+        self.proj = nn.Linear(self.patch_dim, config.text.embedding_size) if config.vision else None
+
+    @property
+    def device(self):
+        return self.lm.device
+
+    def splice(self, input_ids, attention_mask=None, labels=None, *, side: str = "right", **image) -> dict:
+        """Insert the projected image tokens after the first `image_pos` real tokens of each row.
+        input_ids (B, T) padded either side, attention_mask (B, T), labels (B, T) aligned with the ids ->
+        {inputs_embeds (B, T', E), attention_mask (B, T'), labels (B, T') or None}, padded on `side`.
+        No-image rows keep their slots, masked out: positions skip them (they count real tokens only)."""
+        B, T = input_ids.shape
+        mask = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        emb = self.lm.wte(input_ids)  # (B, T, E)
+        feats, fmask = self.visual(**image)
+        img = self.proj(feats) if feats is not None else emb.new_zeros(B, 0, emb.shape[-1])  # (B, N, E)
+        fmask = fmask if fmask is not None else mask.new_zeros(B, 0)
+        p = self.config.image_pos
+        rows_e, rows_m, rows_l = [], [], []
+        for b in range(B):
+            real = mask[b].nonzero().flatten()  # the row's real tokens, in order
+            head, tail = real[:p], real[p:]
+            rows_e.append(torch.cat([emb[b, head], img[b], emb[b, tail]]))
+            rows_m.append(torch.cat([mask[b, head], fmask[b], mask[b, tail]]))
+            if labels is not None:
+                rows_l.append(torch.cat([labels[b, head], labels.new_full((img.shape[1],), IGNORE_INDEX),
+                                         labels[b, tail]]))
+        L = max(len(r) for r in rows_e)
+
+        def pad(rows, value):
+            out = []
+            for r in rows:
+                fill = r.new_full((L - len(r), *r.shape[1:]), value)
+                out.append(torch.cat([r, fill] if side == "right" else [fill, r]))
+            return torch.stack(out)
+
+        return {"inputs_embeds": pad(rows_e, 0.0), "attention_mask": pad(rows_m, False),
+                "labels": pad(rows_l, IGNORE_INDEX) if labels is not None else None}
+
+    def forward(self, input_ids, attention_mask=None, labels=None, **image) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """-> (logits (B, T', V), labels (B, T') aligned with them, or None)."""
+        s = self.splice(input_ids, attention_mask, labels, **image)
+        logits = self.lm(None, attention_mask=s["attention_mask"].long(), inputs_embeds=s["inputs_embeds"])
+        return logits, s["labels"]
+
+    @torch.inference_mode()
+    def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int = 64, eos_id=None, pad_id=None,
+                 temperature: float = 0.0, top_k=None, top_p=None, repetition_penalty: float = 1.0,
+                 generator=None, on_token=None, **image) -> torch.Tensor:
+        """Prompt ids (B, T) (padded either side) + image -> the new tokens (B, n)."""
+        from ..errors import ContextLengthError
+        from ..generation.generate import decode_loop, eos_tensor
+
+        dev = self.device
+        s = self.splice(input_ids.to(dev), attention_mask.to(dev) if attention_mask is not None else None,
+                        side="left", **_to(image, dev))
+        B, T = s["attention_mask"].shape
+        if T + max_new_tokens > self.lm.config.block_size:
+            raise ContextLengthError(f"{T} prompt + image positions and max_new_tokens={max_new_tokens} exceed the "
+                                     f"model's {self.lm.config.block_size}")
+        eos = eos_tensor(eos_id)
+        cache = self.lm.new_cache(B, T + max_new_tokens)
+        logits = self.lm(None, attention_mask=s["attention_mask"].long(), cache=cache, last_only=True,
+                         inputs_embeds=s["inputs_embeds"])[:, -1]
+        step = lambda nxt: self.lm(nxt[:, None], cache=cache, last_only=True)[:, -1]  # noqa: E731
+        out = decode_loop(step, logits, torch.empty(B, 0, dtype=torch.long, device=dev), max_new_tokens=max_new_tokens,
+                          temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                          eos=eos, pad_id=pad_id if pad_id is not None else (int(eos[0]) if len(eos) else 0),
+                          on_token=on_token, generator=generator)
+        return out
+
+    def save(self, path, tokenizer=None):
+        return save_multimodal(self, path, tokenizer)
+
+
+def seq2seq_loss(model, batch: dict) -> torch.Tensor:
+    """Teacher-forced cross-entropy of a MultimodalSeq2Seq on batch["labels"] (-100 = padding)."""
+    labels = batch["labels"]
+    dec = getattr(model, "module", model).shift_right(labels)  # DDP keeps the model in .module
+    logits = model(batch["input_ids"], dec, attention_mask=batch.get("attention_mask"), **image_kwargs(batch))
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+def decoder_lm_loss(model, batch: dict) -> torch.Tensor:
+    """Next-token cross-entropy of a MultimodalDecoderLM on batch["labels"] (-100 = not scored)."""
+    logits, labels = model(batch["input_ids"], batch.get("attention_mask"), batch["labels"], **image_kwargs(batch))
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1),
+                           ignore_index=IGNORE_INDEX)
+
+
+def _to(d: dict, device) -> dict:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in d.items() if v is not None}
+
+
+# ---------------------------------------------------------------------- save / load
+def save_multimodal(model, path, tokenizer=None) -> Path:
+    """An allformers folder (config.json naming config_class, model.safetensors, tokenizer.json). With
+    config.base set (a pretrained LM such as SmolLM2), only the weights that differ from it are stored:
+    the vision encoder, the projection and the LoRA adapters."""
+    from safetensors.torch import save_file
+
+    from ..checkpoints.io import WEIGHTS_FILE, _contiguous, atomic_folder_write
+
+    state = model.state_dict()
+    if model.config.base:
+        keep = {n for n, p in model.named_parameters() if p.requires_grad}
+        state = {k: v for k, v in state.items() if k in keep}
+    state = _contiguous(state)
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+
+    def write(tmp: Path):
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "library": "allformers"})
+        model.config.to_json(tmp / "config.json")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+
+    atomic_folder_write(Path(path), write)
+    return Path(path)
+
+
+def load_multimodal(path):
+    """Rebuild a MultimodalSeq2Seq / MultimodalDecoderLM from save_multimodal's folder (the base LM,
+    when named, is loaded first and its LoRA adapters re-applied)."""
+    from ..checkpoints.io import WEIGHTS_FILE, LoadReport, load_state_dict_into, read_safetensors
+
+    path = Path(path)
+    config = MultimodalConfig.from_json(path / "config.json")
+    state = read_safetensors(path / WEIGHTS_FILE)
+    if config.text.is_encoder_decoder:
+        model = MultimodalSeq2Seq(config)
+        report = load_state_dict_into(model, state, str(path))
+    else:
+        lm = None
+        if config.base:
+            from ..cli.common import load_any
+
+            lm = load_any(config.base)
+            if getattr(lm, "config", None) is None or lm.config.n_embd != config.text.n_embd:
+                raise CheckpointError(f"{path}: base model {config.base} does not match the stored text config")
+        model = MultimodalDecoderLM(config, lm=lm)
+        if config.lora:
+            from .lora import LoRAConfig, apply_lora
+
+            apply_lora(model.lm, LoRAConfig(**{**config.lora, "targets": tuple(config.lora["targets"])}))
+        if config.base:
+            own = model.state_dict()
+            missing = [k for k in state if k not in own]
+            if missing:
+                raise CheckpointError(f"{path}: {len(missing)} stored tensor(s) unknown to the model: {missing[:5]}")
+            model.load_state_dict(state, strict=False)
+            report = LoadReport(source=str(path), loaded=sorted(state))
+        else:
+            report = load_state_dict_into(model, state, str(path))
+    if (path / "tokenizer.json").exists():
+        from ..tokenization import Tokenizer
+
+        model.tokenizer = Tokenizer.from_file(path / "tokenizer.json")
+    model.load_report = report
+    return model.eval()
