@@ -88,7 +88,7 @@ class Config:
     labels: Optional[list] = None  # label names, index = class id
     classifier_dense: bool = True  # dense + activation before the output layer (BERT pooler, RoBERTa head)
     classifier_activation: str = "tanh"
-    pooling: str = "first"  # "first" token ([CLS]) or "mean" over real tokens
+    pooling: str = "first"  # "first" token ([CLS]), "last" real token (causal reward models) or "mean"
     normalize: bool = True  # sentence embeddings come out unit-length
     head_transform: bool = False  # dense + activation + norm before the LM head (BERT-style MLM heads)
     head_activation: Optional[str] = None  # None -> activation
@@ -154,7 +154,7 @@ class Config:
         from .blocks.attention import ATTENTION_CLASSES
 
         choice("attention_class", ATTENTION_CLASSES)
-        choice("pooling", ("first", "mean"))
+        choice("pooling", ("first", "last", "mean"))
         choice("classifier_activation", ACTIVATIONS + ("tanh",))
         for fname in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head",
                       "head_dim", "intermediate_size", "embedding_size"):

@@ -19,9 +19,16 @@ ACTS = {**ACTIVATIONS, "tanh": torch.tanh}
 
 
 def pool(hidden: torch.Tensor, mask: Optional[torch.Tensor], how: str) -> torch.Tensor:
-    """(B, T, C) -> (B, C): the first token ([CLS]/<s>) or the mean over real tokens."""
+    """(B, T, C) -> (B, C): the first token ([CLS]/<s>), the last real token (a causal LM has read
+    the whole sequence only there: reward models) or the mean over real tokens."""
     if how == "first":
         return hidden[:, 0]
+    if how == "last":
+        if mask is None:
+            return hidden[:, -1]
+        pos = torch.arange(mask.shape[1], device=mask.device)
+        last = (mask.bool() * pos).argmax(1)  # (B,) index of the last real token, left or right padding
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     if mask is None:
         return hidden.mean(1)
     m = mask[..., None].to(hidden.dtype)

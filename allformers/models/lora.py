@@ -46,6 +46,7 @@ class LoRAConfig:
     # ((-8, -7, ..., -1) = the top 8). Adapting only the top layers also cuts the backward pass:
     # gradients never flow below the lowest adapted block.
     layers: Optional[tuple[int, ...]] = None
+    top_layers: Optional[int] = None  # or: only the last k blocks (every block when k >= the model's depth)
 
     def __post_init__(self):
         if isinstance(self.targets, str):
@@ -59,6 +60,8 @@ class LoRAConfig:
             raise LoRAError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
         if self.layers is not None:
             self.layers = tuple(int(i) for i in self.layers)
+        if self.top_layers is not None and (self.layers is not None or self.top_layers < 1):
+            raise LoRAError(f"top_layers={self.top_layers} must be >= 1 and cannot be combined with layers={self.layers}")
         if not self.targets:
             raise LoRAError("LoRA targets is empty; name at least one Linear, e.g. ('qkv', 'proj', 'fc')")
         bad = [t for t in self.targets if t in EXCLUDED]
@@ -150,8 +153,9 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     chosen = [(n, m) for n, m in linears
               if n.rpartition(".")[2] in cfg.targets and n.rpartition(".")[2] not in EXCLUDED
               and m.weight.data_ptr() not in embeddings]  # a Linear tied to an embedding is the LM head
-    if cfg.layers is not None:
-        chosen = [(n, m) for n, m in chosen if _block_index(n) in _wanted_blocks(model, cfg.layers)]
+    if cfg.layers is not None or cfg.top_layers is not None:
+        wanted = _wanted_blocks(model, cfg.layers, cfg.top_layers)
+        chosen = [(n, m) for n, m in chosen if _block_index(n) in wanted]
     if not chosen:
         names = sorted({n.rpartition(".")[2] for n, _ in linears})
         raise LoRAError(f"no nn.Linear matches LoRA targets {list(cfg.targets)}; this model's Linear names "
@@ -174,10 +178,13 @@ def _block_index(name: str) -> Optional[int]:
     return None
 
 
-def _wanted_blocks(model: nn.Module, layers: tuple[int, ...]) -> set[int]:
+def _wanted_blocks(model: nn.Module, layers: Optional[tuple[int, ...]], top: Optional[int]) -> set[int]:
     n = len(getattr(model, "blocks", None) or getattr(getattr(model, "body", None), "blocks", []))
     if n == 0:
-        raise LoRAError("LoRAConfig.layers needs a model with a `blocks` list (a TransformerLM or a task model on one)")
+        raise LoRAError("LoRAConfig.layers / top_layers need a model with a `blocks` list "
+                        "(a TransformerLM or a task model on one)")
+    if top is not None:
+        return set(range(max(0, n - top), n))
     bad = [i for i in layers if not -n <= i < n]
     if bad:
         raise LoRAError(f"LoRA layers {bad} are out of range for a model with {n} blocks (use 0..{n - 1} or -{n}..-1)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 
 def read_metrics(path) -> list[dict]:
@@ -36,6 +37,51 @@ def plot_losses(metrics_path, png_path, title: str = "") -> Path:
     ax.grid(alpha=0.3)
     if train or evals:
         ax.legend()
+    fig.tight_layout()
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path)
+    return png_path
+
+
+def plot_rlhf(ppo_metrics, dpo_metrics, png_path, baseline_rate: Optional[float] = None) -> Path:
+    """Three panels against optimizer step: PPO's mean reward-model score and KL per reply to the
+    starting policy (per rollout phase), the property rate of PPO's rollouts, and DPO's loss and
+    pair accuracy."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    ppo = [r for r in read_metrics(ppo_metrics) if r.get("event") == "train"]
+    dpo = [r for r in read_metrics(dpo_metrics) if r.get("event") == "train"]
+    fig = Figure(figsize=(13, 3.8), dpi=100)
+    FigureCanvasAgg(fig)
+    ax1, ax2, ax3 = fig.subplots(1, 3)
+    if ppo:
+        steps = [r["step"] for r in ppo]
+        ax1.plot(steps, [r.get("score") for r in ppo], color="tab:green", label="reward (RM score)")
+        ax1.set_ylabel("reward")
+        twin = ax1.twinx()
+        twin.plot(steps, [r.get("kl") for r in ppo], color="tab:red", label="KL / reply (nats)")
+        twin.set_ylabel("KL to start (nats / reply)")
+        ax1.legend(loc="upper left")
+        twin.legend(loc="lower right")
+        ax2.plot(steps, [r.get("property") for r in ppo], color="tab:purple", label="PPO rollouts")
+        if baseline_rate is not None:
+            ax2.axhline(baseline_rate, ls="--", color="gray", label="start (held-out)")
+        ax2.set_ylim(-0.02, 1.02)
+        ax2.legend()
+    ax1.set_title("PPO: reward and KL")
+    ax2.set_title("PPO: replies with the property")
+    ax2.set_ylabel("share")
+    if dpo:
+        steps = [r["step"] for r in dpo]
+        ax3.plot(steps, [r["loss"] for r in dpo], color="tab:blue", label="DPO loss")
+        ax3.plot(steps, [r.get("accuracy") for r in dpo], color="tab:orange", label="pair accuracy")
+        ax3.legend()
+    ax3.set_title("DPO")
+    for ax in (ax1, ax2, ax3):
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)

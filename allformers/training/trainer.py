@@ -52,6 +52,7 @@ class TrainConfig:
     eval_at_start: bool = True
     log_interval: int = 10
     checkpoint_interval: int = 0  # 0: checkpoint only at the end
+    checkpoint: bool = True  # False: never write OUT/checkpoint (metrics and plot still go to OUT)
     seed: int = 1337
     device: str = "auto"  # "auto" -> cuda when available, else cpu
     num_threads: Optional[int] = None  # None: torch's default (one process) or cores / local ranks (DDP)
@@ -106,6 +107,14 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
     if impl not in flags:
         raise TrainingError(f"optimizer_impl={impl!r} is not one of {list(flags) + ['auto']}")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **flags[impl])
+
+
+def split_loss(out) -> tuple[torch.Tensor, Optional[dict]]:
+    """A loss_fn returns a loss, or (loss, {name: float}) to have more numbers logged beside it
+    (PPO's reward, KL and clip fraction; a reward model's accuracy)."""
+    if isinstance(out, tuple):
+        return out[0], out[1]
+    return out, None
 
 
 def take_rows(batch, start: int, stop: int):
@@ -198,6 +207,8 @@ class Trainer:
         # an objective counted during evaluate()). Every rank calls it: reduce across ranks inside.
         self.eval_metrics, self.last_metrics = eval_metrics, {}
         self._peak: Optional[float] = None
+        self._metric_sums: dict = {}  # what loss_fn reported beside the loss since the last train record
+        self._metric_steps = 0
 
     # ------------------------------------------------------------------ setup helpers
     def _set_threads(self):
@@ -252,13 +263,17 @@ class Trainer:
             # DDP all-reduces gradients only on the last micro-batch.
             ctx = self.model.no_sync() if self.world_size > 1 and not last else contextlib.nullcontext()
             with ctx:
-                loss = self.loss_fn(self.model, part) / cfg.grad_accum
+                loss, metrics = split_loss(self.loss_fn(self.model, part))
+                loss = loss / cfg.grad_accum
                 loss.backward()
             total += loss.detach()
+            for k, v in (metrics or {}).items():  # averaged over micro-batches and log windows
+                self._metric_sums[k] = self._metric_sums.get(k, 0.0) + float(v) / cfg.grad_accum
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self._params, cfg.grad_clip, foreach=True)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._metric_steps += 1
         return total, tokens, seq
 
     def _mean_over_ranks(self, value: torch.Tensor) -> float:
@@ -286,7 +301,7 @@ class Trainer:
                 elif self.world_size > 1 and self.rank:  # cannot split evenly: rank 0 does it all
                     continue
                 n = self._num_tokens(batch)
-                num += self.loss_fn(self.raw_model, to_device(batch, self.device)).double() * n
+                num += split_loss(self.loss_fn(self.raw_model, to_device(batch, self.device)))[0].double() * n
                 den += n
             if self.world_size > 1:
                 both = torch.stack([num, den])
@@ -332,7 +347,8 @@ class Trainer:
                 ev = self._eval_and_log()
                 if self.progress and self.is_main:
                     bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-            if self.out_dir and ((cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0) or done):
+            if self.out_dir and cfg.checkpoint and (
+                    (cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0) or done):
                 self.save_checkpoint()
         bar.close()
         plot = None
@@ -348,7 +364,7 @@ class Trainer:
                 "mfu": fpt * tok_s / (self._peak * self.world_size) if fpt and tok_s and self._peak else None,
                 "peak_flops": self._peak, "world_size": self.world_size,
                 "out_dir": str(self.out_dir) if self.out_dir else None, "plot": str(plot) if plot else None,
-                "checkpoint": str(self.checkpoint_path) if self.out_dir else None,
+                "checkpoint": str(self.checkpoint_path) if self.out_dir and cfg.checkpoint else None,
                 "metrics": str(self.metrics_path) if self.out_dir else None}
 
     def history_train_losses(self) -> list[float]:
@@ -360,7 +376,9 @@ class Trainer:
         if self._peak and hasattr(self.raw_model, "config"):
             mfu = flops_per_token(self.raw_model, seq) * tok_s / (self._peak * self.world_size)
         record = {"event": "train", "step": self.step, "loss": loss, "lr": lr_at(self.step - 1, self.cfg),
-                  "tokens_per_s": tok_s, "mfu": mfu}
+                  "tokens_per_s": tok_s, "mfu": mfu,
+                  **{k: v / max(1, self._metric_steps) for k, v in self._metric_sums.items()}}
+        self._metric_sums, self._metric_steps = {}, 0
         self._write(record)
         return record
 

@@ -1,0 +1,256 @@
+"""The whole ChatGPT recipe in one call, sized for a CPU: `allformers rlhf` and benchmarks/bench_rlhf.py.
+
+1. Prompts: everyday requests from templates x topics; held-out prompts use topics never seen in training.
+2. Preference pairs where a program can check which reply is better: the starting policy samples a
+   reply to each training prompt, and the pair is that reply with and without the property.
+3. Reward model: the starting LM with a scalar head, trained on the pairs (accuracy on held-out pairs).
+4. PPO against the reward model with a KL penalty to the starting policy; separately DPO on the pairs.
+5. On held-out prompts: the share of sampled replies with the property and the mean KL per reply to
+   the starting policy, for the start, PPO, DPO (and best-of-n reranking with the reward model).
+
+The property (PROPERTIES) is a reply that opens by agreeing to help ("Sure", "Of course",
+"Certainly", "Absolutely"). It is decided by the first tokens, so rollouts can stay short on a CPU,
+and the starting model already does it sometimes (PPO needs some successes to reinforce).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .rlhf import (DPOConfig, PairData, PPOConfig, RewardConfig, RLHFError, best_of_n, encode_prompt, evaluate_policy,
+                   pad_id_of, rm_score_fn, sample_replies, save_json, train_dpo, train_ppo, train_reward_model)
+
+
+# ---------------------------------------------------------------------- the checkable property
+@dataclass(frozen=True)
+class Property:
+    name: str
+    description: str
+    check: Callable[[str], bool]  # does this reply have it?
+    add: Callable[[str, random.Random], str]  # the reply rewritten to have it
+    remove: Callable[[str], str]  # the reply rewritten not to have it
+
+
+OPENERS = ("Sure!", "Of course!", "Certainly!", "Absolutely!")
+_OPENING = re.compile(r"^\s*(sure|of course|certainly|absolutely)\b[\s!,.:;-]*", re.IGNORECASE)
+
+
+def _opens_affirmative(reply: str) -> bool:
+    return bool(_OPENING.match(reply))
+
+
+def _add_opener(reply: str, rng: random.Random) -> str:
+    return f"{rng.choice(OPENERS)} {reply.lstrip()}"
+
+
+def _remove_opener(reply: str) -> str:
+    rest = _OPENING.sub("", reply, count=1)
+    return rest[:1].upper() + rest[1:] if rest else rest
+
+
+PROPERTIES = {
+    "affirmative-opening": Property(
+        "affirmative-opening", "the reply opens by agreeing to help: Sure / Of course / Certainly / Absolutely",
+        _opens_affirmative, _add_opener, _remove_opener),
+}
+
+
+# ---------------------------------------------------------------------- prompts
+TEMPLATES = ("Give me one tip for {}.", "Can you help me with {}?", "What should I know about {}?",
+             "Tell me something useful about {}.", "Could you explain {} to me?", "I need advice on {}.")
+TOPICS = ("saving money", "learning to cook", "staying focused", "sleeping better", "public speaking", "gardening",
+          "running a marathon", "writing an email", "reading more books", "drinking more water", "learning Spanish",
+          "painting a room", "training a puppy", "making friends", "planning a trip", "studying for exams",
+          "baking bread", "keeping plants alive", "writing a poem", "starting a blog", "fixing a bike", "meditation",
+          "choosing a laptop", "cleaning the kitchen", "job interviews", "time management", "learning guitar",
+          "taking photos", "budgeting for groceries", "moving house", "waking up early", "learning to swim",
+          "writing a resume", "hosting a dinner", "reducing stress", "learning to code", "organizing a closet",
+          "camping", "saving energy at home", "caring for a cat", "making coffee", "playing chess",
+          "growing tomatoes", "writing a story", "stretching after exercise", "learning history", "knitting",
+          "recycling", "birdwatching", "home workouts", "giving a toast", "sewing a button", "walking more",
+          "choosing a book", "learning math", "cooking rice", "keeping a journal", "volunteering",
+          "drawing portraits", "packing a suitcase")
+
+
+def make_prompts(n_heldout_topics: int = 20, seed: int = 0) -> tuple[list[str], list[str]]:
+    """(train prompts, held-out prompts); held-out ones are about topics never used in training."""
+    topics = list(TOPICS)
+    random.Random(seed).shuffle(topics)
+    held, train = topics[:n_heldout_topics], topics[n_heldout_topics:]
+    return [t.format(x) for x in train for t in TEMPLATES], [t.format(x) for x in held for t in TEMPLATES]
+
+
+# ---------------------------------------------------------------------- pairs
+def make_pairs(prompts: list[str], replies: list[str], prop: Property, seed: int = 0) -> list[dict]:
+    """{prompt, chosen, rejected} records: each reply with and without the property (the rest of
+    the reply is identical, so the only preference signal is the property)."""
+    rng = random.Random(seed)
+    out = []
+    for p, r in zip(prompts, replies):
+        if prop.check(r):
+            chosen, rejected = r, prop.remove(r)
+        else:
+            chosen, rejected = prop.add(r, rng), r
+        if chosen.strip() and rejected.strip() and prop.check(chosen) and not prop.check(rejected):
+            out.append({"prompt": p, "chosen": chosen, "rejected": rejected})
+    return out
+
+
+def encode_pairs(records: list[dict], tokenizer, finished: list[bool], seed: int = 0) -> PairData:
+    """Like pairs_from_records, but a reply that was cut at max_new_tokens gets no end-of-turn token."""
+    def reply(text, done):
+        ids = tokenizer.backend.encode(text, add_special_tokens=False).ids
+        return ids + [tokenizer.eos_id] if done else ids
+
+    return PairData([encode_prompt(tokenizer, r["prompt"]) for r in records],
+                    [reply(r["chosen"], f) for r, f in zip(records, finished)],
+                    [reply(r["rejected"], f) for r, f in zip(records, finished)], pad_id_of(tokenizer), seed)
+
+
+# ---------------------------------------------------------------------- the recipe
+@dataclass
+class RLHFRecipe:
+    property: str = "affirmative-opening"
+    train_prompts: int = 128  # pairs for the reward model and DPO (one sampled reply each)
+    eval_prompts: int = 96  # held-out prompts for the rates and KL
+    pair_tokens: int = 24  # reply length when sampling the pairs
+    eval_tokens: int = 32  # reply length at evaluation
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    best_of: int = 4  # best-of-n reranking row (0: skip)
+    best_of_prompts: int = 24
+    seed: int = 0
+
+
+def run_rlhf(lm, tokenizer, out_dir, recipe: RLHFRecipe = RLHFRecipe(), *, progress: bool = True,
+             threads: Optional[int] = None, log: Callable[[str], None] = print) -> dict:
+    """Run the recipe from `lm` (left untouched: each stage trains its own copy). Writes
+    OUT/summary.json, OUT/pairs.jsonl, OUT/{reward,ppo,dpo}/metrics.jsonl and OUT/rlhf.png."""
+    import json
+
+    if recipe.property not in PROPERTIES:
+        raise RLHFError(f"unknown property {recipe.property!r}; known: {sorted(PROPERTIES)}")
+    if threads:
+        torch.set_num_threads(threads)
+    prop = PROPERTIES[recipe.property]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    times: dict = {}
+    torch.manual_seed(recipe.seed)
+    rng = random.Random(recipe.seed)
+    train_text, held_text = make_prompts(seed=recipe.seed)
+    train_text = rng.sample(train_text, min(recipe.train_prompts, len(train_text)))
+    held_text = rng.sample(held_text, min(recipe.eval_prompts, len(held_text)))
+    train_ids = [encode_prompt(tokenizer, p) for p in train_text]
+    held_ids = [encode_prompt(tokenizer, p) for p in held_text]
+    check = prop.check
+
+    def elapsed(name, t0):
+        times[name] = round(time.perf_counter() - t0, 1)
+        log(f"[rlhf] {name}: {times[name]:.0f} s")
+
+    # 1. preference pairs from the starting policy's own replies
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(recipe.seed)
+    replies = sample_replies(lm, tokenizer, train_ids, max_new_tokens=recipe.pair_tokens, generator=gen,
+                             progress=progress)
+    texts = [tokenizer.decode(r) for r in replies]
+    finished = [bool(r) and r[-1] == tokenizer.eos_id for r in replies]
+    records = make_pairs(train_text, texts, prop, seed=recipe.seed)
+    keep = {r["prompt"] for r in records}
+    finished = [f for p, f in zip(train_text, finished) if p in keep]
+    (out / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    pairs = encode_pairs(records, tokenizer, finished, seed=recipe.seed)
+    elapsed("pairs", t0)
+
+    # 2. the starting policy on held-out prompts
+    t0 = time.perf_counter()
+    ev = dict(check=check, max_new_tokens=recipe.eval_tokens, seed=recipe.seed + 1, progress=progress)
+    base = evaluate_policy(lm, tokenizer, held_ids, **ev)
+    held_texts, held_done = base.pop("texts"), base.pop("finished")
+    held_records = make_pairs(held_text, held_texts, prop, seed=recipe.seed + 1)
+    kept = {r["prompt"] for r in held_records}
+    held_done = [d for p, d in zip(held_text, held_done) if p in kept]
+    elapsed("baseline eval", t0)
+    log(f"[rlhf] start: property rate {base['rate']:.3f}")
+
+    # 3. reward model
+    t0 = time.perf_counter()
+    held_pairs = encode_pairs(held_records, tokenizer, held_done)
+    rm, rm_summary = train_reward_model(lm, tokenizer, pairs, recipe.reward, out_dir=out / "reward",
+                                        eval_pairs=held_pairs, progress=progress)
+    score_fn = rm_score_fn(rm, tokenizer)
+    elapsed("reward model", t0)
+    log(f"[rlhf] reward model held-out pair accuracy {rm_summary['heldout']['accuracy']:.3f}")
+
+    # 4a. PPO
+    t0 = time.perf_counter()
+    ppo_lm = copy.deepcopy(lm)
+    ppo_fit = train_ppo(ppo_lm, tokenizer, score_fn, train_ids, recipe.ppo, out_dir=out / "ppo", check=check,
+                        progress=progress)
+    elapsed("ppo", t0)
+    t0 = time.perf_counter()
+    ppo = _drop_texts(evaluate_policy(ppo_lm, tokenizer, held_ids, score_fn=score_fn, **ev))
+    elapsed("ppo eval", t0)
+    del ppo_lm
+
+    # 4b. DPO
+    t0 = time.perf_counter()
+    dpo_lm = copy.deepcopy(lm)
+    dpo_fit = train_dpo(dpo_lm, tokenizer, pairs, recipe.dpo, out_dir=out / "dpo", progress=progress)
+    elapsed("dpo", t0)
+    t0 = time.perf_counter()
+    dpo = _drop_texts(evaluate_policy(dpo_lm, tokenizer, held_ids, score_fn=score_fn, **ev))
+    elapsed("dpo eval", t0)
+    del dpo_lm
+
+    rows = {"start": base, "ppo": ppo, "dpo": dpo}
+    # 5. best-of-n with the reward model (Sparrow's reranking), no training of the policy
+    if recipe.best_of:
+        t0 = time.perf_counter()
+        picks = [best_of_n(lm, tokenizer, rm, p, recipe.best_of, max_new_tokens=recipe.eval_tokens,
+                           seed=recipe.seed + i)[0] for i, p in enumerate(held_text[:recipe.best_of_prompts])]
+        rows[f"best-of-{recipe.best_of}"] = {"rate": sum(map(check, picks)) / len(picks), "kl": None,
+                                             "n": len(picks), "examples": picks[:6]}
+        elapsed("best-of-n", t0)
+
+    from .plot import plot_rlhf
+
+    plot = plot_rlhf(out / "ppo" / "metrics.jsonl", out / "dpo" / "metrics.jsonl", out / "rlhf.png",
+                     baseline_rate=base["rate"])
+    summary = {"property": prop.name, "property_description": prop.description, "rows": rows,
+               "pairs": len(pairs), "heldout_pairs": len(held_records), "reward_model": rm_summary,
+               "ppo_last_rollout": ppo_fit["last_rollout"], "times_s": times,
+               "wall_time_s": round(time.perf_counter() - t_start, 1), "plot": str(plot),
+               "recipe": dataclasses.asdict(recipe)}
+    save_json(out / "summary.json", summary)
+    return summary
+
+
+def _drop_texts(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in ("texts", "finished")}
+
+
+def format_table(summary: dict) -> str:
+    lines = [f"property: {summary['property_description']}",
+             f"{'policy':<12} {'rate':>7} {'KL/reply':>9} {'reward':>8} {'tokens':>7}"]
+    for name, r in summary["rows"].items():
+        kl = f"{r['kl']:.2f}" if r.get("kl") is not None else "-"
+        score = f"{r['score']:.2f}" if r.get("score") is not None else "-"
+        tokens = f"{r['reply_tokens']:.1f}" if r.get("reply_tokens") is not None else "-"
+        lines.append(f"{name:<12} {r['rate']:>7.3f} {kl:>9} {score:>8} {tokens:>7}")
+    rm = summary["reward_model"].get("heldout", {})
+    if rm:
+        lines.append(f"reward model: held-out pair accuracy {rm['accuracy']:.3f} on {rm['pairs']} pairs")
+    lines.append(f"wall time {summary['wall_time_s']:.0f} s ({', '.join(f'{k} {v:.0f}s' for k, v in summary['times_s'].items())})")
+    return "\n".join(lines)
