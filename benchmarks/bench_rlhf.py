@@ -10,7 +10,6 @@ of sampled replies with the property and the mean KL per reply to the starting m
 one JSON object with the baseline, PPO and DPO rates and KLs. Target: PPO and DPO each +30 points
 over the start with KL < 10 nats per reply, within 30 minutes."""
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -19,15 +18,7 @@ import time
 import torch
 
 from allformers.cli.common import load_model
-from allformers.training.rlhf import DPOConfig, PPOConfig, RewardConfig
-from allformers.training.rlhf_recipe import RLHFRecipe, format_table, run_rlhf
-
-
-def quick(recipe: RLHFRecipe) -> RLHFRecipe:
-    return dataclasses.replace(recipe, train_prompts=16, eval_prompts=16, best_of_prompts=4,
-                               reward=dataclasses.replace(recipe.reward, steps=4),
-                               ppo=dataclasses.replace(recipe.ppo, iterations=2),
-                               dpo=dataclasses.replace(recipe.dpo, steps=4))
+from allformers.training.rlhf_recipe import RLHFRecipe, format_table, quick_recipe, run_rlhf
 
 
 def main(argv=None):
@@ -45,7 +36,7 @@ def main(argv=None):
     lm = load_model(args.model)
     recipe = RLHFRecipe(seed=args.seed)
     if args.quick:
-        recipe = quick(recipe)
+        recipe = quick_recipe(recipe)
     s = run_rlhf(lm, lm.tokenizer, args.out, recipe, progress=not args.no_progress, threads=args.threads,
                  log=lambda m: print(m, file=sys.stderr))
     wall = time.perf_counter() - t0

@@ -235,3 +235,61 @@ def test_property_and_pairs():
     assert len(set(train) & set(held)) == 0 and len(held) == 20 * 6
     with pytest.raises(RLHFError, match="equally many"):
         PairData([[1]], [[2]], [], pad_id=0)
+
+
+# ---------------------------------------------------------------------- the command line
+def test_cli_reward_ppo_dpo_best_of_n(tok, tmp_path, capsys):
+    import json
+
+    from allformers.cli.main import main
+
+    base = tmp_path / "base"
+    tiny_lm(tok).save(base, tokenizer=tok)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"help me with {t}", "chosen": "sure! the tip", "rejected": "no"})
+                             + "\n" for t in ("saving money", "cooking", "money", "advice", "the tip", "a tip")))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("help me\nexplain saving money\n")
+    common = ["--no-progress", "--lora-rank", "2", "--top-layers", "1"]
+    assert main(["reward", "--model", str(base), "--pairs", str(pairs), "--out", str(tmp_path / "rm"), "--steps", "3",
+                 "--batch-size", "2", "--eval-fraction", "0.3", *common]) == 0
+    assert "reward model: 3 steps" in capsys.readouterr().out
+    assert main(["ppo", "--model", str(base), "--reward", str(tmp_path / "rm"), "--prompts", str(prompts),
+                 "--out", str(tmp_path / "ppo"), "--iterations", "1", "--rollout-batch", "4", "--minibatch", "2",
+                 "--max-new-tokens", "4", *common]) == 0
+    assert "ppo: 4 steps" in capsys.readouterr().out
+    assert main(["dpo", "--model", str(base), "--pairs", str(pairs), "--out", str(tmp_path / "dpo"), "--steps", "2",
+                 "--batch-size", "2", "--loss", "ipo", *common]) == 0
+    assert "ipo: 2 steps" in capsys.readouterr().out
+    from allformers import load
+
+    for d in ("ppo", "dpo"):  # merged policies load as plain models
+        assert sum("lora" in k for k in load(tmp_path / d).state_dict()) == 0
+    assert main(["best-of-n", "help me", "--model", str(tmp_path / "ppo"), "--reward", str(tmp_path / "rm"),
+                 "--n", "3", "--max-new-tokens", "4", "--seed", "0", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["ranked"]) == 3 and out["best"] == out["ranked"][0]["reply"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x", "chosen": "y"}\n')
+    assert main(["dpo", "--model", str(base), "--pairs", str(bad), "--out", str(tmp_path / "x"), *common]) == 2
+    assert "lacks text field(s) ['rejected']" in capsys.readouterr().err
+
+
+def test_rlhf_recipe_end_to_end_on_a_tiny_model(tok, tmp_path):
+    import dataclasses
+
+    from allformers.training.rlhf_recipe import RLHFRecipe, format_table, quick_recipe, run_rlhf
+
+    lm = tiny_lm(tok)
+    recipe = quick_recipe(RLHFRecipe())
+    recipe = dataclasses.replace(recipe, train_prompts=8, eval_prompts=8, pair_tokens=4, eval_tokens=4, best_of=2,
+                                 best_of_prompts=2, ppo=dataclasses.replace(recipe.ppo, rollout_batch=8, minibatch=4,
+                                                                           max_new_tokens=4))
+    before = {k: v.clone() for k, v in lm.state_dict().items()}
+    s = run_rlhf(lm, tok, tmp_path, recipe, progress=False, log=lambda m: None)
+    assert set(s["rows"]) == {"start", "ppo", "dpo", "best-of-2"}
+    assert s["rows"]["start"]["kl"] == 0.0
+    assert (tmp_path / "rlhf.png").stat().st_size > 10_000
+    assert (tmp_path / "summary.json").exists() and (tmp_path / "pairs.jsonl").exists()
+    assert all(torch.equal(before[k], v) for k, v in lm.state_dict().items())  # the starting model is untouched
+    assert "policy" in format_table(s)

@@ -8,15 +8,16 @@ import sys
 
 from ..errors import AllformersError
 
-# subcommand -> module under allformers.cli
-COMMANDS = ["train", "generate", "chat", "embed", "convert", "zoo", "demo", "finetune", "classify", "pretrain", "sft"]
+# subcommand -> module under allformers.cli ("self-instruct" lives in self_instruct.py)
+COMMANDS = ["train", "generate", "chat", "embed", "convert", "zoo", "demo", "finetune", "classify", "pretrain", "sft", "self-instruct",
+            "reward", "ppo", "dpo", "rlhf", "best-of-n"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="allformers", description="The transformer family from one set of blocks.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     for name in COMMANDS:
-        importlib.import_module(f"allformers.cli.{name}").register(sub)
+        importlib.import_module(f"allformers.cli.{name.replace('-', '_')}").register(sub)
     return parser
 
 

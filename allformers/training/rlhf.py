@@ -27,7 +27,7 @@ from ..objectives.ppo import (entropy, gae, masked_mean, masked_whiten, policy_l
                               value_loss)
 from ..objectives.preference import preference_loss, reward_pair_loss, sequence_logprob
 from ..objectives.sft import chat_prompt
-from .trainer import Trainer, TrainConfig
+from .trainer import Trainer, TrainConfig, to_device
 
 
 class RLHFError(AllformersError, ValueError):
@@ -80,8 +80,8 @@ def join(prompts: Sequence[list[int]], replies: Sequence[list[int]], pad_id: int
 def reply_logprobs(lm, batch: dict) -> torch.Tensor:
     """Summed log-prob of each row's reply under a causal LM: (B,). Only reply positions go
     through the LM head."""
-    h = lm(batch["input_ids"], return_hidden=True)  # (B, T, C)
-    h = h.gather(1, batch["index"][..., None].expand(-1, -1, h.shape[-1]))  # (B, R, C)
+    batch = to_device(batch, lm.device)
+    h = _gather(lm(batch["input_ids"], return_hidden=True), batch["index"])  # (B, R, C)
     return sequence_logprob(lm.head(h), batch["reply_ids"], batch["reply_mask"])
 
 
@@ -162,6 +162,20 @@ def pairs_from_records(records: Sequence[dict], tokenizer, seed: int = 0) -> Pai
                     [encode_reply(tokenizer, r["rejected"]) for r in records], pad_id_of(tokenizer), seed)
 
 
+def split_records(records: Sequence[dict], fraction: float) -> tuple[list, list]:
+    """(train, held out): a fixed share of records by a hash of the prompt, so every pair of one prompt
+    lands on the same side and the split does not move when records are added."""
+    import hashlib
+
+    if not 0 <= fraction < 1:
+        raise RLHFError(f"held-out fraction {fraction} must be in [0, 1)")
+    held = lambda r: int(hashlib.sha1(str(r.get("prompt")).encode()).hexdigest()[:8], 16) / 16**8 < fraction  # noqa: E731
+    train = [r for r in records if not held(r)]
+    if not train:
+        raise RLHFError(f"no training pairs left after holding out {fraction:.0%}; lower --eval-fraction")
+    return train, [r for r in records if held(r)]
+
+
 def _side(batch: dict, side: str) -> dict:
     return {k[len(side) + 1:]: v for k, v in batch.items() if k.startswith(side + "_")}
 
@@ -203,6 +217,7 @@ def evaluate_reward_model(rm, pairs: PairData, batch_size: int = 16) -> dict:
     rm.eval()
     right, margin, n = 0, 0.0, 0
     for batch in pairs.batches(batch_size):
+        batch = to_device(batch, rm.device)
         c, r = _side(batch, "chosen"), _side(batch, "rejected")
         diff = reward_scores(rm, c["input_ids"], c["attention_mask"]) - reward_scores(rm, r["input_ids"],
                                                                                        r["attention_mask"])
@@ -294,7 +309,7 @@ class Rollouts:
         prompts = [self.rng.choice(self.prompts) for _ in range(cfg.rollout_batch)]
         replies = sample_replies(lm, self.tok, prompts, max_new_tokens=cfg.max_new_tokens,
                                  temperature=cfg.temperature, batch_size=cfg.rollout_batch, generator=self.generator)
-        batch = join(prompts, replies, pad_id_of(self.tok))
+        batch = to_device(join(prompts, replies, pad_id_of(self.tok)), lm.device)
         self.policy.eval()
         logits, values = self.policy(batch["input_ids"], batch["index"])
         logp = token_logprobs(logits, batch["reply_ids"])
@@ -303,7 +318,7 @@ class Rollouts:
                                       batch["reply_ids"])
         self.policy.train()
         mask = batch["reply_mask"]
-        score = self.score_fn(prompts, replies)
+        score = self.score_fn(prompts, replies).to(lm.device)
         rewards, kl = shaped_rewards(score, logp, ref_logp, mask, cfg.kl_coef)
         adv, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
         adv = masked_whiten(adv, mask)
@@ -452,9 +467,9 @@ def evaluate_policy(lm, tokenizer, prompts: Sequence[list[int]], *, check: Calla
         pol = reply_logprobs(lm, batch)
         with lora_disabled(lm):
             ref = reply_logprobs(lm, batch)
-        kls.append(pol - ref)
+        kls.append((pol - ref).cpu())
         if score_fn is not None:
-            scores.append(score_fn(flat[s:s + batch_size], replies[s:s + batch_size]))
+            scores.append(score_fn(flat[s:s + batch_size], replies[s:s + batch_size]).cpu())
     kl = torch.cat(kls)
     out = {"rate": sum(map(check, texts)) / len(texts), "kl": kl.mean().item(), "n": len(texts),
            "reply_tokens": sum(map(len, replies)) / len(replies), "examples": texts[:6],
@@ -489,8 +504,8 @@ def rm_score_fn(rm, tokenizer, batch_size: int = 16) -> Callable[[list, list], t
         rm.eval()
         out = []
         for s in range(0, len(prompts), batch_size):
-            b = join(prompts[s:s + batch_size], replies[s:s + batch_size], pad)
-            out.append(reward_scores(rm, b["input_ids"], b["attention_mask"]))
+            b = to_device(join(prompts[s:s + batch_size], replies[s:s + batch_size], pad), rm.device)
+            out.append(reward_scores(rm, b["input_ids"], b["attention_mask"]).cpu())
         return torch.cat(out)
 
     return score

@@ -131,6 +131,13 @@ class RLHFRecipe:
     seed: int = 0
 
 
+def quick_recipe(recipe: RLHFRecipe) -> RLHFRecipe:
+    """The same recipe with every stage cut to a few steps: checks that it all runs (minutes on a CPU)."""
+    r = dataclasses.replace
+    return r(recipe, train_prompts=16, eval_prompts=16, best_of_prompts=4, reward=r(recipe.reward, steps=4),
+             ppo=r(recipe.ppo, iterations=2), dpo=r(recipe.dpo, steps=4))
+
+
 def run_rlhf(lm, tokenizer, out_dir, recipe: RLHFRecipe = RLHFRecipe(), *, progress: bool = True,
              threads: Optional[int] = None, log: Callable[[str], None] = print) -> dict:
     """Run the recipe from `lm` (left untouched: each stage trains its own copy). Writes
@@ -230,7 +237,9 @@ def run_rlhf(lm, tokenizer, out_dir, recipe: RLHFRecipe = RLHFRecipe(), *, progr
                      baseline_rate=base["rate"])
     summary = {"property": prop.name, "property_description": prop.description, "rows": rows,
                "pairs": len(pairs), "heldout_pairs": len(held_records), "reward_model": rm_summary,
-               "ppo_last_rollout": ppo_fit["last_rollout"], "times_s": times,
+               "ppo_last_rollout": ppo_fit["last_rollout"],
+               "dpo_last_step": next(r for r in reversed(dpo_fit["history"]) if r["event"] == "train"),
+               "times_s": times,
                "wall_time_s": round(time.perf_counter() - t_start, 1), "plot": str(plot),
                "recipe": dataclasses.asdict(recipe)}
     save_json(out / "summary.json", summary)

@@ -1,0 +1,46 @@
+"""`allformers rlhf --out runs/rlhf`: the whole ChatGPT recipe on the real SmolLM2-135M-Instruct
+(pairs -> reward model -> PPO, and DPO; held-out property rates and KL). Details in
+allformers/training/rlhf_recipe.py. Also the shared flags of `reward`, `ppo` and `dpo`."""
+import json
+
+from .common import add_run_args
+
+
+def add_lora_args(p, rank: int = 8, top: int = 8):
+    g = p.add_argument_group("LoRA adapters (the frozen base with adapters off is the reference model)")
+    g.add_argument("--lora-rank", type=int, default=rank)
+    g.add_argument("--lora-alpha", type=float, default=2.0 * rank)
+    g.add_argument("--top-layers", type=int, default=top, help="adapt only the last K blocks (cheaper backward)")
+
+
+def lora_from(args):
+    from ..models.lora import LoRAConfig
+
+    return LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha, top_layers=args.top_layers)
+
+
+def register(sub):
+    p = sub.add_parser("rlhf", help="the ChatGPT recipe end to end: reward model, PPO and DPO on SmolLM2",
+                       description="Sample preference pairs from the model (the chosen reply opens by agreeing to "
+                                   "help), train a reward model, run PPO against it and, separately, DPO; print "
+                                   "the held-out property rate and KL per reply for each, and save a plot.")
+    p.add_argument("--model", default="smollm2", help="starting chat model (folder, .gguf or 'smollm2')")
+    p.add_argument("--out", default="runs/rlhf", help="output folder: summary.json, pairs.jsonl, metrics, rlhf.png")
+    p.add_argument("--quick", action="store_true", help="tiny settings that only check every stage runs")
+    p.add_argument("--seed", type=int, default=0)
+    add_run_args(p)
+    p.set_defaults(handler=run)
+
+
+def run(args):
+    from ..training.rlhf_recipe import RLHFRecipe, format_table, quick_recipe, run_rlhf
+    from .common import load_model
+
+    lm = load_model(args.model)
+    recipe = RLHFRecipe(seed=args.seed)
+    if args.quick:
+        recipe = quick_recipe(recipe)
+    summary = run_rlhf(lm, lm.tokenizer, args.out, recipe, progress=not args.no_progress, threads=args.threads)
+    print(json.dumps(summary, indent=2) if args.json else format_table(summary))
+    print(f"plot: {summary['plot']}\nsummary: {args.out}/summary.json")
+    return 0
