@@ -1,10 +1,7 @@
 """The README's training recipe, run in full (slow suite): nanoGPT's CPU baby GPT on
 character-level Tiny Shakespeare, target validation loss <= 1.89 (issue 2). Its wall time is
-measured by benchmarks/bench_shakespeare.py, not asserted here.
-
-The target is not met yet: a fresh-clone run measured 1.8964. Until the recipe reaches it,
-that gap is reported as an expected failure (xfail) with the measured value, while everything
-else about the run (steps, files, samples) must hold."""
+measured by benchmarks/bench_shakespeare.py, not asserted here. The run is seeded and its
+evaluation windows are fixed, so the loss is reproducible on one machine."""
 import pytest
 
 from allformers.training.recipes import run_recipe
@@ -18,6 +15,4 @@ def test_shakespeare_char_cpu_reaches_its_target(tmp_path):
     assert result["step"] == 2000
     assert (tmp_path / "run" / "loss.png").exists() and (tmp_path / "run" / "metrics.jsonl").exists()
     assert all(len(s) > 50 for s in result["samples"])
-    assert result["val_loss"] < 2.0, result["val_loss"]  # a broken trainer lands far above this
-    if result["val_loss"] > TARGET:
-        pytest.xfail(f"val loss {result['val_loss']:.4f} > target {TARGET} (known gap, issue 2)")
+    assert result["val_loss"] <= TARGET, result["val_loss"]

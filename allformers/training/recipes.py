@@ -68,7 +68,9 @@ register_recipe(Recipe(
     description="nanoGPT's CPU baby GPT on character-level Tiny Shakespeare (0.8M params, ~1.5 min on 2 cores)",
     model="baby-gpt-char", model_overrides={"block_size": 64, "dropout": 0.0,  # nanoGPT's default bias=False:
                                             "attn_bias": False, "mlp_bias": False, "norm_bias": False},
-    train=TrainConfig(max_iters=2000, batch_size=12, lr=1e-3, min_lr=1e-4, warmup_iters=100, weight_decay=0.1,
+    # nanoGPT's lr for this model is 1e-3 (val 1.896 here); at 2,000 steps 3x that trains faster and
+    # stays stable: 2e-3 -> 1.814, 3e-3 -> 1.763 (same seed, same evaluation windows; docs/training.md).
+    train=TrainConfig(max_iters=2000, batch_size=12, lr=3e-3, min_lr=3e-4, warmup_iters=100, weight_decay=0.1,
                       beta2=0.99, grad_clip=1.0, eval_interval=250, log_interval=10),
     eval_iters=20, target="val loss <= 1.89 in <= 97 s (nanoGPT's own script here: 1.886 in 97 s)"))
 
