@@ -13,7 +13,8 @@ from allformers.objectives import MLMMasker, electra_loss, mlm_loss
 from allformers.training.data import DataError
 from allformers.training.finetune import finetune
 from allformers.training.pretrain_encoders import (ELECTRA_EQUAL_FLOP_STEPS, PRETRAIN_RECIPES, ElectraTrainer,
-                                                   build_models, encode_rows, equal_flop_steps, get_pretrain_recipe,
+                                                   build_models, check_phases, encode_rows, equal_flop_steps,
+                                                   get_pretrain_recipe, phase_steps,
                                                    read_text, recipe_step_flops, resolve_text, run_pretrain_recipe,
                                                    sparse_electra_loss, sparse_mlm_loss, split_rows, train_wordpiece)
 from allformers.training.recipes import UnknownRecipeError
@@ -119,6 +120,26 @@ def test_recipes_are_registered():
     assert electra.model_overrides == bert.model_overrides  # discriminator = the BERT's size
     with pytest.raises(UnknownRecipeError, match="Did you mean"):
         get_pretrain_recipe("electra-sotu-tin")
+
+
+def test_bert_two_phase_recipe_pins_90_10(tmp_path, text, monkeypatch):
+    recipe = get_pretrain_recipe("bert-two-phase-sotu-tiny")
+    assert recipe.phases == ((0.9, 128), (0.1, 512)) and recipe.objective == "mlm"
+    assert phase_steps(recipe.phases, recipe.train.max_iters) == [720, 80]
+    assert phase_steps(recipe.phases, 1_000_000) == [900_000, 100_000]  # the BERT paper's split
+    with pytest.raises(Exception, match="sum to 1"):
+        check_phases(((0.9, 128), (0.2, 512)))
+    # A 20-step run records the row length of every batch the Trainer draws: 18 short, then 2 long.
+    from allformers.objectives import MaskedLMData
+
+    seen, sample = [], MaskedLMData.sample
+    monkeypatch.setattr(MaskedLMData, "sample", lambda self, n: seen.append(len(self.data["input_ids"][0]))
+                        or sample(self, n))
+    out = run_pretrain_recipe("bert-two-phase-sotu-tiny", out_dir=tmp_path, max_steps=20, progress=False,
+                              verbose=False, overrides={**TINY, "phases": ((0.9, SEQ), (0.1, 4 * SEQ))})
+    assert seen == [SEQ] * 18 + [4 * SEQ] * 2
+    assert out["phases"] == [{"steps": 18, "seq_len": SEQ}, {"steps": 2, "seq_len": 4 * SEQ}]
+    assert out["model_config"]["block_size"] == 4 * SEQ and out["steps"] == 20
 
 
 # ---------------------------------------------------------------------- training runs

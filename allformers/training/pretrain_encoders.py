@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
 import json
 import math
 import time
@@ -195,14 +196,66 @@ class PretrainRecipe(Recipe):
     val_every: int = 50  # 1 row in 50 is held out
     eval_rows: int = 256  # held-out rows per evaluation (fixed masks)
     max_chars: Optional[int] = None  # use only the first max_chars of the text (smoke runs)
+    # BERT's schedule: ((0.9, 128), (0.1, 512)) = the first 90% of the steps on 128-token rows, the
+    # rest on 512-token rows (long rows are costly; position embeddings past 128 learn in phase 2 only).
+    # Empty: every step uses seq_len. Evaluation always uses seq_len rows, so phases stay comparable.
+    phases: tuple = ()
 
 
 PRETRAIN_RECIPES: dict[str, PretrainRecipe] = {}
 
 
+def check_phases(phases) -> None:
+    if not phases:
+        return
+    shares = [s for s, _ in phases]
+    if any(s <= 0 for s in shares) or abs(sum(shares) - 1.0) > 1e-9:
+        raise TrainingError(f"phase shares {shares} must be positive and sum to 1 (e.g. ((0.9, 128), (0.1, 512)))")
+    if any(int(L) != L or L < 8 for _, L in phases):
+        raise TrainingError(f"phase row lengths {[L for _, L in phases]} must be integers >= 8")
+
+
+def phase_steps(phases, max_iters: int) -> list[int]:
+    """Steps per phase: floor(share * max_iters) for each but the last, which takes the rest
+    (BERT: 900,000 + 100,000 of 1M; here 720 + 80 of 800)."""
+    counts = [int(share * max_iters) for share, _ in phases[:-1]]
+    return counts + [max_iters - sum(counts)]
+
+
+class PhasedData:
+    """A Trainer data source that hands out rows of the first length for the first phase's steps,
+    then the next length, and so on (one sample() call per optimizer step)."""
+
+    def __init__(self, sources: list, steps: list[int]):
+        if len(sources) != len(steps):
+            raise TrainingError(f"{len(sources)} data sources for {len(steps)} phases")
+        self.sources, self.steps, self.calls = sources, steps, 0
+
+    def phase_at(self, step: int) -> int:
+        """Index of the phase that step (0-based) belongs to; past the plan, the last phase."""
+        for i, end in enumerate(itertools.accumulate(self.steps)):
+            if step < end:
+                return i
+        return len(self.steps) - 1
+
+    def sample(self, n: int) -> dict:
+        batch = self.sources[self.phase_at(self.calls)].sample(n)
+        self.calls += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"calls": self.calls, "sources": [s.state_dict() for s in self.sources]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.calls = state["calls"]
+        for src, st in zip(self.sources, state["sources"]):
+            src.load_state_dict(st)
+
+
 def register_pretrain_recipe(recipe: PretrainRecipe) -> PretrainRecipe:
     if recipe.name in PRETRAIN_RECIPES:
         raise TrainingError(f"pretraining recipe {recipe.name!r} is registered twice")
+    check_phases(recipe.phases)
     if recipe.objective not in ("mlm", "electra"):
         raise TrainingError(f"objective={recipe.objective!r} is not 'mlm' or 'electra'")
     PRETRAIN_RECIPES[recipe.name] = recipe
@@ -243,6 +296,14 @@ register_pretrain_recipe(PretrainRecipe(
     target="the baseline of docs/electra_vs_bert.md (MLM loss; spam accuracy after fine-tuning)"))
 
 register_pretrain_recipe(PretrainRecipe(
+    name="bert-two-phase-sotu-tiny", objective="mlm",
+    description="BERT's two-phase schedule on the tiny BERT: 90% of 800 steps on 128-token rows, the last 10% "
+                "on 512-token rows (position embeddings up to 512), State of the Union",
+    model="bert-base-uncased", model_overrides=dict(TINY_ENCODER), train=TINY_TRAIN, seq_len=128,
+    phases=((0.9, 128), (0.1, 512)),
+    target="the phase split of the BERT paper (90% / 10% of the steps); MLM loss on 128-token held-out rows"))
+
+register_pretrain_recipe(PretrainRecipe(
     name="electra-sotu-tiny", objective="electra",
     description="ELECTRA (generator 32 wide = 1/4 of a 4 x 128 discriminator, shared embeddings, lambda 50) "
                 "from scratch on State of the Union, same data/batch/rows as bert-mlm-sotu-tiny, 733 steps "
@@ -262,7 +323,7 @@ def build_models(recipe: PretrainRecipe, vocab_size: int, seed: int):
     from ..objectives import ElectraPretraining
 
     torch.manual_seed(seed)
-    over = {"block_size": recipe.seq_len}
+    over = {"block_size": max([recipe.seq_len] + [L for _, L in recipe.phases])}
     main_cfg = Config.from_name(recipe.model, **{**recipe.model_overrides, **over, "vocab_size": vocab_size}
                                 ).replace(name=recipe.name)
     if recipe.objective == "mlm":
@@ -611,6 +672,15 @@ def run_pretrain_recipe(name: str, *, data=None, out_dir=None, max_steps: Option
     t_data = time.perf_counter()
     masker = MLMMasker.from_tokenizer(tok, mlm_probability=recipe.mlm_probability)
     train_data = MaskedLMData(train_rows, masker, dynamic=True, seed=cfg.seed)
+    if recipe.phases:
+        text = read_text(path, recipe.max_chars)
+        sources = [train_data if L == recipe.seq_len else
+                   MaskedLMData(split_rows(encode_rows(tok, text, L), recipe.val_every)[0], masker, dynamic=True,
+                                seed=cfg.seed + i)
+                   for i, (_, L) in enumerate(recipe.phases)]
+        train_data = PhasedData(sources, phase_steps(recipe.phases, cfg.max_iters))
+        log(f"[allformers] phases: " + ", ".join(f"{n} steps x {L} tokens" for n, (_, L) in
+                                               zip(train_data.steps, recipe.phases)))
     val = val_rows[: recipe.eval_rows]
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     eval_batch = max(1, min(64, len(val)))
@@ -644,7 +714,10 @@ def run_pretrain_recipe(name: str, *, data=None, out_dir=None, max_steps: Option
         "recipe": name, "objective": recipe.objective, "data": str(path), "out": str(out),
         "encoder": str(out / ENCODER_DIR), "generator": str(out / GENERATOR_DIR) if electra else None,
         "steps": trainer.step, "batch_size": cfg.batch_size, "seq_len": recipe.seq_len,
-        "tokens_seen": trainer.step * cfg.batch_size * recipe.seq_len,
+        "tokens_seen": (sum(n * cfg.batch_size * L for n, (_, L) in zip(train_data.steps, recipe.phases))
+                        if recipe.phases else trainer.step * cfg.batch_size * recipe.seq_len),
+        "phases": [{"steps": n, "seq_len": L} for n, (_, L) in zip(train_data.steps, recipe.phases)]
+        if recipe.phases else None,
         "flops_per_step": flops, "train_flops": flops["total"] * trainer.step,
         "params": param_counts(model), "vocab_size": tok.vocab_size,
         "train_rows": len(train_rows), "heldout_rows": len(val_rows),
