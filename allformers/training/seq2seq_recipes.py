@@ -14,15 +14,14 @@ Pieces, usable one by one (benchmarks/bench_subject_lines.py chains them):
   * `tiny_config`: a 2+2-layer, 128-wide T5 (v1.0 layout) or BART (learned positions, post-LN)
     for the data's vocabulary.
   * `pretrain` (span corruption or BART denoising), `finetune_subjects`, `evaluate_subjects`.
-  * `rouge_l`: ROUGE-L F1 from the longest common subsequence (lower-cased alphanumeric words,
-    the `rouge-score` package's default tokenisation, no stemming).
+  * `rouge_l` (from allformers.metrics): ROUGE-L F1 from the longest common subsequence
+    (lower-cased alphanumeric words, the `rouge-score` package's default tokenisation, no stemming).
 
 The registry here (SEQ2SEQ_RECIPES) is separate from training.recipes.RECIPES: that one's
 `run_recipe` trains causal LMs on character corpora and could not run these."""
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,40 +31,12 @@ import numpy as np
 import torch
 
 from ..errors import AllformersError
+from ..metrics.rouge import lcs_length, rouge_l, rouge_tokens  # noqa: F401 (re-exported)
 from .trainer import TrainConfig, Trainer
 
 SOTU = Path("sotu") / "sotu.txt"
 SPECIALS = ("<pad>", "</s>", "<s>", "<mask>")
 N_SENTINELS = 100
-
-
-# ---------------------------------------------------------------------- ROUGE-L
-def rouge_tokens(text: str) -> list[str]:
-    """rouge-score's default tokeniser: lower case, runs of [a-z0-9] (everything else separates)."""
-    return re.findall(r"[a-z0-9]+", text.lower())
-
-
-def lcs_length(a: list, b: list) -> int:
-    """Length of the longest common subsequence (dynamic programming, one row at a time)."""
-    if len(a) < len(b):
-        a, b = b, a
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
-
-
-def rouge_l(candidate: str, reference: str) -> float:
-    """ROUGE-L F1 = 2PR / (P + R) with P = LCS / |candidate|, R = LCS / |reference| (0 if either is empty)."""
-    c, r = rouge_tokens(candidate), rouge_tokens(reference)
-    lcs = lcs_length(c, r) if c and r else 0
-    if not lcs:
-        return 0.0
-    p, rec = lcs / len(c), lcs / len(r)
-    return 2 * p * rec / (p + rec)
 
 
 # ---------------------------------------------------------------------- data

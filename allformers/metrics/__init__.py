@@ -1,0 +1,4 @@
+"""Text metrics shared by recipes and benchmarks."""
+from .rouge import lcs_length, max_rouge_l, rouge_l, rouge_l_corpus, rouge_tokens
+
+__all__ = ["rouge_l", "max_rouge_l", "rouge_l_corpus", "rouge_tokens", "lcs_length"]
