@@ -2,35 +2,26 @@
 optimisation with LoRA; the merged policy is saved into DIR."""
 import json
 
-from .common import add_run_args
-from .rlhf import add_lora_args, lora_from
+from ..training.rlhf import DPOConfig
+from .rlhf import add_pair_training_args, lora_from, read_pairs
 
 
 def register(sub):
     p = sub.add_parser("dpo", help="DPO (or IPO) on preference pairs; saves the merged policy")
-    p.add_argument("--model", default="smollm2", help="the policy to start from (folder, .gguf or 'smollm2')")
-    p.add_argument("--pairs", required=True, help='JSON-lines file of {"prompt", "chosen", "rejected"} records')
-    p.add_argument("--out", required=True, help="folder for the policy (allformers format), metrics, plot")
+    add_pair_training_args(p, "policy", steps=DPOConfig.steps, lr=DPOConfig.lr)
     p.add_argument("--loss", default="dpo", choices=("dpo", "ipo"))
-    p.add_argument("--beta", type=float, default=0.1, help="strength of the implicit KL constraint")
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--batch-size", type=int, default=8, help="pairs per step")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=0)
-    add_lora_args(p)
-    add_run_args(p)
+    p.add_argument("--beta", type=float, default=DPOConfig.beta, help="strength of the implicit KL constraint")
     p.set_defaults(handler=run)
 
 
 def run(args):
     from ..checkpoints import save
     from ..models.lora import merge_lora
-    from ..training.data import read_jsonl
-    from ..training.rlhf import DPOConfig, pairs_from_records, train_dpo
+    from ..training.rlhf import pairs_from_records, train_dpo
     from .common import load_model
 
     lm = load_model(args.model)
-    pairs = pairs_from_records([r for _, r in read_jsonl(args.pairs)], lm.tokenizer, args.seed)
+    pairs = pairs_from_records(read_pairs(args.pairs), lm.tokenizer, args.seed)
     cfg = DPOConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, beta=args.beta, loss=args.loss,
                     lora=lora_from(args), seed=args.seed)
     fit = train_dpo(lm, lm.tokenizer, pairs, cfg, out_dir=args.out, progress=not args.no_progress,

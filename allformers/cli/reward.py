@@ -2,33 +2,24 @@
 scalar head on the last token) on {prompt, chosen, rejected} records."""
 import json
 
-from .common import add_run_args
-from .rlhf import add_lora_args, lora_from
+from ..training.rlhf import RewardConfig
+from .rlhf import add_pair_training_args, lora_from, read_pairs
 
 
 def register(sub):
     p = sub.add_parser("reward", help="train a reward model on preference pairs (prompt, chosen, rejected)")
-    p.add_argument("--model", default="smollm2", help="the LM to start from (folder, .gguf or 'smollm2')")
-    p.add_argument("--pairs", required=True, help='JSON-lines file of {"prompt", "chosen", "rejected"} records')
-    p.add_argument("--out", required=True, help="folder for the reward model (allformers format), metrics, plot")
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--batch-size", type=int, default=8, help="pairs per step")
-    p.add_argument("--lr", type=float, default=2e-4)
+    add_pair_training_args(p, "reward model", steps=RewardConfig.steps, lr=RewardConfig.lr)
     p.add_argument("--eval-fraction", type=float, default=0.2, help="share of pairs held out for accuracy")
-    p.add_argument("--seed", type=int, default=0)
-    add_lora_args(p)
-    add_run_args(p)
     p.set_defaults(handler=run)
 
 
 def run(args):
     from ..checkpoints import save
-    from ..training.data import read_jsonl
-    from ..training.rlhf import RewardConfig, pairs_from_records, split_records, train_reward_model
+    from ..training.rlhf import pairs_from_records, split_records, train_reward_model
     from .common import load_model
 
     lm = load_model(args.model)
-    train, held = split_records([r for _, r in read_jsonl(args.pairs)], args.eval_fraction)
+    train, held = split_records(read_pairs(args.pairs), args.eval_fraction)
     cfg = RewardConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, lora=lora_from(args), seed=args.seed)
     rm, summary = train_reward_model(lm, lm.tokenizer, pairs_from_records(train, lm.tokenizer, args.seed), cfg,
                                      out_dir=args.out, progress=not args.no_progress, threads=args.threads,

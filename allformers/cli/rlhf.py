@@ -13,6 +13,26 @@ def add_lora_args(p, rank: int = 8, top: int = 8):
     g.add_argument("--top-layers", type=int, default=top, help="adapt only the last K blocks (cheaper backward)")
 
 
+def add_pair_training_args(p, what: str, *, steps: int, lr: float):
+    """The flags `reward` and `dpo` share: where the model and pairs come from, where the result goes,
+    the step settings, LoRA and the run flags."""
+    p.add_argument("--model", default="smollm2", help="the LM to start from (folder, .gguf or 'smollm2')")
+    p.add_argument("--pairs", required=True, help='JSON-lines file of {"prompt", "chosen", "rejected"} records')
+    p.add_argument("--out", required=True, help=f"folder for the {what} (allformers format), metrics, plot")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch-size", type=int, default=8, help="pairs per step")
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--seed", type=int, default=0)
+    add_lora_args(p)
+    add_run_args(p)
+
+
+def read_pairs(path) -> list[dict]:
+    from ..training.data import read_jsonl
+
+    return [r for _, r in read_jsonl(path)]
+
+
 def lora_from(args):
     from ..models.lora import LoRAConfig
 

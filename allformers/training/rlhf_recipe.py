@@ -197,6 +197,7 @@ def run_rlhf(lm, tokenizer, out_dir, recipe: RLHFRecipe = RLHFRecipe(), *, progr
     rm, rm_summary = train_reward_model(lm, tokenizer, pairs, recipe.reward, out_dir=out / "reward",
                                         eval_pairs=held_pairs, progress=progress)
     score_fn = rm_score_fn(rm, tokenizer)
+    rm.save(out / "reward" / "model", tokenizer=tokenizer)  # for `allformers ppo --reward` / `best-of-n --reward`
     elapsed("reward model", t0)
     log(f"[rlhf] reward model held-out pair accuracy {rm_summary['heldout']['accuracy']:.3f}")
 
