@@ -245,10 +245,12 @@ def test_unknown_recipe_names_close_matches():
 
 
 def test_recipe_settings_match_nanogpt():
+    """The issue fixes nanoGPT's shape, batch, steps and no dropout; the rest is nanoGPT's too except
+    the learning rate: 3e-3 (and min 3e-4) instead of 1e-3, which missed the 1.89 target here."""
     r = get_recipe("shakespeare-char-cpu")
     c = r.train
     assert (c.max_iters, c.batch_size, c.lr, c.min_lr, c.warmup_iters, c.beta2, c.weight_decay, c.grad_clip,
-            c.eval_interval, r.eval_iters) == (2000, 12, 1e-3, 1e-4, 100, 0.99, 0.1, 1.0, 250, 20)
+            c.eval_interval, r.eval_iters) == (2000, 12, 3e-3, 3e-4, 100, 0.99, 0.1, 1.0, 250, 20)
     assert r.model_overrides["block_size"] == 64 and r.model_overrides["dropout"] == 0.0
     assert TrainConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
 

@@ -207,6 +207,9 @@ class Trainer:
         # an objective counted during evaluate()). Every rank calls it: reduce across ranks inside.
         self.eval_metrics, self.last_metrics = eval_metrics, {}
         self._peak: Optional[float] = None
+        # 6N FLOPs per token assume every weight is trained; with frozen weights (LoRA) the backward
+        # pass is partial, so no MFU is reported rather than a wrong one.
+        self._mfu_counts = hasattr(model, "config") and all(p.requires_grad for p in model.parameters())
         self._metric_sums: dict = {}  # what loss_fn reported beside the loss since the last train record
         self._metric_steps = 0
 
@@ -356,7 +359,7 @@ class Trainer:
             from .plot import plot_losses
 
             plot = plot_losses(self.metrics_path, self.out_dir / PLOT_FILE, title=f"{self.step} steps")
-        fpt = flops_per_token(self.raw_model, seq) if loss is not None and hasattr(self.raw_model, "config") else None
+        fpt = flops_per_token(self.raw_model, seq) if loss is not None and self._mfu_counts else None
         tok_s = total_tokens / total_time if total_time else None
         return {"step": self.step, "loss": self.history_train_losses()[-1] if loss is not None else None,
                 "train_loss": self.last_eval.get("train"), "val_loss": self.last_eval.get("val"),
@@ -373,7 +376,7 @@ class Trainer:
     def _log_train(self, loss: float, tokens: int, seconds: float, seq: int) -> dict:
         tok_s = tokens / seconds if seconds else 0.0
         mfu = None
-        if self._peak and hasattr(self.raw_model, "config"):
+        if self._peak and self._mfu_counts:
             mfu = flops_per_token(self.raw_model, seq) * tok_s / (self._peak * self.world_size)
         record = {"event": "train", "step": self.step, "loss": loss, "lr": lr_at(self.step - 1, self.cfg),
                   "tokens_per_s": tok_s, "mfu": mfu,
