@@ -252,6 +252,10 @@ def test_vision_encoders_shapes_and_errors():
     assert vit(torch.rand(2, 3, 16, 16)).shape == (2, 16, 16)
     with pytest.raises(VisionError, match=r"\(B, 3, 16, 16\)"):
         vit(torch.rand(2, 3, 32, 32))
+    stem = ViTEncoder(image_size=16, patch_size=4, width=16, depth=1, heads=2, conv_stem=True)
+    assert stem(torch.rand(2, 3, 16, 16)).shape == (2, 16, 16)
+    with pytest.raises(VisionError, match="power-of-two"):
+        ViTEncoder(image_size=18, patch_size=6, conv_stem=True)
     detr = DETREncoder(ConvBackbone(width=16, layers=2), 16, width=16, num_queries=5, heads=2)
     assert detr(torch.rand(2, 3, 16, 16)).shape == (2, 5, 16)
     detr_vit = DETREncoder(vit, 16, width=16, num_queries=3, heads=2)
@@ -304,3 +308,59 @@ def test_multimodal_save_load_round_trip(tmp_path):
     dec = torch.randint(3, 61, (3, 4))
     assert torch.equal(back(ids, dec, mask, images=images, has_image=has), model(ids, dec, mask, images=images, has_image=has))
     assert isinstance(back, MultimodalSeq2Seq) and back.config.vision == VIT
+
+
+@pytest.mark.parametrize("variant", ["t5", "decoder"])
+def test_two_stage_pipeline_runs_end_to_end(tmp_path, variant):
+    from allformers.training.mmcot import (MMCoTData, ModelFactory, ModelSpec, PipelineConfig, ask, load_pipeline,
+                                           run_pipeline, save_pipeline, train_tokenizer)
+    from allformers.training.trainer import TrainConfig
+
+    data = MMCoTData.synthetic(48, 0, 12, seed=0)
+    data.tokenizer = train_tokenizer([s + " " + t for s, t in data.texts(data.splits["train"], "QCM-LE")], 600)
+    vit = {"kind": "vit", "image_size": 32, "patch_size": 8, "width": 16, "depth": 1, "heads": 2}
+    size = dict(n_embd=32, head_dim=16, n_head=2, intermediate_size=64) if variant == "t5" else \
+        dict(n_embd=32, n_head=2, n_layer=2, intermediate_size=64)
+    tc = TrainConfig(max_iters=4, batch_size=8, lr=3e-3, warmup_iters=1, eval_interval=0, eval_at_start=False,
+                     log_interval=2)
+    cfg = PipelineConfig(rationale_train=tc, answer_train=tc, max_rationale_tokens=12)
+    factory = ModelFactory(ModelSpec(variant=variant, vision=vit, size=size), data)
+    start = factory()
+    result = run_pipeline(factory, data, data.splits["train"], data.splits["test"], cfg, progress=False)
+    assert result.scores["total"] == 12 and len(result.rationales) == 12 and result.rouge_l is not None
+    assert 0 <= result.scores["unparseable"] <= 12
+    # stage 2 started from stage 1's starting weights, not from stage 1's trained ones
+    trained = dict(result.models["answer"].named_parameters())
+    moved = [n for n, p in start.named_parameters() if not torch.equal(p, trained[n])]
+    assert moved
+    if variant == "t5":
+        assert set(result.gate["answer"]) >= {"image", "no_image"}
+    save_pipeline(result, tmp_path / "p", data, cfg)
+    r_model, a_model, meta = load_pipeline(tmp_path / "p")
+    q = data.splits["test"][0]
+    p = data.problems[q]
+    out = ask(r_model, a_model, meta, p["question"], p["choices"], image=data.picture(q), context=p["hint"])
+    assert set(out) == {"rationale", "answer", "choice", "choice_text"} and isinstance(out["rationale"], str)
+
+
+def test_cli_train_eval_ask(tmp_path, capsys):
+    from allformers.cli.main import main
+
+    out = tmp_path / "run"
+    common = ["--n-train", "40", "--n-val", "0", "--n-test", "8", "--no-progress"]
+    assert main(["mmcot", "train", "--data", "synthetic", *common, "--rationale-steps", "2", "--answer-steps", "2",
+                 "--batch-size", "8", "--vocab-size", "400", "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "two-stage t5" in table and "NAT" in table and "gate (answer model)" in table
+    assert main(["mmcot", "eval", "--model", str(out), "--no-progress", "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out)["scores"]
+    assert scores["total"] == 8  # regenerated the same synthetic test split from mmcot.json
+    generate(0, 0, 3, seed=5).save(tmp_path / "pics")
+    png = next((tmp_path / "pics" / "images").glob("*/image.png"))
+    assert main(["mmcot", "ask", "--model", str(out), "--image", str(png), "--question", "Which bar is longer?",
+                 "--choices", "the top bar", "the bottom bar"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("Rationale: ") and "\nAnswer: " in printed and "\nChoice: " in printed
+    assert main(["mmcot", "ask", "--model", str(out), "--image", str(tmp_path / "nope.png"), "--question", "q",
+                 "--choices", "a", "b"]) == 2  # a clear one-line error, no traceback
+    assert "does not exist" in capsys.readouterr().err

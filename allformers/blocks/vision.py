@@ -49,20 +49,46 @@ def _check_images(images: torch.Tensor, channels: int, size: Optional[int]):
                           f"(resize them with allformers.data.synthetic_science.load_image(path, size))")
 
 
+def sincos_2d(h: int, w: int, dim: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine positions (MAE's ViT): half the channels encode the row, half the column -> (h*w, dim)."""
+    def axis(n, d):  # (n, d)
+        pos = torch.arange(n, dtype=torch.float32)[:, None]
+        inv = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+        return torch.cat([torch.sin(pos * inv), torch.cos(pos * inv)], dim=1)[:, :d]
+
+    rows = axis(h, dim // 2)[:, None].expand(h, w, -1)
+    cols = axis(w, dim - dim // 2)[None, :].expand(h, w, -1)
+    return torch.cat([rows, cols], dim=-1).reshape(h * w, dim)
+
+
 class ViTEncoder(nn.Module):
-    """(B, C, H, W) images in [0, 1] -> (B, (H/p) * (W/p), width) patch features."""
+    """(B, C, H, W) images in [0, 1] -> (B, (H/p) * (W/p), width) patch features.
+
+    Positions are learned, starting from 2-D sine-cosine values (so the first steps already know where
+    each patch is). conv_stem=True embeds patches with a small convolution stack instead of one strided
+    convolution (Xiao et al. 2021, "Early convolutions help transformers see better": it trains faster)."""
 
     def __init__(self, image_size: int = 32, patch_size: int = 8, channels: int = 3, width: int = 128,
-                 depth: int = 2, heads: int = 4, mlp_ratio: int = 4, dropout: float = 0.0):
+                 depth: int = 2, heads: int = 4, mlp_ratio: int = 4, dropout: float = 0.0, conv_stem: bool = False):
         super().__init__()
         from ..models.lm import build_block
 
         if image_size % patch_size:
             raise VisionError(f"image_size={image_size} is not a multiple of patch_size={patch_size}")
         self.image_size, self.channels, self.out_dim = image_size, channels, width
-        self.num_tokens = (image_size // patch_size) ** 2
-        self.patch = nn.Conv2d(channels, width, patch_size, stride=patch_size)  # one linear map per patch
-        self.pos = nn.Parameter(torch.randn(1, self.num_tokens, width) * 0.02)
+        grid = image_size // patch_size
+        self.num_tokens = grid ** 2
+        if conv_stem:  # log2(p) - 1 stride-2 3x3 convolutions, then a 2x2 stride-2 one: stride p in all
+            if patch_size < 2 or patch_size & (patch_size - 1):
+                raise VisionError(f"conv_stem needs a power-of-two patch_size >= 2, got {patch_size}")
+            layers, c = [], channels
+            for _ in range(patch_size.bit_length() - 2):
+                layers += [nn.Conv2d(c, width // 2, 3, stride=2, padding=1), nn.GELU()]
+                c = width // 2
+            self.patch = nn.Sequential(*layers, nn.Conv2d(c, width, 2, stride=2))
+        else:
+            self.patch = nn.Conv2d(channels, width, patch_size, stride=patch_size)  # one linear map per patch
+        self.pos = nn.Parameter(sincos_2d(grid, grid, width)[None].clone())  # (1, N, width)
         cfg = _block_config(width, heads, depth, mlp_ratio, dropout)
         self.blocks = nn.ModuleList(build_block(cfg) for _ in range(depth))
         self.norm = nn.LayerNorm(width, eps=1e-6)
