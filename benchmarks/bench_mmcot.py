@@ -10,7 +10,7 @@ questions whose answer is in the picture, plus text-only temperature and verb-te
   one-stage + vision     T5 + ViT trained straight to the answer (QCM-A)
   one-stage text-only    T5, QCM-A
   decoder-only + vision  PaLM-E style: a LLaMA-layout decoder with the projected ViT tokens in its input
-                         (one-stage QCM-A by default; --decoder-mode two-stage)
+                         (one-stage QCM-A by default, half the steps; --decoder-mode two-stage)
 
 Models are trained from scratch (2+2-layer T5 / 4-layer decoder, --d-model wide, ViT with a conv
 stem, one BPE trained on the training texts) with the same optimizer settings; stage 1 and the
@@ -47,7 +47,9 @@ def main(argv=None):
     ap.add_argument("--rationale-steps", type=int, default=3000, help="stage 1 (QCM-LE) optimizer steps")
     ap.add_argument("--answer-steps", type=int, default=800, help="stage 2 (QCMG-A) optimizer steps")
     ap.add_argument("--one-stage-steps", type=int, default=None,
-                    help="one-stage (QCM-A) and decoder rows (default: --rationale-steps, the updates stage 1 gets)")
+                    help="one-stage (QCM-A) rows (default: --rationale-steps, the updates stage 1 gets)")
+    ap.add_argument("--decoder-steps", type=int, default=None,
+                    help="the decoder row, each stage (default: half of --one-stage-steps, to keep the run near 20 min)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--d-model", type=int, default=64)
@@ -65,6 +67,7 @@ def main(argv=None):
     if args.quick:
         args.n_train, args.n_test, args.rationale_steps, args.answer_steps = 300, 60, 20, 20
     args.one_stage_steps = args.one_stage_steps or args.rationale_steps
+    args.decoder_steps = args.decoder_steps or max(1, args.one_stage_steps // 2)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
 
@@ -90,11 +93,13 @@ def main(argv=None):
     train = TrainConfig(batch_size=args.batch_size, lr=args.lr, min_lr=args.lr / 10, weight_decay=0.01,
                         eval_interval=0, eval_at_start=False, log_interval=50, seed=args.seed, num_threads=args.threads)
 
-    def pipeline(two_stage):
+    def pipeline(two_stage, decoder=False):
+        rationale_steps = args.decoder_steps if decoder else args.rationale_steps
         answer_steps = args.answer_steps if two_stage else args.one_stage_steps
+        answer_steps = args.decoder_steps if decoder else answer_steps
         return PipelineConfig(two_stage=two_stage, stage2_init=args.stage2_init,
-                              rationale_train=train.replace(max_iters=args.rationale_steps,
-                                                            warmup_iters=max(1, args.rationale_steps // 20)),
+                              rationale_train=train.replace(max_iters=rationale_steps,
+                                                            warmup_iters=max(1, rationale_steps // 20)),
                               answer_train=train.replace(max_iters=answer_steps, warmup_iters=max(1, answer_steps // 20)))
 
     t5 = dict(n_embd=d, head_dim=d // 4, intermediate_size=4 * d)
@@ -109,9 +114,10 @@ def main(argv=None):
     for name in rows:
         spec, two = specs[name]
         print(f"--- {name}", file=sys.stderr, flush=True)
-        results[name] = run_pipeline(ModelFactory(spec, data), data, train_q, test_q, pipeline(two), progress=True)
+        cfg = pipeline(two, decoder=name.startswith("decoder"))
+        results[name] = run_pipeline(ModelFactory(spec, data), data, train_q, test_q, cfg, progress=True)
         if args.out:
-            save_pipeline(results[name], os.path.join(args.out, name), data, pipeline(two))
+            save_pipeline(results[name], os.path.join(args.out, name), data, cfg)
 
     # ------------------------------------------------------------------ report
     label = {"two-stage-vision": "Two-stage + vision (T5)", "two-stage-text": "Two-stage text-only (T5)",
@@ -119,7 +125,7 @@ def main(argv=None):
              "decoder-vision": f"Decoder-only + vision ({args.decoder_mode})"}
     print(f"\nMultimodal-CoT on the synthetic science set: {len(train_q)} training / {len(test_q)} test problems, "
           f"{args.vision} vision, d_model {d}, steps: rationale {args.rationale_steps}, answer {args.answer_steps}, "
-          f"one-stage {args.one_stage_steps} (batch {args.batch_size})\n")
+          f"one-stage {args.one_stage_steps}, decoder {args.decoder_steps} (batch {args.batch_size})\n")
     table = {label[n]: {**r.scores, "ROUGE-L": 100 * r.rouge_l if r.rouge_l is not None else None}
              for n, r in results.items()}
     print(format_table(table, extra=["ROUGE-L"]))

@@ -45,6 +45,9 @@ def register(sub):
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-3 from scratch, 2e-4 with --base)")
     s.add_argument("--train-split", default="train")
+    s.add_argument("--max-source", type=int, default=320, help="source tokens (longer sources are cut at the end)")
+    s.add_argument("--max-target", type=int, default=160, help="target tokens in training (rationales are cut)")
+    s.add_argument("--max-rationale-tokens", type=int, default=96, help="tokens stage 1 may generate")
     s.add_argument("--max-train", type=int, help="use only the first N training questions")
     t.set_defaults(handler=run_train)
 
@@ -124,23 +127,24 @@ def _split(data, name, limit):
     return qids[:limit] if limit else qids
 
 
-def _report(result, args, title, paper: bool):
-    from ..data.scienceqa import PAPER, format_table
+def _report(result, args, title, paper: bool, data=None, qids=None):
+    from ..data.scienceqa import PAPER, chance, format_table
 
     if args.json:
         print(json.dumps({"scores": result.scores, "rouge_l": result.rouge_l, "gate": result.gate,
                           "seconds": result.seconds}, indent=2))
         return
-    rows = {title: {**result.scores, "ROUGE-L": 100 * result.rouge_l if result.rouge_l is not None else None}}
+    rows = {title: {**result.scores, "ROUGE-L": 100 * result.rouge_l if result.rouge_l is not None else None},
+            "Random chance (these questions)": chance(data.problems, qids)}
     print(format_table({**rows, **(PAPER if paper else {})}, extra=["ROUGE-L"]))
     s = result.scores
     print(f"{s['total']} questions, {s['unparseable']} unparseable answers (counted wrong); columns are accuracy %; "
           f"ROUGE-L is the rationale's F1 x 100" + ("; the paper's rows are its ScienceQA test results (4,241 "
                                                     "questions, with images)" if paper else ""))
+    show = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for stage, g in result.gate.items():
-        print(f"gate ({stage} model): mean {g['image']:.3f} on {g['n_image']} questions with a picture, "
-              f"{g['no_image']:.3f} on {g['n_no_image']} without" if g.get("image") is not None and g.get("no_image")
-              is not None else f"gate ({stage} model): {g}")
+        print(f"gate ({stage} model): mean {show(g['image'])} on {g['n_image']} questions with a picture, "
+              f"{show(g['no_image'])} on {g['n_no_image']} without")
 
 
 def run_train(args):
@@ -157,6 +161,7 @@ def run_train(args):
 
         lm = load_any(args.base)
     data = _load_data(args, chat=lm is not None)
+    data.max_source, data.max_target = args.max_source, args.max_target
     train_qids = _split(data, args.train_split, args.max_train)
     eval_qids = _split(data, args.eval_split, args.max_eval)
     if lm is not None:
@@ -166,7 +171,7 @@ def run_train(args):
         data.tokenizer = train_tokenizer(texts, args.vocab_size)
     vision = {"vit": VIT, "detr": DETR, "features": {"kind": "features"}, "none": None}[args.vision]
     if vision is not None and vision.get("kind") in ("vit", "detr"):
-        vision = {**vision, "image_size": args.image_size} if vision["kind"] == "vit" else dict(vision)
+        vision = {**vision, "image_size": args.image_size} if vision["kind"] == "vit" and args.image_size else dict(vision)
         if not data.has_pictures:
             print("note: the data has no pictures (ScienceQA's images are not here); every question is text-only "
                   "for the vision model — pass --features for precomputed features", file=sys.stderr)
@@ -189,14 +194,14 @@ def run_train(args):
                          rationale_train=train.replace(max_iters=args.rationale_steps,
                                                        warmup_iters=max(1, args.rationale_steps // 20)),
                          answer_train=train.replace(max_iters=args.answer_steps, warmup_iters=max(1, args.answer_steps // 20)),
-                         eval_batch_size=args.eval_batch_size)
+                         max_rationale_tokens=args.max_rationale_tokens, eval_batch_size=args.eval_batch_size)
     result = run_pipeline(ModelFactory(spec, data, lm=lm), data, train_qids, eval_qids, cfg,
                           progress=not args.no_progress)
     save_pipeline(result, args.out, data, cfg, extra={"model": {"variant": args.variant, "vision": args.vision,
                                                                   "base": args.base, "lora": lora},
                                                         "train_questions": len(train_qids), "eval_split": args.eval_split})
     title = f"{'two-stage' if cfg.two_stage else args.format} {args.variant}{'' if vision else ' text-only'}"
-    _report(result, args, title, paper=data.source["kind"] != "synthetic")
+    _report(result, args, title, paper=data.source["kind"] != "synthetic", data=data, qids=eval_qids)
     print(f"saved to {args.out} (allformers mmcot ask --model {args.out} ...); "
           f"{result.seconds['total']:.0f} s", file=sys.stderr)
     return 0
@@ -210,11 +215,12 @@ def run_eval(args):
     torch.set_num_threads(args.threads)
     rationale, answer, meta = load_pipeline(args.model)
     data = _load_data(args, tokenizer=answer.tokenizer, chat=meta.get("chat", False), data_source=meta.get("data"))
+    data.max_source, data.max_target = meta["max_source"], meta["max_target"]
     split = args.eval_split or meta.get("eval_split") or "test"
     qids = _split(data, split, args.max_eval)
     cfg = pipeline_config(meta, eval_batch_size=args.eval_batch_size)
     result = evaluate_pipeline(rationale, answer, data, qids, cfg, progress=not args.no_progress)
-    _report(result, args, f"{args.model} ({split})", paper=data.source["kind"] != "synthetic")
+    _report(result, args, f"{args.model} ({split})", paper=data.source["kind"] != "synthetic", data=data, qids=qids)
     return 0
 
 

@@ -156,6 +156,18 @@ def score(problems: dict, predictions: dict) -> dict:
     return {**acc, "n": counts, "unparseable": unparseable, "total": len(predictions)}
 
 
+def chance(problems: dict, qids: Sequence) -> dict:
+    """The accuracy of guessing uniformly among each question's choices, per column (the paper's "Random
+    chance" row, for these questions)."""
+    hits, counts = {c: 0.0 for c in COLUMNS}, {c: 0 for c in COLUMNS}
+    for q in qids:
+        p = problems[q]
+        for c in categories(p) + ["Avg"]:
+            counts[c] += 1
+            hits[c] += 1.0 / len(p["choices"])
+    return {c: (100.0 * hits[c] / counts[c] if counts[c] else None) for c in COLUMNS}
+
+
 def format_table(rows: dict, extra: Sequence[str] = ()) -> str:
     """{row name: score() dict (plus any `extra` keys such as "ROUGE-L")} -> the paper's table as text."""
     cols = list(COLUMNS) + list(extra)

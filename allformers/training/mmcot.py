@@ -497,6 +497,11 @@ def save_pipeline(result: PipelineResult, folder, data: MMCoTData, cfg: Pipeline
             "image_size": _image_size(result.models["answer"]), "scores": result.scores, "rouge_l": result.rouge_l,
             "gate": result.gate, **(extra or {})}
     (folder / PIPELINE_FILE).write_text(json.dumps(meta, indent=2))
+    with open(folder / "predictions.jsonl", "w") as f:  # what each evaluated question got
+        for i, (q, pred) in enumerate(result.predictions.items()):
+            f.write(json.dumps({"qid": q, "prediction": pred, "answer": data.problems[q]["answer"],
+                                "output": result.answers[i],
+                                "rationale": result.rationales[i] if result.rationales else None}) + "\n")
     return folder
 
 
