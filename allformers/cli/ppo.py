@@ -2,6 +2,7 @@
 model with a KL penalty to the starting policy; the merged policy is saved into DIR."""
 import json
 
+from ..training.rlhf import PPOConfig
 from .common import add_run_args
 from .rlhf import add_lora_args, lora_from
 
@@ -12,13 +13,13 @@ def register(sub):
     p.add_argument("--reward", required=True, help="reward model folder (from `allformers reward`)")
     p.add_argument("--prompts", required=True, help='text file (one prompt a line) or JSON lines with "prompt"')
     p.add_argument("--out", required=True, help="folder for the policy (allformers format), metrics, plot")
-    p.add_argument("--iterations", type=int, default=12, help="rollout phases")
-    p.add_argument("--rollout-batch", type=int, default=16, help="replies sampled per phase")
-    p.add_argument("--minibatch", type=int, default=8, help="replies per optimizer step")
-    p.add_argument("--epochs", type=int, default=2, help="passes over each phase's replies")
-    p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--kl-coef", type=float, default=0.05)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--iterations", type=int, default=PPOConfig.iterations, help="rollout phases")
+    p.add_argument("--rollout-batch", type=int, default=PPOConfig.rollout_batch, help="replies sampled per phase")
+    p.add_argument("--minibatch", type=int, default=PPOConfig.minibatch, help="replies per optimizer step")
+    p.add_argument("--epochs", type=int, default=PPOConfig.epochs, help="passes over each phase's replies")
+    p.add_argument("--max-new-tokens", type=int, default=PPOConfig.max_new_tokens)
+    p.add_argument("--kl-coef", type=float, default=PPOConfig.kl_coef)
+    p.add_argument("--lr", type=float, default=PPOConfig.lr)
     p.add_argument("--seed", type=int, default=0)
     add_lora_args(p)
     add_run_args(p)
@@ -45,7 +46,7 @@ def run(args):
     from .. import load
     from ..checkpoints import save
     from ..models.lora import merge_lora
-    from ..training.rlhf import PPOConfig, encode_prompt, rm_score_fn, train_ppo
+    from ..training.rlhf import encode_prompt, rm_score_fn, train_ppo
     from .common import load_model
 
     lm = load_model(args.model)

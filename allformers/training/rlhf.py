@@ -256,7 +256,7 @@ def train_reward_model(lm, tokenizer, pairs: PairData, cfg: RewardConfig = Rewar
 # ---------------------------------------------------------------------- PPO
 @dataclass
 class PPOConfig:
-    iterations: int = 12  # rollout phases
+    iterations: int = 16  # rollout phases
     rollout_batch: int = 16  # replies sampled per phase
     minibatch: int = 8  # replies per optimizer step
     epochs: int = 2  # passes over each phase's replies
