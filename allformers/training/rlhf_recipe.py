@@ -141,7 +141,7 @@ def encode_pairs(records: list[dict], tokenizer, seed: int = 0) -> PairData:
 @dataclass
 class RLHFRecipe:
     property: str = "affirmative-opening"
-    train_prompts: int = 128  # two sampled replies each -> two crossed pairs for the reward model and DPO
+    train_prompts: int = 128  # two sampled replies each: a minimal pair and two crossed pairs
     eval_prompts: int = 96  # held-out prompts for the rates and KL
     pair_tokens: int = 24  # reply length when sampling the pairs
     eval_tokens: int = 32  # reply length at evaluation
@@ -197,9 +197,14 @@ def run_rlhf(lm, tokenizer, out_dir, recipe: RLHFRecipe = RLHFRecipe(), *, progr
                              progress=progress)
         samples.append(([tokenizer.decode(r) for r in ids], [bool(r) and r[-1] == tokenizer.eos_id for r in ids]))
     (a, a_done), (b, b_done) = samples
-    records = make_pairs(train_text, a, prop, recipe.seed, a_done, b, b_done)
-    (out / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    pairs = encode_pairs(records, tokenizer, seed=recipe.seed)
+    # Minimal pairs teach the property fast; crossed pairs stop the reward model from also scoring
+    # the rest of the text. The reward model trains on both, DPO on the minimal ones (it needs no
+    # reward model, and on them it moved the property without collapsing: docs/alignment.md).
+    minimal = [{**r, "kind": "minimal"} for r in make_pairs(train_text, a, prop, recipe.seed, a_done)]
+    crossed = [{**r, "kind": "crossed"} for r in make_pairs(train_text, a, prop, recipe.seed, a_done, b, b_done)]
+    (out / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in minimal + crossed))
+    pairs = encode_pairs(minimal, tokenizer, seed=recipe.seed)
+    rm_pairs = encode_pairs(minimal + crossed, tokenizer, seed=recipe.seed)
     elapsed("pairs", t0)
 
     # 2. the starting policy on held-out prompts
@@ -213,7 +218,7 @@ def run_rlhf(lm, tokenizer, out_dir, recipe: RLHFRecipe = RLHFRecipe(), *, progr
     # 3. reward model
     t0 = time.perf_counter()
     held_pairs = encode_pairs(held_records, tokenizer)
-    rm, rm_summary = train_reward_model(lm, tokenizer, pairs, recipe.reward, out_dir=out / "reward",
+    rm, rm_summary = train_reward_model(lm, tokenizer, rm_pairs, recipe.reward, out_dir=out / "reward",
                                         eval_pairs=held_pairs, progress=progress)
     score_fn = rm_score_fn(rm, tokenizer)
     rm.save(out / "reward" / "model", tokenizer=tokenizer)  # for `allformers ppo --reward` / `best-of-n --reward`
@@ -256,7 +261,7 @@ def run_rlhf(lm, tokenizer, out_dir, recipe: RLHFRecipe = RLHFRecipe(), *, progr
     plot = plot_rlhf(out / "ppo" / "metrics.jsonl", out / "dpo" / "metrics.jsonl", out / "rlhf.png",
                      baseline_rate=base["rate"])
     summary = {"property": prop.name, "property_description": prop.description, "rows": rows,
-               "pairs": len(pairs), "heldout_pairs": len(held_records), "reward_model": rm_summary,
+               "pairs": len(pairs), "reward_pairs": len(rm_pairs), "heldout_pairs": len(held_records), "reward_model": rm_summary,
                "ppo_last_rollout": ppo_fit["last_rollout"],
                "dpo_last_step": next(r for r in reversed(dpo_fit["history"]) if r["event"] == "train"),
                "times_s": times,
