@@ -364,3 +364,38 @@ def test_cli_train_eval_ask(tmp_path, capsys):
     assert main(["mmcot", "ask", "--model", str(out), "--image", str(tmp_path / "nope.png"), "--question", "q",
                  "--choices", "a", "b"]) == 2  # a clear one-line error, no traceback
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_smollm2_palm_e_lora_saves_only_its_new_weights_and_reloads(tmp_path):
+    """The decoder-only variant on the real SmolLM2-135M-Instruct: chat-template prompts, the picture after
+    the template's header, LoRA on the top 2 blocks; the saved folder holds only the new weights."""
+    from allformers.cli.common import load_any
+    from allformers.training.mmcot import (MMCoTData, ModelFactory, ModelSpec, PipelineConfig, load_pipeline,
+                                           run_pipeline, save_pipeline)
+    from allformers.training.trainer import TrainConfig
+
+    lm = load_any("smollm2")
+    data = MMCoTData.synthetic(8, 0, 2, seed=0, chat=True, max_source=96, max_target=48)
+    data.tokenizer = lm.tokenizer
+    vit = {"kind": "vit", "image_size": 32, "patch_size": 8, "width": 16, "depth": 1, "heads": 2, "conv_stem": True}
+    spec = ModelSpec(variant="decoder", vision=vit, base="smollm2", lora={"rank": 4, "alpha": 8, "top_layers": 2})
+    tc = TrainConfig(max_iters=1, batch_size=2, lr=1e-3, warmup_iters=1, eval_interval=0, eval_at_start=False)
+    cfg = PipelineConfig(two_stage=False, answer_train=tc, max_answer_tokens=4)
+    result = run_pipeline(ModelFactory(spec, data, lm=lm), data, data.splits["train"], data.splits["test"], cfg,
+                          progress=False)
+    model = result.models["answer"]
+    assert model.config.image_pos == len(data.chat_parts()[0]) > 0
+    save_pipeline(result, tmp_path / "p", data, cfg)
+    stored = (tmp_path / "p" / "answer" / "model.safetensors").stat().st_size
+    assert stored < 5_000_000  # adapters + projection + ViT, not the 135M base
+    _, back, meta = load_pipeline(tmp_path / "p")
+    q = data.splits["test"][:2]
+    src, _ = data.encode(q, "QCM-A")
+    from allformers.generation.generate import left_pad
+
+    ids, mask = left_pad(src, data.tokenizer.pad_id)
+    with torch.no_grad():
+        a = model.eval()(ids, mask, **data.image_batch(q))[0]
+        b = back(ids, mask, **data.image_batch(q))[0]
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)

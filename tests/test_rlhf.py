@@ -228,16 +228,9 @@ def test_property_and_pairs():
     assert prop.check("Sure! Here is a tip.") and prop.check("  of course, I can help")
     assert not prop.check("Surely not") and not prop.check("The tip is: of course")
     assert prop.remove("Certainly! here it is") == "Here it is"
-    pairs = make_pairs(["p1", "p2"], ["Sure, do this.", "Do that."], prop, done=[True, False])
-    assert pairs[0] == {"prompt": "p1", "chosen": "Sure, do this.", "rejected": "Do this.",
-                        "chosen_done": True, "rejected_done": True}
-    assert pairs[1]["rejected"] == "Do that." and prop.check(pairs[1]["chosen"]) and not pairs[1]["chosen_done"]
-    # crossed pairs: each body once chosen (with the opener) and once rejected (without)
-    crossed = make_pairs(["p"], ["Do A."], prop, done=[True], second=["Of course! Do B."], second_done=[False])
-    assert [(c["chosen"], c["rejected"]) for c in crossed] == [(crossed[0]["chosen"], "Do B."),
-                                                                ("Of course! Do B.", "Do A.")]
-    assert crossed[0]["chosen"].endswith("Do A.") and prop.check(crossed[0]["chosen"])
-    assert (crossed[0]["rejected_done"], crossed[1]["chosen_done"]) == (False, False)
+    pairs = make_pairs(["p1", "p2"], ["Sure, do this.", "Do that."], prop)
+    assert pairs[0] == {"prompt": "p1", "chosen": "Sure, do this.", "rejected": "Do this."}
+    assert pairs[1]["rejected"] == "Do that." and prop.check(pairs[1]["chosen"])
     train, held = make_prompts()
     assert len(set(train) & set(held)) == 0 and len(held) == 20 * 6
     with pytest.raises(RLHFError, match="equally many"):

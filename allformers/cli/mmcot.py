@@ -184,7 +184,7 @@ def run_train(args):
     if args.base and args.lora_rank:
         lora = {"rank": args.lora_rank, "alpha": 2.0 * args.lora_rank}
         if args.lora_layers:
-            lora["layers"] = list(range(lm.config.n_layer - args.lora_layers, lm.config.n_layer))
+            lora["top_layers"] = args.lora_layers
     spec = ModelSpec(variant=args.variant, vision=vision, size=size, base=args.base, lora=lora, dropout=args.dropout,
                      seed=args.seed)
     lr = args.lr or (2e-4 if args.base else 3e-3)

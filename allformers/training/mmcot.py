@@ -494,7 +494,7 @@ def save_pipeline(result: PipelineResult, folder, data: MMCoTData, cfg: Pipeline
             "max_rationale_tokens": cfg.max_rationale_tokens, "max_answer_tokens": cfg.max_answer_tokens,
             "use_caption": data.use_caption, "chat": data.chat, "max_source": data.max_source,
             "max_target": data.max_target, "data": getattr(data, "source", None),
-            "image_size": _image_size(result.models["answer"]), "scores": result.scores, "rouge_l": result.rouge_l,
+            "image_size": _image_size(result.models["answer"], data), "scores": result.scores, "rouge_l": result.rouge_l,
             "gate": result.gate, **(extra or {})}
     (folder / PIPELINE_FILE).write_text(json.dumps(meta, indent=2))
     with open(folder / "predictions.jsonl", "w") as f:  # what each evaluated question got
@@ -505,13 +505,12 @@ def save_pipeline(result: PipelineResult, folder, data: MMCoTData, cfg: Pipeline
     return folder
 
 
-def _image_size(model) -> Optional[int]:
-    v = getattr(model, "config", None) and model.config.vision
-    if not v:
+def _image_size(model, data: MMCoTData) -> Optional[int]:
+    """The picture size the model was trained on (None: it reads no pictures)."""
+    v = model.config.vision
+    if not v or v.get("kind") == "features":
         return None
-    if v.get("kind") == "vit":
-        return v.get("image_size", 32)
-    return 32 if v.get("kind") == "detr" else None
+    return v.get("image_size") or (getattr(data, "source", None) or {}).get("image_size") or 32
 
 
 def pipeline_config(meta: dict, **overrides) -> PipelineConfig:
@@ -545,7 +544,10 @@ def ask(rationale_model, answer_model, meta: dict, question: str, choices: Seque
     if image is not None:
         size = meta.get("image_size")
         if not size:
-            print("note: this model was trained without pictures; the image is ignored")
+            import sys
+
+            print("note: this model reads no pictures (text only, or precomputed features); the image is ignored",
+                  file=sys.stderr)
         else:
             images = {"q": load_image(image, size) if not isinstance(image, np.ndarray) else image}
     tok = answer_model.tokenizer

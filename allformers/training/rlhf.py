@@ -185,8 +185,7 @@ def _side(batch: dict, side: str) -> dict:
 class RewardConfig:
     # SmolLM2, pairs differing by the opening words: lr 2e-4 left the head near 0 after 20 steps
     # (loss 0.678, margin 0.03: PPO then had nothing to climb); 2e-3 reaches loss 0.005, margin 7.6.
-    # Crossed pairs (different bodies) are harder: 20 steps on them alone left scores near 0.
-    steps: int = 30
+    steps: int = 20
     batch_size: int = 8
     lr: float = 2e-3
     lora: Optional[LoRAConfig] = field(default_factory=lambda: LoRAConfig(rank=8, alpha=16, top_layers=8))

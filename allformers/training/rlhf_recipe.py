@@ -89,59 +89,37 @@ def make_prompts(n_heldout_topics: int = 20, seed: int = 0) -> tuple[list[str], 
 
 
 # ---------------------------------------------------------------------- pairs
-def with_property(reply: str, prop: Property, rng: random.Random) -> str:
-    return reply if prop.check(reply) else prop.add(reply, rng)
-
-
-def without_property(reply: str, prop: Property) -> str:
-    return prop.remove(reply) if prop.check(reply) else reply
-
-
-def make_pairs(prompts: list[str], replies: list[str], prop: Property, seed: int = 0,
-               done: Optional[list[bool]] = None, second: Optional[list[str]] = None,
-               second_done: Optional[list[bool]] = None) -> list[dict]:
-    """{prompt, chosen, rejected, chosen_done, rejected_done} records (done: the reply ended with eos).
-
-    One reply per prompt: the reply with and without the property (the rest identical). With a
-    `second` reply per prompt, two crossed pairs instead: (a with, b without) and (b with, a without).
-    Every body is then once chosen and once rejected, so nothing but the property tells the sides
-    apart: a reward model trained on minimal pairs also scored other features of the text (PPO
-    learned emojis and "!!!", and best-of-n picked those), crossed pairs leave it only the property."""
+def make_pairs(prompts: list[str], replies: list[str], prop: Property, seed: int = 0) -> list[dict]:
+    """{prompt, chosen, rejected} records: each reply with and without the property (the rest of
+    the reply is identical, so the only preference signal is the property)."""
     rng = random.Random(seed)
-    done = done or [True] * len(replies)
     out = []
-
-    def add(p, chosen, c_done, rejected, r_done):
-        if chosen.strip() and rejected.strip() and prop.check(chosen) and not prop.check(rejected):
-            out.append({"prompt": p, "chosen": chosen, "rejected": rejected,
-                        "chosen_done": c_done, "rejected_done": r_done})
-
-    for i, (p, a) in enumerate(zip(prompts, replies)):
-        if second is None:
-            add(p, with_property(a, prop, rng), done[i], without_property(a, prop), done[i])
+    for p, r in zip(prompts, replies):
+        if prop.check(r):
+            chosen, rejected = r, prop.remove(r)
         else:
-            b, b_done = second[i], (second_done or [True] * len(second))[i]
-            add(p, with_property(a, prop, rng), done[i], without_property(b, prop), b_done)
-            add(p, with_property(b, prop, rng), b_done, without_property(a, prop), done[i])
+            chosen, rejected = prop.add(r, rng), r
+        if chosen.strip() and rejected.strip() and prop.check(chosen) and not prop.check(rejected):
+            out.append({"prompt": p, "chosen": chosen, "rejected": rejected})
     return out
 
 
-def encode_pairs(records: list[dict], tokenizer, seed: int = 0) -> PairData:
+def encode_pairs(records: list[dict], tokenizer, finished: list[bool], seed: int = 0) -> PairData:
     """Like pairs_from_records, but a reply that was cut at max_new_tokens gets no end-of-turn token."""
     def reply(text, done):
         ids = tokenizer.backend.encode(text, add_special_tokens=False).ids
         return ids + [tokenizer.eos_id] if done else ids
 
     return PairData([encode_prompt(tokenizer, r["prompt"]) for r in records],
-                    [reply(r["chosen"], r.get("chosen_done", True)) for r in records],
-                    [reply(r["rejected"], r.get("rejected_done", True)) for r in records], pad_id_of(tokenizer), seed)
+                    [reply(r["chosen"], f) for r, f in zip(records, finished)],
+                    [reply(r["rejected"], f) for r, f in zip(records, finished)], pad_id_of(tokenizer), seed)
 
 
 # ---------------------------------------------------------------------- the recipe
 @dataclass
 class RLHFRecipe:
     property: str = "affirmative-opening"
-    train_prompts: int = 128  # two sampled replies each: a minimal pair and two crossed pairs
+    train_prompts: int = 128  # pairs for the reward model and DPO (one sampled reply each)
     eval_prompts: int = 96  # held-out prompts for the rates and KL
     pair_tokens: int = 24  # reply length when sampling the pairs
     eval_tokens: int = 32  # reply length at evaluation
@@ -188,37 +166,35 @@ def run_rlhf(lm, tokenizer, out_dir, recipe: RLHFRecipe = RLHFRecipe(), *, progr
         times[name] = round(time.perf_counter() - t0, 1)
         log(f"[rlhf] {name}: {times[name]:.0f} s")
 
-    # 1. preference pairs from the starting policy's own replies (two per prompt, crossed)
+    # 1. preference pairs from the starting policy's own replies
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(recipe.seed)
-    samples = []
-    for _ in range(2):
-        ids = sample_replies(lm, tokenizer, train_ids, max_new_tokens=recipe.pair_tokens, generator=gen,
+    replies = sample_replies(lm, tokenizer, train_ids, max_new_tokens=recipe.pair_tokens, generator=gen,
                              progress=progress)
-        samples.append(([tokenizer.decode(r) for r in ids], [bool(r) and r[-1] == tokenizer.eos_id for r in ids]))
-    (a, a_done), (b, b_done) = samples
-    # Minimal pairs teach the property fast; crossed pairs stop the reward model from also scoring
-    # the rest of the text. The reward model trains on both, DPO on the minimal ones (it needs no
-    # reward model, and on them it moved the property without collapsing: docs/alignment.md).
-    minimal = [{**r, "kind": "minimal"} for r in make_pairs(train_text, a, prop, recipe.seed, a_done)]
-    crossed = [{**r, "kind": "crossed"} for r in make_pairs(train_text, a, prop, recipe.seed, a_done, b, b_done)]
-    (out / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in minimal + crossed))
-    pairs = encode_pairs(minimal, tokenizer, seed=recipe.seed)
-    rm_pairs = encode_pairs(minimal + crossed, tokenizer, seed=recipe.seed)
+    texts = [tokenizer.decode(r) for r in replies]
+    finished = [bool(r) and r[-1] == tokenizer.eos_id for r in replies]
+    records = make_pairs(train_text, texts, prop, seed=recipe.seed)
+    keep = {r["prompt"] for r in records}
+    finished = [f for p, f in zip(train_text, finished) if p in keep]
+    (out / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    pairs = encode_pairs(records, tokenizer, finished, seed=recipe.seed)
     elapsed("pairs", t0)
 
     # 2. the starting policy on held-out prompts
     t0 = time.perf_counter()
     ev = dict(check=check, max_new_tokens=recipe.eval_tokens, seed=recipe.seed + 1, progress=progress)
     base = evaluate_policy(lm, tokenizer, held_ids, **ev)
-    held_records = make_pairs(held_text, base.pop("texts"), prop, recipe.seed + 1, base.pop("finished"))
+    held_texts, held_done = base.pop("texts"), base.pop("finished")
+    held_records = make_pairs(held_text, held_texts, prop, seed=recipe.seed + 1)
+    kept = {r["prompt"] for r in held_records}
+    held_done = [d for p, d in zip(held_text, held_done) if p in kept]
     elapsed("baseline eval", t0)
     log(f"[rlhf] start: property rate {base['rate']:.3f}")
 
     # 3. reward model
     t0 = time.perf_counter()
-    held_pairs = encode_pairs(held_records, tokenizer)
-    rm, rm_summary = train_reward_model(lm, tokenizer, rm_pairs, recipe.reward, out_dir=out / "reward",
+    held_pairs = encode_pairs(held_records, tokenizer, held_done)
+    rm, rm_summary = train_reward_model(lm, tokenizer, pairs, recipe.reward, out_dir=out / "reward",
                                         eval_pairs=held_pairs, progress=progress)
     score_fn = rm_score_fn(rm, tokenizer)
     rm.save(out / "reward" / "model", tokenizer=tokenizer)  # for `allformers ppo --reward` / `best-of-n --reward`
@@ -261,7 +237,7 @@ def run_rlhf(lm, tokenizer, out_dir, recipe: RLHFRecipe = RLHFRecipe(), *, progr
     plot = plot_rlhf(out / "ppo" / "metrics.jsonl", out / "dpo" / "metrics.jsonl", out / "rlhf.png",
                      baseline_rate=base["rate"])
     summary = {"property": prop.name, "property_description": prop.description, "rows": rows,
-               "pairs": len(pairs), "reward_pairs": len(rm_pairs), "heldout_pairs": len(held_records), "reward_model": rm_summary,
+               "pairs": len(pairs), "heldout_pairs": len(held_records), "reward_model": rm_summary,
                "ppo_last_rollout": ppo_fit["last_rollout"],
                "dpo_last_step": next(r for r in reversed(dpo_fit["history"]) if r["event"] == "train"),
                "times_s": times,
