@@ -235,9 +235,7 @@ def train_reward_model(lm, tokenizer, pairs: PairData, cfg: RewardConfig = Rewar
 
     rm = reward_model_from(lm)
     if cfg.lora is not None:
-        apply_lora(rm.body, cfg.lora)
-    rm.head.out.weight.requires_grad_(True)
-    rm.head.out.bias.requires_grad_(True)
+        apply_lora(rm.body, cfg.lora)  # freezes the body only: the head stays trainable
     tc = TrainConfig(max_iters=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, min_lr=cfg.lr / 10,
                      warmup_iters=max(1, cfg.steps // 10), weight_decay=0.0, eval_interval=0, eval_at_start=False,
                      log_interval=1, checkpoint=False, seed=cfg.seed, num_threads=threads)
@@ -380,11 +378,10 @@ def train_ppo(lm, tokenizer, score_fn: Callable[[list, list], torch.Tensor], pro
     """PPO on `lm` in place (LoRA adapters when cfg.lora; the adapters disabled are the reference).
     score_fn(prompt ids, reply ids) -> (B,) rewards. Returns the Trainer's summary plus the last
     rollout statistics; `lm` keeps its adapters (merge_lora to fold them in)."""
-    if cfg.lora is not None:
-        apply_lora(lm, cfg.lora)
-    else:
+    if cfg.lora is None:
         raise RLHFError("PPO here keeps the reference policy as the LoRA-disabled model; set PPOConfig.lora "
                         "(full fine-tuning would need a second copy of the weights)")
+    apply_lora(lm, cfg.lora)
     policy = PolicyWithValue(lm)
     rollouts = Rollouts(policy, tokenizer, prompts, score_fn, cfg, check)
     tc = TrainConfig(max_iters=cfg.steps, batch_size=cfg.minibatch, lr=cfg.lr, min_lr=cfg.lr, warmup_iters=0,
