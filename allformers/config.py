@@ -27,6 +27,14 @@ TASKS = ("lm", "sequence-classification", "token-classification", "question-answ
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 
 
+
+def config_json(d: dict, path=None) -> str:
+    """A config dict as indented JSON, also written to `path` when given (every config class's to_json)."""
+    text = json.dumps(d, indent=2)
+    if path is not None:
+        Path(path).write_text(text)
+    return text
+
 @dataclass
 class Config:
     # identity
@@ -245,10 +253,7 @@ class Config:
         return dataclasses.asdict(self)
 
     def to_json(self, path=None) -> str:
-        text = json.dumps(self.to_dict(), indent=2)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
+        return config_json(self.to_dict(), path)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":

@@ -45,7 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..blocks import ATTENTION_CLASSES, Attention, build_feedforward, build_norm
-from ..config import Config
+from ..config import Config, config_json
 from ..errors import ConfigError
 from ..objectives.ernie import NO_ENTITY, dea_loss, dea_noise
 from ..objectives.mlm import ObjectiveError, masked_cross_entropy
@@ -143,10 +143,7 @@ class ErnieConfig:
         return d
 
     def to_json(self, path=None) -> str:
-        text = json.dumps(self.to_dict(), indent=2)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
+        return config_json(self.to_dict(), path)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ErnieConfig":

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..blocks.fusion import GatedFusion
 from ..blocks.vision import ConvBackbone, DETREncoder, ViTEncoder, VisionError
-from ..config import Config
+from ..config import Config, config_json
 from ..errors import CheckpointError
 from .lm import TransformerLM
 from .seq2seq import Seq2SeqLM
@@ -56,10 +56,7 @@ class MultimodalConfig:
         return d
 
     def to_json(self, path=None) -> str:
-        text = json.dumps(self.to_dict(), indent=2)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
+        return config_json(self.to_dict(), path)
 
     @classmethod
     def from_dict(cls, d: dict) -> "MultimodalConfig":
