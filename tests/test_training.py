@@ -146,6 +146,11 @@ def test_metrics_plot_and_checkpoint_written(tmp_path):
     reloaded = allformers.load(tmp_path / "checkpoint")
     for a, b in zip(reloaded.parameters(), trainer.raw_model.parameters()):
         assert torch.equal(a, b)
+    # a second run from step 0 in the same folder starts its own curve; the last one is kept aside
+    tiny_trainer(tmp_path, max_iters=10, log_interval=5, eval_interval=0).fit()
+    again = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert again == [5, 10]
+    assert [json.loads(x) for x in (tmp_path / "metrics.prev.jsonl").read_text().splitlines()] == records
 
 
 def test_mfu_pieces():

@@ -97,6 +97,8 @@ def generate(model, input_ids: torch.Tensor, *, attention_mask: Optional[torch.T
     eos = eos_tensor(eos_id)
     pad_id = pad_id if pad_id is not None else (int(eos[0]) if len(eos) else 0)
     input_ids = input_ids.to(model.device)
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(model.device)
 
     cache = model.new_cache(B, T + max_new_tokens)
     logits = model(input_ids, attention_mask=attention_mask, cache=cache, last_only=True)[:, -1]
@@ -119,7 +121,13 @@ def decode_loop(step: Callable, logits: torch.Tensor, out: torch.Tensor, *, max_
         logits = process_logits(logits.float(), out, temperature=temperature, top_k=top_k, top_p=top_p,
                                 repetition_penalty=repetition_penalty)
         if temperature:
-            nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+            probs = logits.softmax(-1)
+            if generator is not None and generator.device != probs.device:
+                # a CPU generator with a GPU model: draw on the CPU, so a seed gives the same
+                # stream wherever the model runs
+                nxt = torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(device)
+            else:
+                nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
         else:
             nxt = logits.argmax(-1)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)

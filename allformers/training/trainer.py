@@ -326,6 +326,9 @@ class Trainer:
         if self.is_main:
             self._peak = measured_peak_flops(self.device)
         self.raw_model.train()
+        if self.step == 0 and self.is_main and self.metrics_path and self.metrics_path.exists():
+            # a fresh run in a used folder: its curves must not continue the last run's (kept aside)
+            self.metrics_path.replace(self.metrics_path.with_name("metrics.prev.jsonl"))
         if self.step == 0 and cfg.eval_at_start and self.eval_data:
             self._eval_and_log()
         bar = tqdm(total=cfg.max_iters, initial=self.step, disable=not (self.progress and self.is_main),
