@@ -21,6 +21,24 @@ from allformers.cli.common import load_model
 from allformers.training.rlhf_recipe import RLHFRecipe, format_table, quick_recipe, run_rlhf
 
 
+def override(recipe, item: str):
+    """recipe with one "a.b=value" field replaced (value read as JSON, else as a string)."""
+    import dataclasses
+
+    path, sep, raw = item.partition("=")
+    if not sep:
+        raise SystemExit(f"--set {item!r}: write FIELD=VALUE, e.g. ppo.kl_coef=0.3")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    head, _, rest = path.partition(".")
+    if not dataclasses.is_dataclass(recipe) or head not in {f.name for f in dataclasses.fields(recipe)}:
+        raise SystemExit(f"--set {item!r}: no field {head!r}; fields: {[f.name for f in dataclasses.fields(recipe)]}")
+    inner = override(getattr(recipe, head), f"{rest}={raw}") if rest else value
+    return dataclasses.replace(recipe, **{head: inner})
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2")
@@ -28,15 +46,21 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny settings: checks that every stage runs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int)
+    p.add_argument("--device", default="cpu", help="cpu (the target's setting), cuda, or auto")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a recipe field, e.g. --set ppo.kl_coef=0.3 --set reward.steps=40 (JSON values)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
     t0 = time.perf_counter()
     load = os.getloadavg()[0]
-    lm = load_model(args.model)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    lm = load_model(args.model).to(device)
     recipe = RLHFRecipe(seed=args.seed)
     if args.quick:
         recipe = quick_recipe(recipe)
+    for item in args.set:
+        recipe = override(recipe, item)
     s = run_rlhf(lm, lm.tokenizer, args.out, recipe, progress=not args.no_progress, threads=args.threads,
                  log=lambda m: print(m, file=sys.stderr))
     wall = time.perf_counter() - t0
@@ -49,7 +73,7 @@ def main(argv=None):
               "best_of_n_rate": next((r["rate"] for k, r in rows.items() if k.startswith("best-of")), None),
               "reward_model_heldout_accuracy": s["reward_model"]["heldout"]["accuracy"],
               "heldout_replies": rows["start"]["n"], "wall_time_s": round(wall, 1), "load_avg_before": load,
-              "threads": torch.get_num_threads(), "quick": args.quick, "plot": s["plot"]}
+              "threads": torch.get_num_threads(), "device": device, "quick": args.quick, "plot": s["plot"]}
     result["met"] = bool(result["ppo_gain_pp"] >= 30 and result["dpo_gain_pp"] >= 30 and result["ppo_kl"] < 10
                          and result["dpo_kl"] < 10 and wall <= 1800)
     print(json.dumps(result))

@@ -228,9 +228,15 @@ def test_property_and_pairs():
     assert prop.check("Sure! Here is a tip.") and prop.check("  of course, I can help")
     assert not prop.check("Surely not") and not prop.check("The tip is: of course")
     assert prop.remove("Certainly! here it is") == "Here it is"
-    pairs = make_pairs(["p1", "p2"], ["Sure, do this.", "Do that."], prop)
+    pairs = make_pairs(["p1", "p2"], ["Sure, do this.", "Do that."], prop, near_miss=False)
     assert pairs[0] == {"prompt": "p1", "chosen": "Sure, do this.", "rejected": "Do this."}
     assert pairs[1]["rejected"] == "Do that." and prop.check(pairs[1]["chosen"])
+    # near misses: the same chosen reply over a decoy opener on the same body, which fails the check
+    pairs = make_pairs(["p1", "p2"], ["Sure, do this.", "Do that."], prop, seed=3)
+    assert [p["prompt"] for p in pairs] == ["p1", "p1", "p2", "p2"]
+    for minimal, decoy in (pairs[0:2], pairs[2:4]):
+        assert decoy["chosen"] == minimal["chosen"] and not prop.check(decoy["rejected"])
+        assert decoy["rejected"].endswith(minimal["rejected"]) and decoy["rejected"] != minimal["rejected"]
     train, held = make_prompts()
     assert len(set(train) & set(held)) == 0 and len(held) == 20 * 6
     with pytest.raises(RLHFError, match="equally many"):

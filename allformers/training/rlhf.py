@@ -176,6 +176,11 @@ def split_records(records: Sequence[dict], fraction: float) -> tuple[list, list]
     return train, [r for r in records if held(r)]
 
 
+def _device_of(model) -> str:
+    # train where the model already is (the Trainer's "auto" would move a CPU model to a GPU)
+    return next(model.parameters()).device.type
+
+
 def _side(batch: dict, side: str) -> dict:
     return {k[len(side) + 1:]: v for k, v in batch.items() if k.startswith(side + "_")}
 
@@ -238,7 +243,8 @@ def train_reward_model(lm, tokenizer, pairs: PairData, cfg: RewardConfig = Rewar
         apply_lora(rm.body, cfg.lora)  # freezes the body only: the head stays trainable
     tc = TrainConfig(max_iters=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, min_lr=cfg.lr / 10,
                      warmup_iters=max(1, cfg.steps // 10), weight_decay=0.0, eval_interval=0, eval_at_start=False,
-                     log_interval=1, checkpoint=False, seed=cfg.seed, num_threads=threads)
+                     log_interval=1, checkpoint=False, seed=cfg.seed, num_threads=threads,
+                     device=_device_of(lm))
     trainer = Trainer(rm, RewardLoss(), pairs, tc, out_dir=out_dir, progress=progress)
     fit = trainer.fit()
     if cfg.lora is not None:
@@ -386,7 +392,8 @@ def train_ppo(lm, tokenizer, score_fn: Callable[[list, list], torch.Tensor], pro
     rollouts = Rollouts(policy, tokenizer, prompts, score_fn, cfg, check)
     tc = TrainConfig(max_iters=cfg.steps, batch_size=cfg.minibatch, lr=cfg.lr, min_lr=cfg.lr, warmup_iters=0,
                      weight_decay=0.0, grad_clip=cfg.grad_clip, eval_interval=0, eval_at_start=False, log_interval=1,
-                     checkpoint=False, seed=cfg.seed, num_threads=threads)
+                     checkpoint=False, seed=cfg.seed, num_threads=threads,
+                     device=_device_of(lm))
     trainer = Trainer(policy, PPOLoss(rollouts), rollouts, tc, out_dir=out_dir, progress=progress)
     fit = trainer.fit()
     return {**fit, "last_rollout": rollouts.stats, "history": trainer.history}
@@ -447,7 +454,8 @@ def train_dpo(lm, tokenizer, pairs: PairData, cfg: DPOConfig = DPOConfig(), *, o
     data = dataclasses.replace(pairs, extra={"ref_chosen": ref_c, "ref_rejected": ref_r}, seed=cfg.seed)
     tc = TrainConfig(max_iters=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, min_lr=cfg.lr / 10,
                      warmup_iters=max(1, cfg.steps // 10), weight_decay=0.0, eval_interval=0, eval_at_start=False,
-                     log_interval=1, checkpoint=False, seed=cfg.seed, num_threads=threads)
+                     log_interval=1, checkpoint=False, seed=cfg.seed, num_threads=threads,
+                     device=_device_of(lm))
     trainer = Trainer(lm, DPOLoss(cfg.beta, cfg.loss), data, tc, out_dir=out_dir, progress=progress)
     fit = trainer.fit()
     return {**fit, "history": trainer.history}

@@ -2,7 +2,8 @@
 
 1. Prompts: everyday requests from templates x topics; held-out prompts use topics never seen in training.
 2. Preference pairs where a program can check which reply is better: the starting policy samples a
-   reply to each training prompt, and the pair is that reply with and without the property.
+   short reply to each training prompt; the reply with the property is preferred over the same reply
+   without it, and over the same reply behind a look-alike that fails the check (a near miss).
 3. Reward model: the starting LM with a scalar head, trained on the pairs (accuracy on held-out pairs).
 4. PPO against the reward model with a KL penalty to the starting policy; separately DPO on the pairs.
 5. On held-out prompts: the share of sampled replies with the property and the mean KL per reply to
@@ -37,6 +38,7 @@ class Property:
     check: Callable[[str], bool]  # does this reply have it?
     add: Callable[[str, random.Random], str]  # the reply rewritten to have it
     remove: Callable[[str], str]  # the reply rewritten not to have it
+    near_miss: Optional[Callable[[str, random.Random], str]] = None  # rewritten to look like it, without it
 
 
 OPENERS = ("Sure!", "Of course!", "Certainly!", "Absolutely!")
@@ -56,10 +58,21 @@ def _remove_opener(reply: str) -> str:
     return rest[:1].upper() + rest[1:] if rest else rest
 
 
+# Openers that are not the property. With only minimal pairs ("Sure! X" over "X") the reward model
+# learned "a short exclamation first" and PPO climbed it with "Alrighten!", "Wonderful!" (rate 0.36 while
+# the reward rose 5 points); pairs against these decoys teach it which words count.
+DECOYS = ("Well!", "Oh!", "Wow!", "Hello!", "Great question!", "Alright!", "Hmm,", "Okay!", "Wonderful!",
+          "Interesting!", "Hi there!", "Ah,", "Yes!", "Good question!", "Happy to help!", "Indeed!")
+
+
+def _decoy_opener(reply: str, rng: random.Random) -> str:
+    return f"{rng.choice(DECOYS)} {_remove_opener(reply).lstrip()}"
+
+
 PROPERTIES = {
     "affirmative-opening": Property(
         "affirmative-opening", "the reply opens by agreeing to help: Sure / Of course / Certainly / Absolutely",
-        _opens_affirmative, _add_opener, _remove_opener),
+        _opens_affirmative, _add_opener, _remove_opener, _decoy_opener),
 }
 
 
@@ -89,9 +102,11 @@ def make_prompts(n_heldout_topics: int = 20, seed: int = 0) -> tuple[list[str], 
 
 
 # ---------------------------------------------------------------------- pairs
-def make_pairs(prompts: list[str], replies: list[str], prop: Property, seed: int = 0) -> list[dict]:
+def make_pairs(prompts: list[str], replies: list[str], prop: Property, seed: int = 0,
+               near_miss: bool = True) -> list[dict]:
     """{prompt, chosen, rejected} records: each reply with and without the property (the rest of
-    the reply is identical, so the only preference signal is the property)."""
+    the reply is identical, so the only preference signal is the property), and, with `near_miss`
+    (when the property has one), a second pair of the same chosen reply over a look-alike without it."""
     rng = random.Random(seed)
     out = []
     for p, r in zip(prompts, replies):
@@ -99,8 +114,10 @@ def make_pairs(prompts: list[str], replies: list[str], prop: Property, seed: int
             chosen, rejected = r, prop.remove(r)
         else:
             chosen, rejected = prop.add(r, rng), r
-        if chosen.strip() and rejected.strip() and prop.check(chosen) and not prop.check(rejected):
-            out.append({"prompt": p, "chosen": chosen, "rejected": rejected})
+        sides = [rejected] + ([prop.near_miss(r, rng)] if near_miss and prop.near_miss else [])
+        for rej in sides:
+            if chosen.strip() and rej.strip() and prop.check(chosen) and not prop.check(rej):
+                out.append({"prompt": p, "chosen": chosen, "rejected": rej})
     return out
 
 
@@ -121,10 +138,15 @@ class RLHFRecipe:
     property: str = "affirmative-opening"
     train_prompts: int = 128  # pairs for the reward model and DPO (one sampled reply each)
     eval_prompts: int = 96  # held-out prompts for the rates and KL
-    pair_tokens: int = 24  # reply length when sampling the pairs
+    # Reply length of the pairs and of PPO's rollouts. The property is decided by the first words; with
+    # 24-token replies the reward model's score varied more with the rest of the reply than with the opener
+    # (best-of-4 picked property replies no more often than chance) and PPO gained 5-26 points; with 8
+    # tokens PPO gained 87-89 points over three seeds (docs/alignment.md).
+    pair_tokens: int = 8
+    near_miss: bool = True  # also pair each chosen reply against a look-alike without the property
     eval_tokens: int = 32  # reply length at evaluation
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    ppo: PPOConfig = field(default_factory=PPOConfig)
+    reward: RewardConfig = field(default_factory=lambda: RewardConfig(steps=40))  # two pairs per prompt
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(max_new_tokens=8, kl_coef=1.0))
     dpo: DPOConfig = field(default_factory=DPOConfig)
     best_of: int = 4  # best-of-n reranking row (0: skip)
     best_of_prompts: int = 24
@@ -173,9 +195,9 @@ def run_rlhf(lm, tokenizer, out_dir, recipe: RLHFRecipe = RLHFRecipe(), *, progr
                              progress=progress)
     texts = [tokenizer.decode(r) for r in replies]
     finished = [bool(r) and r[-1] == tokenizer.eos_id for r in replies]
-    records = make_pairs(train_text, texts, prop, seed=recipe.seed)
-    keep = {r["prompt"] for r in records}
-    finished = [f for p, f in zip(train_text, finished) if p in keep]
+    records = make_pairs(train_text, texts, prop, seed=recipe.seed, near_miss=recipe.near_miss)
+    done_of = dict(zip(train_text, finished))  # prompts are distinct; a prompt may give two pairs
+    finished = [done_of[r["prompt"]] for r in records]
     (out / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     pairs = encode_pairs(records, tokenizer, finished, seed=recipe.seed)
     elapsed("pairs", t0)
@@ -185,9 +207,9 @@ def run_rlhf(lm, tokenizer, out_dir, recipe: RLHFRecipe = RLHFRecipe(), *, progr
     ev = dict(check=check, max_new_tokens=recipe.eval_tokens, seed=recipe.seed + 1, progress=progress)
     base = evaluate_policy(lm, tokenizer, held_ids, **ev)
     held_texts, held_done = base.pop("texts"), base.pop("finished")
-    held_records = make_pairs(held_text, held_texts, prop, seed=recipe.seed + 1)
-    kept = {r["prompt"] for r in held_records}
-    held_done = [d for p, d in zip(held_text, held_done) if p in kept]
+    held_records = make_pairs(held_text, held_texts, prop, seed=recipe.seed + 1, near_miss=recipe.near_miss)
+    done_of = dict(zip(held_text, held_done))
+    held_done = [done_of[r["prompt"]] for r in held_records]
     elapsed("baseline eval", t0)
     log(f"[rlhf] start: property rate {base['rate']:.3f}")
 
