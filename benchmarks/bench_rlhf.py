@@ -32,11 +32,15 @@ def override(recipe, item: str):
         value = json.loads(raw)
     except json.JSONDecodeError:
         value = raw
-    head, _, rest = path.partition(".")
-    if not dataclasses.is_dataclass(recipe) or head not in {f.name for f in dataclasses.fields(recipe)}:
-        raise SystemExit(f"--set {item!r}: no field {head!r}; fields: {[f.name for f in dataclasses.fields(recipe)]}")
-    inner = override(getattr(recipe, head), f"{rest}={raw}") if rest else value
-    return dataclasses.replace(recipe, **{head: inner})
+
+    def replace(obj, names):
+        fields = [f.name for f in dataclasses.fields(obj)] if dataclasses.is_dataclass(obj) else []
+        if names[0] not in fields:
+            raise SystemExit(f"--set {item!r}: no field {names[0]!r} here; fields: {fields}")
+        inner = replace(getattr(obj, names[0]), names[1:]) if len(names) > 1 else value
+        return dataclasses.replace(obj, **{names[0]: inner})
+
+    return replace(recipe, path.split("."))
 
 
 def main(argv=None):
