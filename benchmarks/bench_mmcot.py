@@ -11,6 +11,10 @@ questions whose answer is in the picture, plus text-only temperature and verb-te
   one-stage text-only    T5, QCM-A
   decoder-only + vision  PaLM-E style: a LLaMA-layout decoder with the projected ViT tokens in its input
                          (one-stage QCM-A by default, half the steps; --decoder-mode two-stage)
+  SmolLM2 + vision       PaLM-E with a pretrained LM: the real SmolLM2-135M-Instruct (frozen, LoRA on its
+                         top blocks) reading projected tokens of a frozen pretrained ViT: the first row's
+                         stage-1 ViT (PaLM-E's frozen ViT); one-stage QCM-A, trained on the same problems
+                         for --smollm2-steps, scored on the first --smollm2-test test problems
 
 Models are trained from scratch (2+2-layer T5 / 4-layer decoder, --d-model wide, ViT with a conv
 stem, one BPE trained on the training texts) with the same optimizer settings; stage 1 and the
@@ -35,7 +39,34 @@ import torch
 
 warnings.filterwarnings("ignore")
 
-ROWS = ("two-stage-vision", "two-stage-text", "one-stage-vision", "one-stage-text", "decoder-vision")
+ROWS = ("two-stage-vision", "two-stage-text", "one-stage-vision", "one-stage-text", "decoder-vision",
+        "smollm2-vision")
+
+
+def smollm2_row(args, data, train_q, test_q, vision, train, results):
+    """PaLM-E with the real SmolLM2-135M-Instruct: its weights frozen, LoRA on the top 8 blocks, a trained
+    projection from a frozen ViT's tokens into its input embeddings (inside the chat template, before the
+    question). The ViT is the two-stage + vision row's stage-1 encoder (run that row first), as PaLM-E
+    reuses a pretrained ViT; without it the ViT starts random and stays frozen."""
+    from allformers.cli.common import load_any
+    from allformers.training.mmcot import ModelFactory, ModelSpec, PipelineConfig, run_pipeline
+
+    lm = load_any("smollm2")
+    view = data.with_tokenizer(lm.tokenizer, chat=True)
+    donor = results.get("two-stage-vision")
+    state = donor.models["rationale"].vision.state_dict() if donor is not None else None
+    if state is None:
+        print("note: smollm2-vision runs without the two-stage-vision row's ViT: a frozen random ViT",
+              file=sys.stderr)
+    spec = ModelSpec(variant="decoder", base="smollm2", vision=vision, train_vision=False, seed=args.seed,
+                     lora=dict(rank=8, alpha=16.0, top_layers=8))
+    steps, lr = args.smollm2_steps, args.smollm2_lr
+    cfg = PipelineConfig(two_stage=False, eval_batch_size=32,
+                         answer_train=train.replace(batch_size=8, lr=lr, min_lr=lr / 10, weight_decay=0.0,
+                                                    max_iters=steps, warmup_iters=max(1, steps // 20), log_interval=10))
+    result = run_pipeline(ModelFactory(spec, view, lm=lm, vision_state=state), view, train_q,
+                          test_q[:args.smollm2_test], cfg, progress=True)
+    return result, cfg, view
 
 
 def main(argv=None):
@@ -59,6 +90,10 @@ def main(argv=None):
     ap.add_argument("--stage2-init", default="base", choices=("base", "stage1"))
     ap.add_argument("--decoder-mode", default="one-stage", choices=("two-stage", "one-stage"),
                     help="the decoder row's pipeline (one-stage keeps the whole run near 20 minutes on one thread)")
+    ap.add_argument("--smollm2-steps", type=int, default=150, help="the SmolLM2 row's optimizer steps (batch 8)")
+    ap.add_argument("--smollm2-lr", type=float, default=1e-3)
+    ap.add_argument("--smollm2-test", type=int, default=300,
+                    help="the SmolLM2 row is scored on the first N test problems (135M parameters on a CPU)")
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: tiny models on shared cores)")
@@ -66,6 +101,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.quick:
         args.n_train, args.n_test, args.rationale_steps, args.answer_steps = 300, 60, 20, 20
+        args.smollm2_steps, args.smollm2_test = 4, 16
     args.one_stage_steps = args.one_stage_steps or args.rationale_steps
     args.decoder_steps = args.decoder_steps or max(1, args.one_stage_steps // 2)
     torch.set_num_threads(args.threads)
@@ -112,17 +148,21 @@ def main(argv=None):
                                 args.decoder_mode == "two-stage")}
     results = {}
     for name in rows:
-        spec, two = specs[name]
         print(f"--- {name}", file=sys.stderr, flush=True)
-        cfg = pipeline(two, decoder=name.startswith("decoder"))
-        results[name] = run_pipeline(ModelFactory(spec, data), data, train_q, test_q, cfg, progress=True)
+        if name == "smollm2-vision":
+            results[name], cfg, row_data = smollm2_row(args, data, train_q, test_q, vision, train, results)
+        else:
+            spec, two = specs[name]
+            cfg, row_data = pipeline(two, decoder=name.startswith("decoder")), data
+            results[name] = run_pipeline(ModelFactory(spec, data), data, train_q, test_q, cfg, progress=True)
         if args.out:
-            save_pipeline(results[name], os.path.join(args.out, name), data, cfg)
+            save_pipeline(results[name], os.path.join(args.out, name), row_data, cfg)
 
     # ------------------------------------------------------------------ report
     label = {"two-stage-vision": "Two-stage + vision (T5)", "two-stage-text": "Two-stage text-only (T5)",
              "one-stage-vision": "One-stage QCM-A + vision", "one-stage-text": "One-stage QCM-A text-only",
-             "decoder-vision": f"Decoder-only + vision ({args.decoder_mode})"}
+             "decoder-vision": f"Decoder-only + vision ({args.decoder_mode})",
+             "smollm2-vision": f"SmolLM2 + LoRA + frozen ViT ({args.smollm2_test} test)"}
     print(f"\nMultimodal-CoT on the synthetic science set: {len(train_q)} training / {len(test_q)} test problems, "
           f"{args.vision} vision, d_model {d}, steps: rationale {args.rationale_steps}, answer {args.answer_steps}, "
           f"one-stage {args.one_stage_steps}, decoder {args.decoder_steps} (batch {args.batch_size})\n")

@@ -343,6 +343,37 @@ def test_two_stage_pipeline_runs_end_to_end(tmp_path, variant):
     assert set(out) == {"rationale", "answer", "choice", "choice_text"} and isinstance(out["rationale"], str)
 
 
+def test_pretrained_frozen_vision_encoder_moves_between_models():
+    """PaLM-E's setting in the benchmark: a ViT trained inside one model (the T5 row) starts another
+    (a decoder with its own tokenizer), frozen: identical weights, and training leaves them as they were."""
+    from allformers.training.mmcot import MMCoTData, ModelFactory, ModelSpec, MMCoTError, train_stage, train_tokenizer
+    from allformers.training.trainer import TrainConfig
+
+    data = MMCoTData.synthetic(16, 0, 0, seed=0)
+    data.tokenizer = train_tokenizer([s + " " + t for s, t in data.texts(data.splits["train"], "QCM-LE")], 500)
+    other = data.with_tokenizer(train_tokenizer([s for s, _ in data.texts(data.splits["train"], "QCM-A")], 400),
+                                chat=False)
+    assert other.tokenizer is not data.tokenizer and other.pixels is data.pixels and data.tokenizer.vocab_size == 500
+    vit = {"kind": "vit", "image_size": 32, "patch_size": 8, "width": 16, "depth": 1, "heads": 2}
+    donor = ModelFactory(ModelSpec(vision=vit, size=dict(n_embd=32, head_dim=16, n_head=2, intermediate_size=64),
+                                   seed=1), data)()
+    state = {k: v.clone() for k, v in donor.vision.state_dict().items()}
+    spec = ModelSpec(variant="decoder", vision=vit, size=dict(n_embd=32, n_head=2, n_layer=1, intermediate_size=64),
+                     train_vision=False, seed=2)
+    model = ModelFactory(spec, other, vision_state=state)()
+    assert all(torch.equal(v, state[k]) for k, v in model.vision.state_dict().items())
+    assert not any(p.requires_grad for p in model.vision.parameters())
+    tc = TrainConfig(max_iters=2, batch_size=4, lr=1e-2, warmup_iters=1, eval_interval=0, eval_at_start=False,
+                     log_interval=1)
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    train_stage(model, other, other.splits["train"], "QCM-A", tc, progress=False)
+    assert all(torch.equal(v, state[k]) for k, v in model.vision.state_dict().items())
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if not n.startswith("vision."))
+    with pytest.raises(MMCoTError, match="no vision encoder"):
+        ModelFactory(ModelSpec(vision=None, size=dict(n_embd=32, head_dim=16, n_head=2, intermediate_size=64)),
+                     data, vision_state=state)()
+
+
 def test_cli_train_eval_ask(tmp_path, capsys):
     from allformers.cli.main import main
 

@@ -116,6 +116,13 @@ class MMCoTData:
         data.source = {"kind": "folder", "root": str(root), "image_size": image_size}
         return data
 
+    def with_tokenizer(self, tokenizer, chat: bool) -> "MMCoTData":
+        """The same problems and pictures for another model: its tokenizer, and chat=True for a pretrained
+        chat decoder (the prompt goes inside its chat template)."""
+        view = copy.copy(self)
+        view.tokenizer, view.chat = tokenizer, chat
+        return view
+
     # --- text
     def texts(self, qids: Sequence, fmt: str, rationales: Optional[Sequence[str]] = None) -> list[tuple[str, str]]:
         return [build_pair(self.problems[q], fmt, rationales[i] if rationales is not None else None, self.use_caption)
@@ -226,6 +233,7 @@ class ModelSpec:
     size: dict = field(default_factory=dict)  # overrides of T5_TINY / DECODER_TINY (from-scratch models)
     base: Optional[str] = None  # decoder: a pretrained LM ("smollm2" or a path); None: from scratch
     lora: Optional[dict] = None  # with base: LoRAConfig fields; None trains the projection (and vision) only
+    train_vision: bool = True  # False: the vision encoder stays frozen (PaLM-E with a pretrained ViT)
     dropout: float = 0.0
     seed: int = 0
 
@@ -243,15 +251,25 @@ def is_decoder(model) -> bool:
 
 class ModelFactory:
     """Builds the same starting model every time it is called (stage 2 may start where stage 1 did):
-    the first build is kept and deep-copied."""
+    the first build is kept and deep-copied. `vision_state`: weights for the vision encoder (e.g. one
+    trained in another model) loaded over its fresh initialization."""
 
-    def __init__(self, spec: ModelSpec, data: MMCoTData, lm=None):
+    def __init__(self, spec: ModelSpec, data: MMCoTData, lm=None, vision_state: Optional[dict] = None):
         self.spec, self.data, self.lm = spec, data, lm  # lm: the base LM, if the caller loaded it already
+        self.vision_state = vision_state
         self._pristine = None
 
     def __call__(self):
         if self._pristine is None:
-            self._pristine = self._build()
+            model = self._build()
+            if self.vision_state is not None:
+                if getattr(model, "vision", None) is None:
+                    raise MMCoTError("vision_state given, but this model has no vision encoder (vision=None or "
+                                     "precomputed features)")
+                model.vision.load_state_dict(self.vision_state)
+            if not self.spec.train_vision and getattr(model, "vision", None) is not None:
+                model.vision.requires_grad_(False)
+            self._pristine = model
         return copy.deepcopy(self._pristine)
 
     def _vision(self):
