@@ -19,7 +19,9 @@ def test_quick_rlhf_recipe_on_smollm2(tmp_path):
     rows = s["rows"]
     assert set(rows) == {"start", "ppo", "dpo", "best-of-4"}
     assert rows["start"]["kl"] == 0.0 and all(0.0 <= r["rate"] <= 1.0 for r in rows.values())
-    assert all(rows[k]["kl"] > 0 for k in ("ppo", "dpo"))  # the trained policies moved
+    # the trained policies moved: untouched adapters give exactly 0 (B = 0); the sign of a Monte-Carlo
+    # KL estimate on 16 replies after 8 small PPO steps is noise
+    assert all(rows[k]["kl"] != 0.0 for k in ("ppo", "dpo")), {k: rows[k]["kl"] for k in ("ppo", "dpo")}
     pairs = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
     check = PROPERTIES["affirmative-opening"].check
     assert pairs and all(check(p["chosen"]) and not check(p["rejected"]) for p in pairs)
