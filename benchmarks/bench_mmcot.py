@@ -107,7 +107,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
 
-    from allformers.data.scienceqa import COLUMNS, format_table
+    from allformers.data.scienceqa import COLUMNS, chance as guessing, format_table
     from allformers.data.synthetic_science import KINDS, WITH_IMAGE
     from allformers.training.mmcot import (DETR, VIT, MMCoTData, ModelFactory, ModelSpec, PipelineConfig,
                                            run_pipeline, save_pipeline, train_tokenizer)
@@ -188,8 +188,7 @@ def main(argv=None):
             hits[p["kind"]].append(pred == p["answer"])
         per_kind[n] = {k: 100 * sum(v) / len(v) for k, v in hits.items()}
         print(f"{label[n]:<34}" + " ".join(f"{per_kind[n].get(k, float('nan')):>12.1f}" for k in kinds))
-    img_q = [q for q in test_q if data.problems[q]["image"]]
-    chance_img = 100 * sum(1 / len(data.problems[q]["choices"]) for q in img_q) / max(1, len(img_q))
+    chance_img = guessing(data.problems, test_q)["IMG"] or 0.0  # the paper's random-chance row, IMG column
     print(f"chance on the picture questions (IMG): {chance_img:.1f}%")
 
     print("\nmean fusion gate over the text tokens (T5 + vision rows), questions with / without a picture:")
