@@ -181,6 +181,15 @@ def _device_of(model) -> str:
     return next(model.parameters()).device.type
 
 
+def _pair_train_config(cfg, model, threads: Optional[int]) -> TrainConfig:
+    """The Trainer settings of the pair trainings (reward model, DPO): cfg's steps, batch, lr and seed,
+    10% warm-up, cosine to lr / 10, no weight decay, every step logged, no checkpoints."""
+    return TrainConfig(max_iters=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, min_lr=cfg.lr / 10,
+                       warmup_iters=max(1, cfg.steps // 10), weight_decay=0.0, eval_interval=0, eval_at_start=False,
+                       log_interval=1, checkpoint=False, seed=cfg.seed, num_threads=threads,
+                       device=_device_of(model))
+
+
 def _side(batch: dict, side: str) -> dict:
     return {k[len(side) + 1:]: v for k, v in batch.items() if k.startswith(side + "_")}
 
@@ -241,10 +250,7 @@ def train_reward_model(lm, tokenizer, pairs: PairData, cfg: RewardConfig = Rewar
     rm = reward_model_from(lm)
     if cfg.lora is not None:
         apply_lora(rm.body, cfg.lora)  # freezes the body only: the head stays trainable
-    tc = TrainConfig(max_iters=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, min_lr=cfg.lr / 10,
-                     warmup_iters=max(1, cfg.steps // 10), weight_decay=0.0, eval_interval=0, eval_at_start=False,
-                     log_interval=1, checkpoint=False, seed=cfg.seed, num_threads=threads,
-                     device=_device_of(lm))
+    tc = _pair_train_config(cfg, lm, threads)
     trainer = Trainer(rm, RewardLoss(), pairs, tc, out_dir=out_dir, progress=progress)
     fit = trainer.fit()
     if cfg.lora is not None:
@@ -452,10 +458,7 @@ def train_dpo(lm, tokenizer, pairs: PairData, cfg: DPOConfig = DPOConfig(), *, o
     apply_lora(lm, cfg.lora)
     ref_c, ref_r = reference_logprobs(lm, pairs)
     data = dataclasses.replace(pairs, extra={"ref_chosen": ref_c, "ref_rejected": ref_r}, seed=cfg.seed)
-    tc = TrainConfig(max_iters=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, min_lr=cfg.lr / 10,
-                     warmup_iters=max(1, cfg.steps // 10), weight_decay=0.0, eval_interval=0, eval_at_start=False,
-                     log_interval=1, checkpoint=False, seed=cfg.seed, num_threads=threads,
-                     device=_device_of(lm))
+    tc = _pair_train_config(cfg, lm, threads)
     trainer = Trainer(lm, DPOLoss(cfg.beta, cfg.loss), data, tc, out_dir=out_dir, progress=progress)
     fit = trainer.fit()
     return {**fit, "history": trainer.history}
