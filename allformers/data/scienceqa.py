@@ -65,6 +65,23 @@ def load_scienceqa(root, captions: bool = True) -> tuple[dict, dict]:
     return problems, {k: [str(q) for q in v] for k, v in splits.items()}
 
 
+def load_captions(root, split: Optional[str] = None) -> list[str]:
+    """The non-empty picture captions of captions.json, whitespace collapsed, in question-id order (text for
+    the text towers of CLIP-style models); `split` keeps only that split's questions."""
+    root = Path(root)
+    file = root / "captions.json"
+    if not file.is_file():
+        raise ScienceQAError(f"no captions.json in {root}; ScienceQA's captions file is {{\"captions\": {{qid: caption}}}}")
+    caps = json.loads(file.read_text()).get("captions", {})
+    if split is not None:
+        _, splits = load_scienceqa(root, captions=False)
+        if split not in splits:
+            raise ScienceQAError(f"split {split!r} is not among {sorted(splits)} in {root}")
+        keep = set(splits[split])
+        caps = {q: c for q, c in caps.items() if q in keep}
+    return [_clean(caps[q]) for q in sorted(caps, key=lambda q: (len(q), q)) if caps[q].strip()]
+
+
 def image_path(root, qid: str, problem: dict) -> Optional[Path]:
     """Where the problem's picture would be: images/<qid>/image.png or images/<split>/<qid>/image.png."""
     if not problem.get("image"):

@@ -102,7 +102,8 @@ class SyntheticScience:
 
 
 # ---------------------------------------------------------------------- drawing helpers
-def _canvas(rng, S):
+def canvas(rng, S):
+    """A new S x S RGB picture with an off-white background drawn from `rng` -> (image, ImageDraw)."""
     from PIL import Image, ImageDraw
 
     tint = tuple(int(v) for v in 255 - rng.integers(0, 25, size=3))  # an off-white background
@@ -110,12 +111,15 @@ def _canvas(rng, S):
     return img, ImageDraw.Draw(img)
 
 
-def _shape(draw, kind, cx, cy, r, colour):
+def draw_shape(draw, kind, cx, cy, r, colour):
+    """A filled circle, square, triangle or diamond of "radius" r (half its width) centred at (cx, cy)."""
     box = [cx - r, cy - r, cx + r, cy + r]
     if kind == "circle":
         draw.ellipse(box, fill=colour)
     elif kind == "square":
         draw.rectangle(box, fill=colour)
+    elif kind == "diamond":
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=colour)
     else:  # triangle
         draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
 
@@ -127,7 +131,7 @@ def _pick(choices: list[str], correct: str) -> tuple[list[str], int]:
 # ---------------------------------------------------------------------- the eight kinds
 # Each returns (question, hint, choices, answer index, solution, image or None).
 def _magnets(rng, S):
-    img, d = _canvas(rng, S)
+    img, d = canvas(rng, S)
     h, half = max(4, S // 6), S // 5  # magnet height, pole length
     y = int(rng.integers(S // 5, S - S // 5 - h))
     x0 = int(rng.integers(1, max(2, S // 10)))
@@ -152,7 +156,7 @@ def _magnets(rng, S):
 
 
 def _thermometers(rng, S):
-    img, d = _canvas(rng, S)
+    img, d = canvas(rng, S)
     top, bottom, w = 2, S - 3, max(3, S // 10)
     levels = rng.choice(np.arange(2, bottom - top - 1), size=2, replace=False)
     while abs(int(levels[0]) - int(levels[1])) < max(3, S // 8):
@@ -172,7 +176,7 @@ def _thermometers(rng, S):
 
 
 def _counting(rng, S):
-    img, d = _canvas(rng, S)
+    img, d = canvas(rng, S)
     shape = str(rng.choice(["circle", "square"]))
     colour = COLOURS["purple"]  # one colour for every counting picture: the model learns shapes, not a palette
     k = int(rng.integers(1, 5))
@@ -182,7 +186,7 @@ def _counting(rng, S):
     for c in cells:
         cx = int((c % 2) * half + half // 2 + rng.integers(-2, 3))
         cy = int((c // 2) * half + half // 2 + rng.integers(-2, 3))
-        _shape(d, shape, cx, cy, r, colour)
+        draw_shape(d, shape, cx, cy, r, colour)
     choices = [str(n) for n in range(1, 5)]
     plural = shape + "s"
     solution = (f"Count the {plural} one by one. There {'is' if k == 1 else 'are'} {NUMBER_WORDS[k]} "
@@ -191,7 +195,7 @@ def _counting(rng, S):
 
 
 def _lengths(rng, S):
-    img, d = _canvas(rng, S)
+    img, d = canvas(rng, S)
     colour = COLOURS["green"]
     lens = rng.choice(np.arange(S // 5, S - 3), size=2, replace=False)
     while abs(int(lens[0]) - int(lens[1])) < max(4, S // 7):
@@ -212,19 +216,19 @@ def _lengths(rng, S):
 
 
 def _colours(rng, S):
-    img, d = _canvas(rng, S)
+    img, d = canvas(rng, S)
     shape = str(rng.choice(["circle", "square", "triangle"]))
     names = list(COLOURS)[:4]  # red, green, blue, yellow: the choices, in this order
     colour = str(rng.choice(names))
     r = int(rng.integers(S // 6, S // 3))
     cx, cy = (int(rng.integers(r + 1, S - r - 1)) for _ in range(2))
-    _shape(d, shape, cx, cy, r, COLOURS[colour])
+    draw_shape(d, shape, cx, cy, r, COLOURS[colour])
     choices, idx = _pick(names, colour)
     return f"What colour is the {shape}?", "", choices, idx, f"The {shape} in the picture is {colour}.", img
 
 
 def _map(rng, S):
-    img, d = _canvas(rng, S)
+    img, d = canvas(rng, S)
     axis = str(rng.choice(["north", "south", "east", "west"]))
     vertical = axis in ("north", "south")
     cell = S // 4  # markers sit in the cells of a 4x4 grid, in different rows (north/south) or columns
@@ -235,7 +239,7 @@ def _map(rng, S):
             break
     pos = cells * cell + cell // 2  # centres (x, y)
     for (x, y), shape, c in zip(pos, ["square", "circle"], ["blue", "red"]):  # a blue square and a red circle
-        _shape(d, shape, int(x), int(y), r, COLOURS[c])
+        draw_shape(d, shape, int(x), int(y), r, COLOURS[c])
     # screen y grows downwards: north = smaller y; east = larger x
     score = {"north": -pos[:, 1], "south": pos[:, 1], "east": pos[:, 0], "west": -pos[:, 0]}[axis]
     winner = ["square", "circle"][int(np.argmax(score))]
