@@ -56,6 +56,13 @@ class Config:
     attn_bias: bool = True  # bias on q, k, v projections
     attn_out_bias: Optional[bool] = None  # None -> attn_bias
     attn_scale: Optional[float] = None  # None -> 1/sqrt(head_dim)
+    # per-layer attention patterns (blocks/sparse.py): None = every layer dense; else a list cycled over
+    # the layers, each "global" (dense causal), "local" (the last window_size keys, itself included:
+    # GPT-3's locally banded layers, GPT-Neo, Mistral) or "strided" (keys at distances 0, k, 2k, ... with
+    # k = attention_stride: the Sparse Transformer). ["global", "local"] alternates, starting dense.
+    attention_pattern: Optional[list] = None
+    window_size: int = 256
+    attention_stride: int = 128
     # positions
     position: str = "learned"
     rotary_pct: float = 1.0  # fraction of each head that rotates (GPT-NeoX: 0.25)
@@ -231,10 +238,32 @@ class Config:
             if self.n_kv_head != self.n_head:
                 raise ConfigError(f"position='disentangled' projects positions with every head's query and key; "
                                   f"it needs n_kv_head == n_head (got {self.n_kv_head} and {self.n_head})")
+        if self.attention_pattern is not None:
+            self._validate_pattern()
         if self.shared_parallel_norm and not self.parallel_residual:
             raise ConfigError("shared_parallel_norm=True only makes sense with parallel_residual=True")
 
+    def _validate_pattern(self):
+        from .blocks.sparse import PATTERNS
+
+        pattern = self.attention_pattern
+        if not isinstance(pattern, (list, tuple)) or not pattern or any(p not in PATTERNS for p in pattern):
+            raise ConfigError(f"attention_pattern={pattern!r} must be a non-empty list of {list(PATTERNS)}, "
+                              f"cycled over the layers (e.g. ['global', 'local'])")
+        if set(pattern) != {"global"} and (not self.causal or self.attention_class != "Attention"):
+            raise ConfigError(f"attention_pattern={list(pattern)} needs causal=True and attention_class='Attention' "
+                              f"(got causal={self.causal}, attention_class={self.attention_class!r})")
+        if len(set(pattern)) > 1 and self.share_layers in ("all", "attention"):
+            raise ConfigError(f"share_layers={self.share_layers!r} shares one attention module across layers; "
+                              f"it cannot follow attention_pattern={list(pattern)} — use one pattern or share_layers='ffn'")
+        if self.window_size < 1 or self.attention_stride < 1:
+            raise ConfigError(f"window_size={self.window_size} and attention_stride={self.attention_stride} must be >= 1")
+
     # ---------------------------------------------------------------- derived
+    def layer_attention(self, i: int) -> str:
+        """Layer i's attention pattern: "global", "local" or "strided"."""
+        return self.attention_pattern[i % len(self.attention_pattern)] if self.attention_pattern else "global"
+
     def encoder_config(self) -> "Config":
         """The encoder stack of an encoder-decoder: bidirectional, no LM head."""
         return self.replace(is_encoder_decoder=False, causal=False, lm_head=False, n_decoder_layer=None)

@@ -26,7 +26,8 @@ def one_thread():
 
 def tiny_hf(family: str):
     """A tiny random `transformers` causal LM of each family, with the switches that make it
-    different turned on (NeoX: partial rotary + parallel residual; LLaMA: GQA; BLOOM: ALiBi + embedding norm)."""
+    different turned on (NeoX: partial rotary + parallel residual; LLaMA: GQA; BLOOM: ALiBi + embedding norm;
+    GPT-Neo: global and local layers, unscaled attention)."""
     import transformers as T
 
     torch.manual_seed(0)
@@ -44,6 +45,11 @@ def tiny_hf(family: str):
                             intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=128,
                             bos_token_id=0, eos_token_id=0)
         model = T.LlamaForCausalLM(cfg)
+    elif family == "gpt_neo":  # GPT-3-style dense/local layers; a window (7) that divides none of the lengths
+        cfg = T.GPTNeoConfig(num_layers=3, num_heads=4, hidden_size=32, vocab_size=VOCAB, max_position_embeddings=128,
+                             attention_types=[[["global", "local", "local"], 1]], window_size=7,
+                             bos_token_id=0, eos_token_id=0)
+        model = T.GPTNeoForCausalLM(cfg)
     elif family == "bloom":
         cfg = T.BloomConfig(n_layer=2, n_head=4, hidden_size=32, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)
         model = T.BloomForCausalLM(cfg)
@@ -57,7 +63,7 @@ def tiny_hf(family: str):
     return model.eval()
 
 
-FAMILIES = ["gpt2", "gpt_neox", "llama", "bloom"]
+FAMILIES = ["gpt2", "gpt_neox", "llama", "bloom", "gpt_neo"]
 
 
 @pytest.fixture(params=FAMILIES)

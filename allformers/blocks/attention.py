@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .positions import apply_rotary
+from .sparse import patterned_attention
 
 
 class KVCache:
@@ -27,6 +28,10 @@ class KVCache:
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
+
+    def positions(self, end: int) -> torch.Tensor:
+        """Absolute index of each key `update` returned (all of them, in order)."""
+        return torch.arange(end, device=self.k.device)
 
     def reorder(self, index: torch.Tensor):
         """Keep batch rows `index` (beam search)."""
@@ -74,6 +79,12 @@ class Attention(nn.Module):
         else:  # one matmul for q, k and v: rows are [q; k; v]
             self.qkv = nn.Linear(dim, q_size + 2 * kv_size, bias=bias)
         self.proj = nn.Linear(q_size, dim, bias=out_bias)
+        self.pattern, self.window, self.stride = "global", None, None  # blocks/sparse.py; set by use_pattern
+
+    def use_pattern(self, kind: str, window: int, stride: int) -> "Attention":
+        """Make this a "local" (sliding window) or "strided" layer; "global" is plain causal attention."""
+        self.pattern, self.window, self.stride = kind, window, stride
+        return self
 
     def _heads(self, t: torch.Tensor, n: int) -> torch.Tensor:  # (B, T, n*D) -> (B, n, T, D)
         B, T, _ = t.shape
@@ -81,7 +92,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, *, rope=None, mask: Optional[torch.Tensor] = None,
                 cache: Optional[KVCache] = None, cache_start: int = 0,
-                context: Optional[torch.Tensor] = None) -> torch.Tensor:
+                context: Optional[torch.Tensor] = None, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """key_mask (B, start+T) bool, real tokens: patterned layers build their own mask from it
+        (the model then passes `mask` only when it carries more than causality and padding)."""
         B, T, _ = x.shape
         q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         if self.cross:
@@ -102,6 +115,13 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(cache_start, k, v)
+        if self.pattern != "global":
+            k_idx = cache.positions(cache_start + T) if cache is not None else torch.arange(T, device=x.device)
+            y = patterned_attention(q, k, v, kind=self.pattern, window=self.window, stride=self.stride,
+                                    q_start=cache_start if cache is not None else 0, k_idx=k_idx, key_mask=key_mask,
+                                    mask=mask, scale=self.scale, dropout_p=self.dropout if self.training else 0.0,
+                                    gqa=self.n_kv_head != self.n_head)  # (B, H, T, D)
+            return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
         # The fused causal kernel is only right when queries and keys start together.
         is_causal = self.causal and mask is None and T > 1 and k.shape[2] == T
         y = F.scaled_dot_product_attention(

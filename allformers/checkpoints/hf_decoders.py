@@ -1,4 +1,4 @@
-"""Key tables for the decoder families: GPT-2, GPT-NeoX, BLOOM, LLaMA."""
+"""Key tables for the decoder families: GPT-2, GPT-NeoX, BLOOM, LLaMA, GPT-Neo."""
 from ..config import Config
 from .maps import Family, concat, pair, per_head_qkv, register_family, same, separate_qkv, transposed
 
@@ -7,6 +7,11 @@ def _rope(h):
     rp = h.get("rope_parameters") or {}
     return (rp.get("rope_theta", h.get("rope_theta", h.get("rotary_emb_base", 10000.0))),
             rp.get("partial_rotary_factor", h.get("partial_rotary_factor", h.get("rotary_pct", 1.0))))
+
+
+def dense_only(c: Config) -> bool:
+    """Every layer is plain causal attention (no local window, no stride)."""
+    return set(c.attention_pattern or ["global"]) == {"global"}
 
 
 # ---------------------------------------------------------------- GPT-2
@@ -37,7 +42,8 @@ def _gpt2_to_hf(c: Config):
 def _gpt2_fits(c: Config):
     return (c.position == "learned" and c.norm_placement == "pre" and not c.parallel_residual and c.causal
             and c.norm_class == "LayerNorm" and c.mlp_class == "MLP" and c.attn_bias and c.mlp_bias
-            and c.n_kv_head == c.n_head and c.tie_embeddings and not c.embedding_norm and not c.type_vocab_size)
+            and c.n_kv_head == c.n_head and c.tie_embeddings and not c.embedding_norm and not c.type_vocab_size
+            and dense_only(c))
 
 
 register_family(Family("gpt2", {"lm": "GPT2LMHeadModel"}, _gpt2_rows, _gpt2_config, _gpt2_to_hf, _gpt2_fits,
@@ -78,7 +84,8 @@ def _neox_to_hf(c: Config):
 
 def _neox_fits(c: Config):
     return (c.position == "rotary" and c.norm_class == "LayerNorm" and c.mlp_class == "MLP" and c.causal
-            and c.n_kv_head == c.n_head and not c.shared_parallel_norm and c.mlp_bias and c.norm_placement == "pre")
+            and c.n_kv_head == c.n_head and not c.shared_parallel_norm and c.mlp_bias and c.norm_placement == "pre"
+            and dense_only(c))
 
 
 register_family(Family("gpt_neox", {"lm": "GPTNeoXForCausalLM"}, _neox_rows, _neox_config, _neox_to_hf, _neox_fits,
@@ -114,7 +121,7 @@ def _bloom_to_hf(c: Config):
 
 def _bloom_fits(c: Config):
     return (c.position == "alibi" and c.embedding_norm and c.norm_class == "LayerNorm" and c.mlp_class == "MLP" and c.causal
-            and not c.parallel_residual and c.n_kv_head == c.n_head and c.norm_placement == "pre")
+            and not c.parallel_residual and c.n_kv_head == c.n_head and c.norm_placement == "pre" and dense_only(c))
 
 
 register_family(Family("bloom", {"lm": "BloomForCausalLM"}, _bloom_rows, _bloom_config, _bloom_to_hf, _bloom_fits,
@@ -164,8 +171,67 @@ def _llama_to_hf(c: Config):
 def _llama_fits(c: Config):
     return (c.position == "rotary" and c.norm_class == "RMSNorm" and c.mlp_class == "GLU" and c.causal
             and c.norm_placement == "pre" and not c.parallel_residual and c.rope_n_elem == c.head_dim
-            and c.attn_out_bias == c.attn_bias)
+            and c.attn_out_bias == c.attn_bias and dense_only(c))
 
 
 register_family(Family("llama", {"lm": "LlamaForCausalLM"}, _llama_rows, _llama_config, _llama_to_hf, _llama_fits,
                        ignore=("rotary_emb.inv_freq",), tied_hf_key="lm_head.weight"))
+
+
+# ---------------------------------------------------------------- GPT-Neo (GPT-3's alternating dense / local layers)
+def _neo_rows(c):
+    p, a = "transformer.h.{}.", "transformer.h.{}.attn.attention."
+    rows = [same("wte.weight", "transformer.wte.weight"), same("wpe.weight", "transformer.wpe.weight"),
+            *pair("norm", "transformer.ln_f"), *pair("blocks.{}.norm1", p + "ln_1"), *pair("blocks.{}.norm2", p + "ln_2"),
+            *separate_qkv("blocks.{}.attn.qkv", a + "q_proj", a + "k_proj", a + "v_proj", bias=False),
+            *pair("blocks.{}.attn.proj", a + "out_proj"), *pair("blocks.{}.mlp.fc", p + "mlp.c_fc"),
+            *pair("blocks.{}.mlp.proj", p + "mlp.c_proj")]
+    if not c.tie_embeddings:
+        rows.append(same("lm_head.weight", "lm_head.weight"))
+    return rows
+
+
+def period(layers: list) -> list:
+    """The shortest list that, cycled, gives `layers` (["global", "local"] * 12 -> ["global", "local"])."""
+    for n in range(1, len(layers) + 1):
+        if all(layers[i] == layers[i % n] for i in range(len(layers))):
+            return list(layers[:n])
+    return list(layers)
+
+
+def _neo_config(h):
+    layers = [kind for kinds, n in h.get("attention_types") or [[["global", "local"], 12]] for _ in range(n) for kind in kinds]
+    act = h.get("activation_function", "gelu_new")
+    return dict(vocab_size=h["vocab_size"], block_size=h["max_position_embeddings"], n_layer=h["num_layers"],
+                n_head=h["num_heads"], n_embd=h["hidden_size"], intermediate_size=h.get("intermediate_size") or 4 * h["hidden_size"],
+                norm_eps=h["layer_norm_epsilon"], position="learned", attn_bias=False, attn_out_bias=True,
+                attn_scale=1.0,  # GPT-Neo does not divide the scores by sqrt(head_dim)
+                attention_pattern=period(layers), window_size=h.get("window_size", 256),
+                activation={"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}[act],
+                tie_embeddings=h.get("tie_word_embeddings", True))
+
+
+def _neo_to_hf(c: Config):
+    pattern = c.attention_pattern or ["global"]
+    if c.n_layer % len(pattern) == 0:
+        types = [[list(pattern), c.n_layer // len(pattern)]]
+    else:
+        types = [[[c.layer_attention(i)], 1] for i in range(c.n_layer)]
+    return dict(vocab_size=c.vocab_size, max_position_embeddings=c.block_size, num_layers=c.n_layer, num_heads=c.n_head,
+                hidden_size=c.n_embd, intermediate_size=c.intermediate_size, layer_norm_epsilon=c.norm_eps,
+                attention_types=types, window_size=c.window_size,
+                activation_function={"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}[c.activation],
+                resid_dropout=0.0, embed_dropout=0.0, attention_dropout=0.0, tie_word_embeddings=c.tie_embeddings)
+
+
+def _neo_fits(c: Config):
+    return (c.position == "learned" and c.norm_placement == "pre" and not c.parallel_residual and c.causal
+            and c.norm_class == "LayerNorm" and c.mlp_class == "MLP" and not c.attn_bias and c.attn_out_bias
+            and c.attn_scale == 1.0 and c.mlp_bias and c.n_kv_head == c.n_head and not c.embedding_norm
+            and not c.type_vocab_size and not c.lm_head_bias and "strided" not in (c.attention_pattern or [])
+            and c.norm_bias and c.head_dim * c.n_head == c.n_embd)
+
+
+register_family(Family("gpt_neo", {"lm": "GPTNeoForCausalLM"}, _neo_rows, _neo_config, _neo_to_hf, _neo_fits,
+                       ignore=(".attn.attention.bias", ".attn.attention.masked_bias"), tied_hf_key="lm_head.weight",
+                       base_prefix="transformer."))

@@ -12,13 +12,14 @@ import torch.nn.functional as F
 from ..blocks import (ATTENTION_CLASSES, Attention, Block, CrossKV, KVCache, LearnedPositions, Rotary, SinusoidalPositions, build_feedforward,
                       build_norm)
 from ..blocks.relative import build_relative
+from ..blocks.sparse import WindowKVCache
 from ..config import Config
 from ..blocks.feedforward import ACTIVATIONS
 from ..errors import AllformersError, ContextLengthError
 
 
-def build_block(c: Config, shared_from: Optional[Block] = None) -> Block:
-    """The parts of one layer, chosen by the config's switches. With `share_layers`, parts are
+def build_block(c: Config, shared_from: Optional[Block] = None, layer: int = 0) -> Block:
+    """The parts of layer `layer`, chosen by the config's switches. With `share_layers`, parts are
     taken from `shared_from` (the first layer) instead of being built again (ALBERT)."""
     if shared_from is not None and c.share_layers == "all":
         return shared_from
@@ -26,6 +27,8 @@ def build_block(c: Config, shared_from: Optional[Block] = None) -> Block:
         attn = shared_from.attn
     else:
         attn = ATTENTION_CLASSES[c.attention_class].from_config(c)
+        if c.layer_attention(layer) != "global":  # local window / strided (blocks/sparse.py)
+            attn.use_pattern(c.layer_attention(layer), c.window_size, c.attention_stride)
     if shared_from is not None and c.share_layers == "ffn":
         mlp = shared_from.mlp
     else:
@@ -68,8 +71,11 @@ class Cache:
     def __init__(self, model: "TransformerLM", batch: int, max_len: int):
         c = model.config
         p = next(model.parameters())
-        self.layers = [KVCache(batch, c.n_kv_head, max_len, c.head_dim, p.dtype, p.device)
-                       for _ in range(c.n_layer)]
+        # a local layer keeps only its last window_size keys
+        self.layers = [WindowKVCache(batch, c.n_kv_head, c.window_size, c.head_dim, p.dtype, p.device)
+                       if c.layer_attention(i) == "local" and c.window_size < max_len
+                       else KVCache(batch, c.n_kv_head, max_len, c.head_dim, p.dtype, p.device)
+                       for i in range(c.n_layer)]
         self.cross = [CrossKV() for _ in range(c.n_layer)] if c.cross_attention else None
         self.context_mask: Optional[torch.Tensor] = None  # (B, 1, 1, S) bool, encoder padding
         self.max_len, self.pos = max_len, 0
@@ -100,8 +106,8 @@ class TransformerLM(nn.Module):
         self.embed_proj = nn.Linear(E, c.n_embd) if E != c.n_embd else None  # factorized embeddings
         self.drop = nn.Dropout(c.dropout) if c.dropout else nn.Identity()
         blocks = [build_block(c)]
-        for _ in range(c.n_layer - 1):
-            blocks.append(build_block(c, shared_from=blocks[0] if c.share_layers != "none" else None))
+        for i in range(1, c.n_layer):
+            blocks.append(build_block(c, shared_from=blocks[0] if c.share_layers != "none" else None, layer=i))
         self.blocks = nn.ModuleList(blocks)
         self.norm = build_norm(c.norm_class, c.n_embd, c.norm_eps, c.norm_bias) if c.final_norm else None
         head_in = E if c.head_transform else c.n_embd
@@ -208,7 +214,14 @@ class TransformerLM(nn.Module):
 
         # Computed once, shared by every layer.
         rope = self.rotary(position_ids) if self.rotary is not None else None
-        mask, extra = self._attn_mask(key_mask, position_ids, cache, B, T, start, document_ids)
+        # Patterned layers (local / strided) build their own mask from key_mask; they take the dense
+        # one only when it carries more (a relative bias, packed documents).
+        patterned = [c.layer_attention(i) != "global" for i in range(c.n_layer)]
+        dense_extra = self.relative is not None or document_ids is not None
+        if all(patterned) and not dense_extra:
+            mask, extra = None, {}
+        else:
+            mask, extra = self._attn_mask(key_mask, position_ids, cache, B, T, start, document_ids)
         if c.cross_attention:
             if context is None:
                 raise AllformersError("this decoder stack cross-attends: pass context= (the encoder output)")
@@ -217,7 +230,12 @@ class TransformerLM(nn.Module):
         for i, block in enumerate(self.blocks):
             if cache is not None and cache.cross is not None:
                 extra["cross_cache"] = cache.cross[i]
-            x = block(x, rope=rope, mask=mask, cache=cache.layers[i] if cache else None, cache_start=start, **extra)
+            layer_cache = cache.layers[i] if cache else None
+            if patterned[i]:
+                x = block(x, rope=rope, mask=mask if dense_extra else None, cache=layer_cache, cache_start=start,
+                          key_mask=key_mask, **extra)
+            else:
+                x = block(x, rope=rope, mask=mask, cache=layer_cache, cache_start=start, **extra)
         if cache is not None:
             cache.pos = start + T
             cache.key_mask = key_mask
