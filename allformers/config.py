@@ -88,6 +88,16 @@ class Config:
     mlp_class: str = "MLP"
     activation: str = "gelu"
     mlp_bias: bool = True
+    # mixture of experts (blocks/moe.py: GShard, Switch, GLaM, Mixtral): n_expert > 0 turns every
+    # moe_every-th feed-forward (layers moe_every-1, 2*moe_every-1, ...; GLaM: 2) into n_expert copies of
+    # the mlp_class block, n_expert_per_token of them chosen per token by a softmax router
+    n_expert: int = 0
+    n_expert_per_token: int = 2
+    moe_every: int = 1
+    moe_capacity_factor: Optional[float] = None  # training: an expert takes <= cf * k * tokens / E; None = all
+    moe_eval_capacity_factor: Optional[float] = None  # the same in eval mode (None: cached decoding = recomputation)
+    moe_aux_loss_coef: float = 0.01  # load-balancing loss weight (Switch: 0.01)
+    moe_z_loss_coef: float = 0.001  # router z-loss weight (ST-MoE: 0.001)
     # embeddings and head
     tie_embeddings: bool = True
     lm_head_bias: bool = False
@@ -240,6 +250,8 @@ class Config:
                                   f"it needs n_kv_head == n_head (got {self.n_kv_head} and {self.n_head})")
         if self.attention_pattern is not None:
             self._validate_pattern()
+        if self.n_expert:
+            self._validate_moe()
         if self.shared_parallel_norm and not self.parallel_residual:
             raise ConfigError("shared_parallel_norm=True only makes sense with parallel_residual=True")
 
@@ -259,7 +271,24 @@ class Config:
         if self.window_size < 1 or self.attention_stride < 1:
             raise ConfigError(f"window_size={self.window_size} and attention_stride={self.attention_stride} must be >= 1")
 
+    def _validate_moe(self):
+        if self.n_expert < 0 or not 1 <= self.n_expert_per_token <= self.n_expert:
+            raise ConfigError(f"n_expert_per_token={self.n_expert_per_token} must be between 1 and n_expert={self.n_expert}")
+        if self.moe_every < 1 or self.moe_every > self.n_layer:
+            raise ConfigError(f"moe_every={self.moe_every} must be between 1 and n_layer={self.n_layer} "
+                              f"(every moe_every-th layer gets experts)")
+        for fname in ("moe_capacity_factor", "moe_eval_capacity_factor"):
+            if getattr(self, fname) is not None and getattr(self, fname) <= 0:
+                raise ConfigError(f"{fname}={getattr(self, fname)} must be > 0, or None for no capacity limit")
+        if self.share_layers in ("all", "ffn"):
+            raise ConfigError(f"share_layers={self.share_layers!r} shares one feed-forward across layers; "
+                              f"it cannot be combined with n_expert={self.n_expert} — use share_layers='attention' or 'none'")
+
     # ---------------------------------------------------------------- derived
+    def layer_is_moe(self, i: int) -> bool:
+        """Does layer i hold experts (every moe_every-th layer, counting from 1)?"""
+        return self.n_expert > 0 and (i + 1) % self.moe_every == 0
+
     def layer_attention(self, i: int) -> str:
         """Layer i's attention pattern: "global", "local" or "strided"."""
         return self.attention_pattern[i % len(self.attention_pattern)] if self.attention_pattern else "global"

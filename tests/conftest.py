@@ -27,7 +27,7 @@ def one_thread():
 def tiny_hf(family: str):
     """A tiny random `transformers` causal LM of each family, with the switches that make it
     different turned on (NeoX: partial rotary + parallel residual; LLaMA: GQA; BLOOM: ALiBi + embedding norm;
-    GPT-Neo: global and local layers, unscaled attention)."""
+    GPT-Neo: global and local layers, unscaled attention; Mixtral: experts, GQA, sliding window)."""
     import transformers as T
 
     torch.manual_seed(0)
@@ -50,6 +50,11 @@ def tiny_hf(family: str):
                              attention_types=[[["global", "local", "local"], 1]], window_size=7,
                              bos_token_id=0, eos_token_id=0)
         model = T.GPTNeoForCausalLM(cfg)
+    elif family == "mixtral":  # 4 experts, top 2, GQA, untied head, a sliding window (6) that divides no length
+        cfg = T.MixtralConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+                              intermediate_size=48, vocab_size=VOCAB, max_position_embeddings=128, num_local_experts=4,
+                              num_experts_per_tok=2, sliding_window=6, bos_token_id=0, eos_token_id=0)
+        model = T.MixtralForCausalLM(cfg)
     elif family == "bloom":
         cfg = T.BloomConfig(n_layer=2, n_head=4, hidden_size=32, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)
         model = T.BloomForCausalLM(cfg)
@@ -63,7 +68,7 @@ def tiny_hf(family: str):
     return model.eval()
 
 
-FAMILIES = ["gpt2", "gpt_neox", "llama", "bloom", "gpt_neo"]
+FAMILIES = ["gpt2", "gpt_neox", "llama", "bloom", "gpt_neo", "mixtral"]
 
 
 @pytest.fixture(params=FAMILIES)

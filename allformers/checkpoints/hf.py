@@ -72,6 +72,8 @@ def hf_to_ours(hf_state: dict, config: Config, family: Family):
     for alias, canonical in family.aliases:
         if alias in hf_state and canonical not in hf_state:
             hf_state[canonical] = hf_state.pop(alias)
+    if family.normalize is not None:  # in-memory names of newer transformers (e.g. fused experts)
+        hf_state = family.normalize(hf_state, config)
     ours, used = {}, set()
     for row in rows_for(family, config):
         n = _n_layers(row, config) if "{}" in row.ours else 1
@@ -185,7 +187,8 @@ def save_hf(model, path, tokenizer=None):
         raise CheckpointError(
             f"this {config.task} model pools by {config.pooling!r}; Hugging Face's classes for it pool the first "
             f"token, so the export would behave differently — save it with format='allformers'")
-    family = next((f for f in FAMILIES.values() if f.fits(config) and head_kind(f, config) in f.architectures), None)
+    family = next((f for f in FAMILIES.values()
+                   if f.holds(config) and f.fits(config) and head_kind(f, config) in f.architectures), None)
     if family is None:
         raise CheckpointError(
             f"config {config.name!r} (task={config.task}) has no Hugging Face equivalent among {sorted(FAMILIES)} "

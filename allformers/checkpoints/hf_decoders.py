@@ -1,17 +1,14 @@
-"""Key tables for the decoder families: GPT-2, GPT-NeoX, BLOOM, LLaMA, GPT-Neo."""
+"""Key tables for the decoder families: GPT-2, GPT-NeoX, BLOOM, LLaMA, GPT-Neo, Mixtral."""
+import torch
+
 from ..config import Config
-from .maps import Family, concat, pair, per_head_qkv, register_family, same, separate_qkv, transposed
+from .maps import Family, Row, concat, pair, per_head_qkv, register_family, same, separate_qkv, transposed
 
 
 def _rope(h):
     rp = h.get("rope_parameters") or {}
     return (rp.get("rope_theta", h.get("rope_theta", h.get("rotary_emb_base", 10000.0))),
             rp.get("partial_rotary_factor", h.get("partial_rotary_factor", h.get("rotary_pct", 1.0))))
-
-
-def dense_only(c: Config) -> bool:
-    """Every layer is plain causal attention (no local window, no stride)."""
-    return set(c.attention_pattern or ["global"]) == {"global"}
 
 
 # ---------------------------------------------------------------- GPT-2
@@ -42,8 +39,7 @@ def _gpt2_to_hf(c: Config):
 def _gpt2_fits(c: Config):
     return (c.position == "learned" and c.norm_placement == "pre" and not c.parallel_residual and c.causal
             and c.norm_class == "LayerNorm" and c.mlp_class == "MLP" and c.attn_bias and c.mlp_bias
-            and c.n_kv_head == c.n_head and c.tie_embeddings and not c.embedding_norm and not c.type_vocab_size
-            and dense_only(c))
+            and c.n_kv_head == c.n_head and c.tie_embeddings and not c.embedding_norm and not c.type_vocab_size)
 
 
 register_family(Family("gpt2", {"lm": "GPT2LMHeadModel"}, _gpt2_rows, _gpt2_config, _gpt2_to_hf, _gpt2_fits,
@@ -84,8 +80,7 @@ def _neox_to_hf(c: Config):
 
 def _neox_fits(c: Config):
     return (c.position == "rotary" and c.norm_class == "LayerNorm" and c.mlp_class == "MLP" and c.causal
-            and c.n_kv_head == c.n_head and not c.shared_parallel_norm and c.mlp_bias and c.norm_placement == "pre"
-            and dense_only(c))
+            and c.n_kv_head == c.n_head and not c.shared_parallel_norm and c.mlp_bias and c.norm_placement == "pre")
 
 
 register_family(Family("gpt_neox", {"lm": "GPTNeoXForCausalLM"}, _neox_rows, _neox_config, _neox_to_hf, _neox_fits,
@@ -121,7 +116,7 @@ def _bloom_to_hf(c: Config):
 
 def _bloom_fits(c: Config):
     return (c.position == "alibi" and c.embedding_norm and c.norm_class == "LayerNorm" and c.mlp_class == "MLP" and c.causal
-            and not c.parallel_residual and c.n_kv_head == c.n_head and c.norm_placement == "pre" and dense_only(c))
+            and not c.parallel_residual and c.n_kv_head == c.n_head and c.norm_placement == "pre")
 
 
 register_family(Family("bloom", {"lm": "BloomForCausalLM"}, _bloom_rows, _bloom_config, _bloom_to_hf, _bloom_fits,
@@ -171,7 +166,7 @@ def _llama_to_hf(c: Config):
 def _llama_fits(c: Config):
     return (c.position == "rotary" and c.norm_class == "RMSNorm" and c.mlp_class == "GLU" and c.causal
             and c.norm_placement == "pre" and not c.parallel_residual and c.rope_n_elem == c.head_dim
-            and c.attn_out_bias == c.attn_bias and dense_only(c))
+            and c.attn_out_bias == c.attn_bias)
 
 
 register_family(Family("llama", {"lm": "LlamaForCausalLM"}, _llama_rows, _llama_config, _llama_to_hf, _llama_fits,
@@ -228,10 +223,89 @@ def _neo_fits(c: Config):
     return (c.position == "learned" and c.norm_placement == "pre" and not c.parallel_residual and c.causal
             and c.norm_class == "LayerNorm" and c.mlp_class == "MLP" and not c.attn_bias and c.attn_out_bias
             and c.attn_scale == 1.0 and c.mlp_bias and c.n_kv_head == c.n_head and not c.embedding_norm
-            and not c.type_vocab_size and not c.lm_head_bias and "strided" not in (c.attention_pattern or [])
+            and not c.type_vocab_size and not c.lm_head_bias
             and c.norm_bias and c.head_dim * c.n_head == c.n_embd)
 
 
 register_family(Family("gpt_neo", {"lm": "GPTNeoForCausalLM"}, _neo_rows, _neo_config, _neo_to_hf, _neo_fits,
                        ignore=(".attn.attention.bias", ".attn.attention.masked_bias"), tied_hf_key="lm_head.weight",
-                       base_prefix="transformer."))
+                       base_prefix="transformer.", patterns=("global", "local")))
+
+
+# ---------------------------------------------------------------- Mixtral (mixture of experts, blocks/moe.py)
+def _expert_keys(c, name):
+    return tuple(f"model.layers.{{}}.block_sparse_moe.experts.{e}.{name}.weight" for e in range(c.n_expert))
+
+
+def _experts_fc(c):
+    """Our (E, 2I, D) [gate; up] per expert <- w1 (gate) and w3 (up) of each expert, (I, D) each."""
+    E = c.n_expert
+    return Row("blocks.{}.mlp.experts.fc.weight", _expert_keys(c, "w1") + _expert_keys(c, "w3"),
+               lambda ts, c: torch.stack([torch.cat([ts[e], ts[E + e]]) for e in range(E)]),
+               lambda t, c: [t[e, :c.intermediate_size] for e in range(E)] + [t[e, c.intermediate_size:] for e in range(E)])
+
+
+def _experts_proj(c):
+    return Row("blocks.{}.mlp.experts.proj.weight", _expert_keys(c, "w2"),
+               lambda ts, c: torch.stack(ts), lambda t, c: list(t.unbind(0)))
+
+
+def _mixtral_rows(c: Config):
+    p = "model.layers.{}."
+    return [same("wte.weight", "model.embed_tokens.weight"), same("lm_head.weight", "lm_head.weight"),
+            same("norm.weight", "model.norm.weight"), same("blocks.{}.norm1.weight", p + "input_layernorm.weight"),
+            same("blocks.{}.norm2.weight", p + "post_attention_layernorm.weight"),
+            *separate_qkv("blocks.{}.attn.qkv", *(p + f"self_attn.{x}_proj" for x in "qkv"), bias=False),
+            same("blocks.{}.attn.proj.weight", p + "self_attn.o_proj.weight"),
+            same("blocks.{}.mlp.router.weight", p + "block_sparse_moe.gate.weight"), _experts_fc(c), _experts_proj(c)]
+
+
+def _mixtral_unfuse(hf_state: dict, c: Config) -> dict:
+    """transformers 5.x holds each layer's experts fused in memory (mlp.experts.gate_up_proj (E, 2I, D),
+    mlp.experts.down_proj (E, D, I), mlp.gate) and writes them per expert (w1/w3/w2) on disk."""
+    out = {}
+    for k, t in hf_state.items():
+        head, sep, tail = k.partition(".mlp.")
+        if not sep:
+            out[k] = t
+        elif tail == "gate.weight":
+            out[f"{head}.block_sparse_moe.gate.weight"] = t
+        elif tail == "experts.gate_up_proj":
+            for e in range(t.shape[0]):
+                w1, w3 = t[e].split(t.shape[1] // 2)
+                out[f"{head}.block_sparse_moe.experts.{e}.w1.weight"] = w1
+                out[f"{head}.block_sparse_moe.experts.{e}.w3.weight"] = w3
+        elif tail == "experts.down_proj":
+            for e in range(t.shape[0]):
+                out[f"{head}.block_sparse_moe.experts.{e}.w2.weight"] = t[e]
+        else:
+            out[k] = t
+    return out
+
+
+def _mixtral_config(h):
+    kw = _llama_config({**h, "attention_bias": False, "mlp_bias": False})
+    window = h.get("sliding_window")
+    return dict(kw, n_expert=h["num_local_experts"], n_expert_per_token=h["num_experts_per_tok"], moe_every=1,
+                moe_aux_loss_coef=h.get("router_aux_loss_coef", 0.001), moe_z_loss_coef=0.0,
+                **(dict(attention_pattern=["local"], window_size=window) if window else {}))
+
+
+def _mixtral_to_hf(c: Config):
+    hf = _llama_to_hf(c)
+    for k in ("attention_bias", "mlp_bias"):
+        hf.pop(k)
+    local = c.layer_attention(0) == "local"
+    return dict(hf, num_local_experts=c.n_expert, num_experts_per_tok=c.n_expert_per_token,
+                router_aux_loss_coef=c.moe_aux_loss_coef, router_jitter_noise=0.0, attention_dropout=0.0,
+                sliding_window=c.window_size if local else None)
+
+
+def _mixtral_fits(c: Config):
+    return (_llama_fits(c) and not c.attn_bias and not c.mlp_bias and c.moe_every == 1
+            and c.moe_eval_capacity_factor is None and len(set(c.attention_pattern or ["global"])) == 1)
+
+
+register_family(Family("mixtral", {"lm": "MixtralForCausalLM"}, _mixtral_rows, _mixtral_config, _mixtral_to_hf,
+                       _mixtral_fits, ignore=("rotary_emb.inv_freq",), tied_hf_key="lm_head.weight",
+                       patterns=("global", "local"), experts=True, normalize=_mixtral_unfuse))

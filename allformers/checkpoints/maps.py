@@ -75,6 +75,13 @@ class Family:
     tied_hf_key: Optional[str] = None  # HF head key that is absent/duplicated when tied
     aliases: tuple = ()  # (other name, canonical name): names newer transformers use in memory
     base_prefix: str = ""  # prefix that bare-backbone checkpoints (BertModel, GPT2Model) leave out
+    patterns: tuple = ("global",)  # attention patterns (Config.attention_pattern) the architecture can hold
+    experts: bool = False  # its feed-forwards are mixtures of experts (Config.n_expert > 0), not dense
+    normalize: Optional[Callable] = None  # (HF state, config) -> the same state under the on-disk names
+
+    def holds(self, c: Config) -> bool:
+        """Can this architecture hold the config's attention patterns and kind of feed-forward?"""
+        return set(c.attention_pattern or ["global"]) <= set(self.patterns) and bool(c.n_expert) == self.experts
 
 
 FAMILIES: dict = {}

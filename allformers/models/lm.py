@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from ..blocks import (ATTENTION_CLASSES, Attention, Block, CrossKV, KVCache, LearnedPositions, Rotary, SinusoidalPositions, build_feedforward,
                       build_norm)
 from ..blocks.relative import build_relative
+from ..blocks.moe import MoE
 from ..blocks.sparse import WindowKVCache
 from ..config import Config
 from ..blocks.feedforward import ACTIVATIONS
@@ -31,6 +32,8 @@ def build_block(c: Config, shared_from: Optional[Block] = None, layer: int = 0) 
             attn.use_pattern(c.layer_attention(layer), c.window_size, c.attention_stride)
     if shared_from is not None and c.share_layers == "ffn":
         mlp = shared_from.mlp
+    elif c.layer_is_moe(layer):  # experts behind a router (blocks/moe.py)
+        mlp = MoE.from_config(c)
     else:
         mlp = build_feedforward(c.mlp_class, c.n_embd, c.intermediate_size, c.activation, c.mlp_bias, c.dropout)
     norm1 = build_norm(c.norm_class, c.n_embd, c.norm_eps, c.norm_bias)

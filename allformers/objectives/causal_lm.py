@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..blocks.moe import routing_losses
+
 IGNORE_INDEX = -100  # same value as torch's and Hugging Face's default
 
 
@@ -17,12 +19,20 @@ def causal_lm_loss(model, batch) -> torch.Tensor:
 
 
 class CausalLM:
-    """The objective object: the loss plus how many tokens a batch holds."""
+    """The objective object: the loss plus how many tokens a batch holds. A model with experts
+    (blocks/moe.py) also gets its routers' load-balancing and z losses added while training, and
+    returns its routing statistics (tokens per expert, dropped fraction) for the log."""
 
     name = "causal_lm"
 
-    def __call__(self, model, batch) -> torch.Tensor:
-        return causal_lm_loss(model, batch)
+    def __call__(self, model, batch):
+        loss = causal_lm_loss(model, batch)
+        routing = routing_losses(model)
+        if routing is None:
+            return loss
+        if model.training:
+            loss = loss + routing.loss
+        return loss, routing.metrics
 
     @staticmethod
     def num_tokens(batch) -> int:
