@@ -378,3 +378,31 @@ def _derived_value(cfg: Config, fname: str):
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0] if n > 0 else []
+
+
+class SavedConfig:
+    """Mixin for the config dataclasses of models that are not a `Config` (the image models): JSON
+    with their class name as "config_class", so `allformers.load` finds the loader
+    (checkpoints/io.py's CONFIG_LOADERS). Lists come back as tuples; unknown fields are refused."""
+
+    def to_dict(self) -> dict:
+        return {"config_class": type(self).__name__, **dataclasses.asdict(self)}
+
+    def to_json(self, path=None) -> str:
+        return config_json(self.to_dict(), path)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        d = dict(d)
+        kind = d.pop("config_class", cls.__name__)
+        if kind != cls.__name__:
+            raise ConfigError(f"config_class={kind!r} is not a {cls.__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+    @classmethod
+    def from_json(cls, path):
+        return cls.from_dict(json.loads(Path(path).read_text()))

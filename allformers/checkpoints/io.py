@@ -148,7 +148,24 @@ def read_safetensors(file: Path) -> dict:
 # their module provides the loader. Values are "module:function" so nothing is imported early.
 CONFIG_LOADERS = {"ErnieConfig": "allformers.models.ernie:load_ernie",
                   "LoRAAdapter": "allformers.models.lora:load_adapter",  # adapters + the path of their base
-                  "MultimodalConfig": "allformers.models.multimodal:load_multimodal"}
+                  "MultimodalConfig": "allformers.models.multimodal:load_multimodal",
+                  "UNetConfig": "allformers.models.unet:load_unet",
+                  "AutoencoderConfig": "allformers.models.autoencoders:load_autoencoder"}
+
+
+def load_saved_config_model(path: Path, config_cls, build):
+    """Rebuild a model whose config is a SavedConfig from save()'s folder (config.json + model.safetensors);
+    `build(config)` makes the empty model."""
+    path = Path(path)
+    try:
+        config = config_cls.from_json(path / CONFIG_FILE)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path / CONFIG_FILE} is not valid JSON: {e}") from None
+    except ConfigError as e:
+        raise CheckpointError(f"{path / CONFIG_FILE}: {e}") from None
+    model = build(config)
+    model.load_report = load_state_dict_into(model, read_safetensors(path / WEIGHTS_FILE), str(path))
+    return model.eval()
 
 
 def load_allformers(path: Path, map_location="cpu"):
@@ -199,7 +216,11 @@ def load(path, *, verbose: bool = False, return_report: bool = False, dtype: Opt
         model, report = load_gguf(path)
     elif path.is_dir() and (path / CONFIG_FILE).exists():
         raw = json.loads((path / CONFIG_FILE).read_text())
-        if "model_type" in raw:  # Hugging Face folders always name their model_type
+        if "_class_name" in raw:  # a diffusers folder (UNet2DConditionModel, AutoencoderKL, VQModel)
+            from .diffusers import load_diffusers
+
+            model, report = load_diffusers(path)
+        elif "model_type" in raw:  # Hugging Face folders always name their model_type
             from .hf import load_hf
 
             model, report = load_hf(path)
