@@ -10,6 +10,7 @@ from allformers.diffusion import (DDIMScheduler, DDPMScheduler, NoiseScheduler, 
 from allformers.errors import ConfigError
 
 diffusers = pytest.importorskip("diffusers")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SHAPE = (2, 3, 4, 4)
 PAT = torch.randn((1, *SHAPE[1:]), generator=torch.Generator().manual_seed(7))
@@ -235,3 +236,34 @@ def test_diffusion_loss_is_zero_for_the_true_target(prediction_type):
     # sampled t and noise: seeded, so reproducible
     a = diffusion_loss(fake_model, s, x0, generator=torch.Generator().manual_seed(1))
     assert float(a) == float(diffusion_loss(fake_model, s, x0, generator=torch.Generator().manual_seed(1)))
+
+
+def test_the_unet_trains_and_samples_in_the_core():
+    """The U-Net is a denoiser as the core expects it: model(x_t, t, encoder_hidden_states=...)."""
+    from allformers.models.unet import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig(in_channels=3, out_channels=3, block_channels=(16, 32), norm_groups=8, attention_heads=2,
+                           cross_attention_dim=8, layers_per_block=1))
+    sched = DDPMScheduler(num_train_timesteps=50)
+    g = torch.Generator().manual_seed(0)
+    x0, ctx, null = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1, torch.randn(4, 3, 8, generator=g), torch.zeros(3, 8)
+    opt = torch.optim.Adam(unet.parameters(), lr=2e-3)
+    losses = []
+    for step in range(12):
+        cond = drop_condition({"encoder_hidden_states": ctx}, {"encoder_hidden_states": null}, 0.2, generator=g)
+        loss = diffusion_loss(unet, sched, x0, cond, timesteps=torch.tensor([10, 20, 30, 40]),
+                              noise=torch.randn(x0.shape, generator=torch.Generator().manual_seed(1)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    unet.eval()
+    kw = dict(cond={"encoder_hidden_states": ctx[:2]}, null_cond={"encoder_hidden_states": null}, num_inference_steps=4,
+              progress=False)
+    guided = sample(unet, DDIMScheduler(num_train_timesteps=50), (2, 3, 8, 8), guidance_scale=3.0,
+                    generator=torch.Generator().manual_seed(5), **kw)
+    plain = sample(unet, DDIMScheduler(num_train_timesteps=50), (2, 3, 8, 8), guidance_scale=1.0,
+                   generator=torch.Generator().manual_seed(5), **kw)
+    assert guided.shape == (2, 3, 8, 8) and torch.isfinite(guided).all() and not torch.allclose(guided, plain)

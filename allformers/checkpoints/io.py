@@ -153,17 +153,21 @@ CONFIG_LOADERS = {"ErnieConfig": "allformers.models.ernie:load_ernie",
                   "AutoencoderConfig": "allformers.models.autoencoders:load_autoencoder"}
 
 
+def read_config(path: Path, config_cls=Config):
+    """A folder's config.json as `config_cls`; bad JSON or bad fields become a CheckpointError naming the file."""
+    try:
+        return config_cls.from_json(Path(path) / CONFIG_FILE)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{Path(path) / CONFIG_FILE} is not valid JSON: {e}") from None
+    except ConfigError as e:
+        raise CheckpointError(f"{Path(path) / CONFIG_FILE}: {e}") from None
+
+
 def load_saved_config_model(path: Path, config_cls, build):
     """Rebuild a model whose config is a SavedConfig from save()'s folder (config.json + model.safetensors);
     `build(config)` makes the empty model."""
     path = Path(path)
-    try:
-        config = config_cls.from_json(path / CONFIG_FILE)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path / CONFIG_FILE} is not valid JSON: {e}") from None
-    except ConfigError as e:
-        raise CheckpointError(f"{path / CONFIG_FILE}: {e}") from None
-    model = build(config)
+    model = build(read_config(path, config_cls))
     model.load_report = load_state_dict_into(model, read_safetensors(path / WEIGHTS_FILE), str(path))
     return model.eval()
 
@@ -176,12 +180,7 @@ def load_allformers(path: Path, map_location="cpu"):
     if special is not None:
         model = special(path)
         return model.to(map_location), getattr(model, "load_report", LoadReport(source=str(path)))
-    try:
-        config = Config.from_json(path / CONFIG_FILE)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path / CONFIG_FILE} is not valid JSON: {e}") from None
-    except ConfigError as e:
-        raise CheckpointError(f"{path / CONFIG_FILE}: {e}") from None
+    config = read_config(path, Config)
     state = read_safetensors(path / WEIGHTS_FILE)
     model = build_model(config)
     report = load_state_dict_into(model, state, str(path))
