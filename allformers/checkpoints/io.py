@@ -203,7 +203,7 @@ def _special_loader(config_file: Path):
 
 
 def load(path, *, verbose: bool = False, return_report: bool = False, dtype: Optional[torch.dtype] = None):
-    """Load a model from an allformers folder, a Hugging Face folder or a `.gguf` file.
+    """Load a model from an allformers folder, a Hugging Face (transformers or diffusers) folder or a `.gguf` file.
 
     The model's tokenizer, when the source has one, is attached as `model.tokenizer`."""
     path = Path(path)
