@@ -24,7 +24,7 @@ NORM_PLACEMENTS = ("pre", "post")
 MLPS = ("MLP", "GLU")
 SHARING = ("none", "all", "attention", "ffn")
 TASKS = ("lm", "sequence-classification", "token-classification", "question-answering", "embedding", "pretraining")
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "quick_gelu")
 
 
 

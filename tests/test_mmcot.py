@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from allformers.blocks.fusion import GatedFusion
-from allformers.blocks.vision import (ConvBackbone, DETREncoder, ViTEncoder, VisionError, load_image_features)
+from allformers.blocks.vision import ConvBackbone, DETREncoder, VisionError, load_image_features
 from allformers.config import Config
 from allformers.data import scienceqa as sqa
 from allformers.data.synthetic_science import WITH_IMAGE, generate, load_image
 from allformers.models import TransformerLM
+from allformers.models.vit import ViTEncoder
 from allformers.models.multimodal import (MultimodalConfig, MultimodalDecoderLM, MultimodalSeq2Seq, load_multimodal,
                                           save_multimodal)
 

@@ -1,9 +1,10 @@
-"""Image encoders that turn pictures into a set of feature vectors (B, N, D) for a language model
-to attend to, plus the loader for features someone computed already.
+"""Parts of image encoders, and the encoders that are not a plain ViT (the ViT itself is a model:
+models/vit.py), plus the loader for features someone computed already.
 
-  * `ViTEncoder`: cut the image into patches, embed each with one strided convolution, add learned
-    positions, run bidirectional transformer blocks (the same `Block`s as every text model). Trains
-    from scratch at any size.
+  * `patch_embedding`: one strided convolution (a linear map per patch), or a small convolution stack.
+  * `sincos_2d` / `interpolate_grid`: fixed 2-D sine-cosine positions, and a learned position grid
+    resized (bicubic, as Hugging Face's ViTs do) for a picture with another number of patches.
+  * `AttentionPool`: learned queries that cross-attend to the tokens (SigLIP's MAP head, CoCa's pooler).
   * `DETREncoder`: a backbone (a small CNN, or a ViT) gives a grid of features; a transformer encoder
     mixes them; N learned object queries then cross-attend to them through decoder blocks and come
     out as N feature vectors, one per "slot" (DETR's object queries, without the box heads).
@@ -20,8 +21,11 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..errors import AllformersError
+from .attention import Attention
+from .block import BlockSpec, make_block
 
 # Shapes (patches, dim) of the feature files the Multimodal-CoT reference code reads.
 REFERENCE_SHAPES = {"detr": (100, 256), "vit": (145, 1024), "clip": (49, 2048)}
@@ -31,22 +35,33 @@ class VisionError(AllformersError, ValueError):
     """An image or a feature file does not have the shape the encoder or the model expects."""
 
 
-def _block_config(width: int, heads: int, depth: int, mlp_ratio: int, dropout: float, cross: bool = False):
-    """A bidirectional pre-LayerNorm block config (ViT's layout: GELU MLP, biases) for build_block."""
-    from ..config import Config
-
+def vit_block_spec(width: int, heads: int, mlp_ratio: int = 4, dropout: float = 0.0, cross: bool = False) -> BlockSpec:
+    """A bidirectional pre-LayerNorm block (ViT's layout: GELU MLP, biases, eps 1e-6)."""
     if width % heads:
         raise VisionError(f"width={width} is not divisible by heads={heads}")
-    return Config(name="vision", vocab_size=1, block_size=1, n_layer=depth, n_head=heads, n_embd=width,
-                  intermediate_size=mlp_ratio * width, causal=False, position="none", norm_class="LayerNorm",
-                  norm_eps=1e-6, activation="gelu", dropout=dropout, cross_attention=cross)
+    return BlockSpec(dim=width, n_head=heads, intermediate_size=mlp_ratio * width, causal=False, norm_eps=1e-6,
+                     activation="gelu", dropout=dropout, cross_attention=cross)
 
 
-def _check_images(images: torch.Tensor, channels: int, size: Optional[int]):
+def check_images(images: torch.Tensor, channels: int, size: Optional[int]):
     if images.dim() != 4 or images.shape[1] != channels or (size and tuple(images.shape[2:]) != (size, size)):
         want = f"(B, {channels}, {size}, {size})" if size else f"(B, {channels}, H, W)"
         raise VisionError(f"images have shape {tuple(images.shape)}; this encoder takes {want} "
                           f"(resize them with allformers.data.synthetic_science.load_image(path, size))")
+
+
+def patch_embedding(channels: int, width: int, patch_size: int, bias: bool = True, conv_stem: bool = False) -> nn.Module:
+    """(B, C, H, W) -> (B, width, H/p, W/p). conv_stem=True: log2(p) - 1 stride-2 3x3 convolutions, then a
+    2x2 stride-2 one (Xiao et al. 2021, "Early convolutions help transformers see better": it trains faster)."""
+    if not conv_stem:
+        return nn.Conv2d(channels, width, patch_size, stride=patch_size, bias=bias)  # one linear map per patch
+    if patch_size < 2 or patch_size & (patch_size - 1):
+        raise VisionError(f"conv_stem needs a power-of-two patch_size >= 2, got {patch_size}")
+    layers, c = [], channels
+    for _ in range(patch_size.bit_length() - 2):
+        layers += [nn.Conv2d(c, width // 2, 3, stride=2, padding=1), nn.GELU()]
+        c = width // 2
+    return nn.Sequential(*layers, nn.Conv2d(c, width, 2, stride=2, bias=bias))
 
 
 def sincos_2d(h: int, w: int, dim: int) -> torch.Tensor:
@@ -61,45 +76,37 @@ def sincos_2d(h: int, w: int, dim: int) -> torch.Tensor:
     return torch.cat([rows, cols], dim=-1).reshape(h * w, dim)
 
 
-class ViTEncoder(nn.Module):
-    """(B, C, H, W) images in [0, 1] -> (B, (H/p) * (W/p), width) patch features.
+def interpolate_grid(grid: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Learned positions of a square n x n patch grid, (1, n*n, D) -> (1, h*w, D) for an h x w grid:
+    bicubic, align_corners=False, in float32 (Hugging Face's interpolate_pos_encoding for CLIP, SigLIP, DINOv2)."""
+    n = int(round(grid.shape[1] ** 0.5))
+    if n * n != grid.shape[1]:
+        raise VisionError(f"{grid.shape[1]} learned positions are not a square grid; cannot resize them to {h}x{w}")
+    D = grid.shape[-1]
+    g = grid.reshape(1, n, n, D).permute(0, 3, 1, 2)  # (1, D, n, n)
+    g = F.interpolate(g.float(), size=(h, w), mode="bicubic", align_corners=False).to(grid.dtype)
+    return g.permute(0, 2, 3, 1).reshape(1, h * w, D)
 
-    Positions are learned, starting from 2-D sine-cosine values (so the first steps already know where
-    each patch is). conv_stem=True embeds patches with a small convolution stack instead of one strided
-    convolution (Xiao et al. 2021, "Early convolutions help transformers see better": it trains faster)."""
 
-    def __init__(self, image_size: int = 32, patch_size: int = 8, channels: int = 3, width: int = 128,
-                 depth: int = 2, heads: int = 4, mlp_ratio: int = 4, dropout: float = 0.0, conv_stem: bool = False):
+class AttentionPool(nn.Module):
+    """(B, N, D) tokens -> (B, Q, D): Q learned queries cross-attend to the tokens, then (optionally) a
+    norm + MLP residual on the result. SigLIP's MAP head is one query with the MLP (its output row 0 is the
+    image embedding); CoCa's attentional pooler is Q queries without it."""
+
+    def __init__(self, dim: int, heads: int, n_queries: int = 1, mlp: Optional[nn.Module] = None,
+                 norm: Optional[nn.Module] = None):
         super().__init__()
-        from ..models.lm import build_block
+        if dim % heads:
+            raise VisionError(f"width={dim} is not divisible by heads={heads}")
+        self.probe = nn.Parameter(torch.randn(1, n_queries, dim) * dim ** -0.5)
+        self.attn = Attention(dim, heads, heads, dim // heads, causal=False, cross=True)
+        self.norm, self.mlp = norm, mlp
 
-        if image_size % patch_size:
-            raise VisionError(f"image_size={image_size} is not a multiple of patch_size={patch_size}")
-        self.image_size, self.channels, self.out_dim = image_size, channels, width
-        grid = image_size // patch_size
-        self.num_tokens = grid ** 2
-        if conv_stem:  # log2(p) - 1 stride-2 3x3 convolutions, then a 2x2 stride-2 one: stride p in all
-            if patch_size < 2 or patch_size & (patch_size - 1):
-                raise VisionError(f"conv_stem needs a power-of-two patch_size >= 2, got {patch_size}")
-            layers, c = [], channels
-            for _ in range(patch_size.bit_length() - 2):
-                layers += [nn.Conv2d(c, width // 2, 3, stride=2, padding=1), nn.GELU()]
-                c = width // 2
-            self.patch = nn.Sequential(*layers, nn.Conv2d(c, width, 2, stride=2))
-        else:
-            self.patch = nn.Conv2d(channels, width, patch_size, stride=patch_size)  # one linear map per patch
-        self.pos = nn.Parameter(sincos_2d(grid, grid, width)[None].clone())  # (1, N, width)
-        cfg = _block_config(width, heads, depth, mlp_ratio, dropout)
-        self.blocks = nn.ModuleList(build_block(cfg) for _ in range(depth))
-        self.norm = nn.LayerNorm(width, eps=1e-6)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        _check_images(images, self.channels, self.image_size)
-        x = self.patch(images - 0.5)  # (B, width, H/p, W/p), centred pixels
-        x = x.flatten(2).transpose(1, 2) + self.pos  # (B, N, width)
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.attn(self.probe.expand(x.shape[0], -1, -1), context=x)  # (B, Q, D)
+        if self.mlp is not None:
+            h = h + self.mlp(self.norm(h))
+        return h
 
 
 class ConvBackbone(nn.Module):
@@ -114,7 +121,7 @@ class ConvBackbone(nn.Module):
         self.net, self.channels, self.out_dim = nn.Sequential(*mods), channels, width
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, width, H/2^l, W/2^l)
-        _check_images(images, self.channels, None)
+        check_images(images, self.channels, None)
         return self.net(images - 0.5)
 
 
@@ -127,16 +134,14 @@ class DETREncoder(nn.Module):
                  encoder_depth: int = 1, decoder_depth: int = 2, heads: int = 4, mlp_ratio: int = 4,
                  max_grid: int = 32, dropout: float = 0.0):
         super().__init__()
-        from ..models.lm import build_block
-
         self.backbone, self.out_dim, self.num_tokens = backbone, width, num_queries
         self.input_proj = nn.Linear(backbone_dim, width)
         self.row_embed = nn.Parameter(torch.randn(max_grid, width // 2) * 0.02)
         self.col_embed = nn.Parameter(torch.randn(max_grid, width - width // 2) * 0.02)
-        enc = _block_config(width, heads, encoder_depth, mlp_ratio, dropout)
-        dec = _block_config(width, heads, decoder_depth, mlp_ratio, dropout, cross=True)
-        self.encoder = nn.ModuleList(build_block(enc) for _ in range(encoder_depth))
-        self.decoder = nn.ModuleList(build_block(dec) for _ in range(decoder_depth))
+        enc = vit_block_spec(width, heads, mlp_ratio, dropout)
+        dec = vit_block_spec(width, heads, mlp_ratio, dropout, cross=True)
+        self.encoder = nn.ModuleList(make_block(enc) for _ in range(encoder_depth))
+        self.decoder = nn.ModuleList(make_block(dec) for _ in range(decoder_depth))
         self.queries = nn.Parameter(torch.randn(num_queries, width) * 0.02)  # DETR's object queries
         self.norm = nn.LayerNorm(width, eps=1e-6)
 

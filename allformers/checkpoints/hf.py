@@ -17,9 +17,17 @@ from .io import CONFIG_FILE, _contiguous, atomic_folder_write, load_state_dict_i
 from .maps import FAMILIES, Family
 
 
+# Models that are not one TransformerLM: model_type -> "module:function" taking (folder, its config dict) and
+# returning (model, LoadReport). Imported only when such a folder is loaded.
+OTHER_LOADERS = {"clip_vision_model": "allformers.checkpoints.hf_vision:load_hf_vision",
+                 "siglip_vision_model": "allformers.checkpoints.hf_vision:load_hf_vision",
+                 "dinov2": "allformers.checkpoints.hf_vision:load_hf_vision"}
+
+
 def _family(model_type: str) -> Family:
     if model_type not in FAMILIES:
-        raise CheckpointError(f"Hugging Face model_type {model_type!r} is not supported yet; supported: {sorted(FAMILIES)}")
+        raise CheckpointError(f"Hugging Face model_type {model_type!r} is not supported yet; "
+                              f"supported: {sorted([*FAMILIES, *OTHER_LOADERS])}")
     return FAMILIES[model_type]
 
 
@@ -165,6 +173,11 @@ def load_hf(path):
 
     path = Path(path)
     hf = json.loads((path / CONFIG_FILE).read_text())
+    if hf.get("model_type") in OTHER_LOADERS:
+        import importlib
+
+        module, fn = OTHER_LOADERS[hf["model_type"]].split(":")
+        return getattr(importlib.import_module(module), fn)(path, hf)
     family = _family(hf.get("model_type"))
     config = config_from_hf(hf, path)
     model = build_model(config)

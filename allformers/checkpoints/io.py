@@ -150,7 +150,8 @@ CONFIG_LOADERS = {"ErnieConfig": "allformers.models.ernie:load_ernie",
                   "LoRAAdapter": "allformers.models.lora:load_adapter",  # adapters + the path of their base
                   "MultimodalConfig": "allformers.models.multimodal:load_multimodal",
                   "UNetConfig": "allformers.models.unet:load_unet",
-                  "AutoencoderConfig": "allformers.models.autoencoders:load_autoencoder"}
+                  "AutoencoderConfig": "allformers.models.autoencoders:load_autoencoder",
+                  "ViTConfig": "allformers.models.vit:load_vit"}
 
 
 def read_config(path: Path, config_cls=Config):

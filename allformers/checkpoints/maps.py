@@ -90,3 +90,29 @@ FAMILIES: dict = {}
 def register_family(family: Family) -> Family:
     FAMILIES[family.model_type] = family
     return family
+
+
+@dataclass
+class Packed:
+    """Several of our tensors stored as one HF tensor, stacked on dim 0: nn.MultiheadAttention's in_proj
+    ([q; k; v]) -> our cross-attention's q and kv. Each converts in both directions."""
+    ours: tuple
+    hf: tuple  # one HF template
+    sizes: Callable  # config -> the dim-0 size of each of ours
+
+    def to_ours(self, ts, c):
+        return list(ts[0].split(self.sizes(c), 0))
+
+    def to_hf(self, ts, c):
+        return [torch.cat(ts, 0)]
+
+
+def packed(ours: tuple, hf: str, sizes: Callable) -> Packed:
+    return Packed(tuple(ours), (hf,), sizes)
+
+
+def unsqueezed(ours, hf, hf_dims: int):
+    """HF's tensor of `hf_dims` dims is ours with leading 1s up to 3 dims: CLIP's position table (N, D) and
+    class embedding (D,) -> our (1, N, D) and (1, 1, D)."""
+    return Row(ours, (hf,), lambda ts, c: ts[0].reshape((1,) * (3 - hf_dims) + tuple(ts[0].shape)),
+               lambda t, c: [t.reshape(t.shape[3 - hf_dims:])])

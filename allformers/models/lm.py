@@ -9,14 +9,25 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..blocks import (ATTENTION_CLASSES, Attention, Block, CrossKV, KVCache, LearnedPositions, Rotary, SinusoidalPositions, build_feedforward,
-                      build_norm)
+from ..blocks import (ATTENTION_CLASSES, Block, BlockSpec, CrossKV, KVCache, LearnedPositions, Rotary, SinusoidalPositions,
+                      build_feedforward, build_norm, make_block)
 from ..blocks.relative import build_relative
 from ..blocks.moe import MoE
 from ..blocks.sparse import WindowKVCache
 from ..config import Config
 from ..blocks.feedforward import ACTIVATIONS
 from ..errors import AllformersError, ContextLengthError
+
+
+def block_spec(c: Config) -> BlockSpec:
+    """The layer-level switches of a Config (everything a Block needs to know)."""
+    return BlockSpec(dim=c.n_embd, n_head=c.n_head, n_kv_head=c.n_kv_head, head_dim=c.head_dim,
+                     intermediate_size=c.intermediate_size, causal=c.causal, attn_bias=c.attn_bias,
+                     attn_out_bias=c.attn_out_bias, attn_scale=c.attn_scale, norm_class=c.norm_class,
+                     norm_eps=c.norm_eps, norm_bias=c.norm_bias, norm_placement=c.norm_placement,
+                     parallel_residual=c.parallel_residual, shared_parallel_norm=c.shared_parallel_norm,
+                     mlp_class=c.mlp_class, activation=c.activation, mlp_bias=c.mlp_bias, dropout=c.dropout,
+                     cross_attention=c.cross_attention)
 
 
 def build_block(c: Config, shared_from: Optional[Block] = None, layer: int = 0) -> Block:
@@ -36,15 +47,7 @@ def build_block(c: Config, shared_from: Optional[Block] = None, layer: int = 0) 
         mlp = MoE.from_config(c)
     else:
         mlp = build_feedforward(c.mlp_class, c.n_embd, c.intermediate_size, c.activation, c.mlp_bias, c.dropout)
-    norm1 = build_norm(c.norm_class, c.n_embd, c.norm_eps, c.norm_bias)
-    norm2 = None if c.shared_parallel_norm else build_norm(c.norm_class, c.n_embd, c.norm_eps, c.norm_bias)
-    cross = norm_cross = None
-    if c.cross_attention:  # decoder of an encoder-decoder: queries from x, keys/values from the encoder
-        cross = Attention(c.n_embd, c.n_head, c.n_kv_head, c.head_dim, bias=c.attn_bias, out_bias=c.attn_out_bias,
-                          scale=c.attn_scale, dropout=c.dropout, causal=False, cross=True)
-        norm_cross = build_norm(c.norm_class, c.n_embd, c.norm_eps, c.norm_bias)
-    return Block(attn, mlp, norm1, norm2, placement=c.norm_placement, parallel=c.parallel_residual,
-                 dropout=c.dropout, cross_attn=cross, norm_cross=norm_cross)
+    return make_block(block_spec(c), attn=attn, mlp=mlp)
 
 
 def document_positions(document_ids: torch.Tensor) -> torch.Tensor:

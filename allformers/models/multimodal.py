@@ -24,11 +24,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..blocks.fusion import GatedFusion
-from ..blocks.vision import ConvBackbone, DETREncoder, ViTEncoder, VisionError
+from ..blocks.vision import ConvBackbone, DETREncoder, VisionError
 from ..config import Config, config_json
 from ..errors import CheckpointError
 from .lm import TransformerLM
 from .seq2seq import Seq2SeqLM
+from .vit import ViTEncoder
 
 IGNORE_INDEX = -100
 
