@@ -28,6 +28,30 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "quick_gelu")
 
 
 
+def read_config_file(path) -> dict:
+    """config.json as a dict, or a ConfigError that says what is wrong with the file (missing, empty,
+    truncated, not JSON, not an object): the one guard every reader of a config file goes through."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path} does not exist; point at a checkpoint folder that has one") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {path} ({getattr(e, 'strerror', None) or e}); restore the file or "
+                          f"re-save the checkpoint") from None
+    if not text.strip():
+        raise ConfigError(f"{path} is empty; restore it or re-save the checkpoint")
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}; it may be "
+                          f"truncated); restore it or re-save the checkpoint") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} holds a JSON {type(raw).__name__}, not an object of config fields; restore it "
+                          f"or re-save the checkpoint")
+    return raw
+
+
 def config_json(d: dict, path=None) -> str:
     """A config dict as indented JSON, also written to `path` when given (every config class's to_json)."""
     text = json.dumps(d, indent=2)
@@ -324,7 +348,7 @@ class Config:
 
     @classmethod
     def from_json(cls, path) -> "Config":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_dict(read_config_file(path))
 
     def replace(self, **changes) -> "Config":
         """A copy with `changes`; fields that were derived (left as None) are derived again."""
@@ -405,4 +429,4 @@ class SavedConfig:
 
     @classmethod
     def from_json(cls, path):
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_dict(read_config_file(path))

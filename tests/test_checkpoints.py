@@ -1,4 +1,5 @@
 """Our format: round trip, atomic save, tokenizer beside the weights, load reports and errors."""
+import errno
 import re
 
 import pytest
@@ -32,10 +33,10 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     before = (tmp_path / "m" / "model.safetensors").read_bytes()
 
     def boom(*a, **k):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr("allformers.checkpoints.io.save_file", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match="disk is full"):
         small(dropout=0.1).save(tmp_path / "m")
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
     assert load(tmp_path / "m").config == model.config

@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 
 from ..config import Config
-from ..errors import CheckpointError
+from ..errors import AllformersError, CheckpointError
 from . import hf_decoders, hf_encoders, hf_seq2seq, hf_deberta  # noqa: F401  (register the tables)
-from .io import CONFIG_FILE, _contiguous, atomic_folder_write, load_state_dict_into, read_safetensors
+from .io import (CONFIG_FILE, _contiguous, atomic_folder_write, cast_state, load_state_dict_into, read_config_json,
+                 read_safetensors)
 from .maps import FAMILIES, Family
 
 
@@ -160,8 +161,17 @@ def _act(hf):
 
 def config_from_hf(hf: dict, path: Path = Path(".")) -> Config:
     family = _family(hf.get("model_type"))
-    task = _task_of(family, hf, path)
-    kwargs = family.config_from_hf(hf)
+    try:
+        task = _task_of(family, hf, path)
+        kwargs = family.config_from_hf(hf)
+    except KeyError as e:  # a required key is absent: name it rather than raise a bare KeyError
+        raise CheckpointError(f"{path / CONFIG_FILE} has no {e.args[0]!r}, which a Hugging Face {family.model_type} "
+                              f"config needs; restore the key (see the model's original config.json)") from None
+    except AllformersError:
+        raise
+    except (TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path / CONFIG_FILE} has a value of the wrong type ({e}); restore the original "
+                              f"config.json") from None
     shape = "encoder-decoder" if kwargs.get("is_encoder_decoder") else "encoder" if kwargs.get("causal") is False else "decoder"
     return Config(name=hf.get("_name_or_path", "") or family.model_type, family=shape,
                   description=f"imported from a Hugging Face {(hf.get('architectures') or [family.model_type])[0]}",
@@ -172,7 +182,7 @@ def load_hf(path):
     from ..models import build_model
 
     path = Path(path)
-    hf = json.loads((path / CONFIG_FILE).read_text())
+    hf = read_config_json(path / CONFIG_FILE)
     if hf.get("model_type") in OTHER_LOADERS:
         import importlib
 
@@ -191,8 +201,8 @@ def load_hf(path):
     return model, report
 
 
-def save_hf(model, path, tokenizer=None):
-    """Write a folder that `transformers` loads with the matching Auto class."""
+def save_hf(model, path, tokenizer=None, dtype=None, overwrite: bool = False):
+    """Write a folder that `transformers` loads with the matching Auto class (atomically, like save)."""
     from safetensors.torch import save_file
 
     config = model.config
@@ -207,11 +217,11 @@ def save_hf(model, path, tokenizer=None):
             f"config {config.name!r} (task={config.task}) has no Hugging Face equivalent among {sorted(FAMILIES)} "
             f"(position={config.position}, norm={config.norm_class}, mlp={config.mlp_class}); "
             f"save it with format='allformers'")
-    state = ours_to_hf(_contiguous(model.state_dict()), config, family)
+    state = cast_state(ours_to_hf(_contiguous(model.state_dict()), config, family), dtype)
     if config.tie_embeddings and family.tied_hf_key:
         state.pop(family.tied_hf_key, None)
     hf_config = {"model_type": family.model_type, "architectures": [family.architectures[head_kind(family, config)]],
-                 "dtype": "float32", **family.config_to_hf(config)}
+                 "dtype": str(dtype or torch.float32).removeprefix("torch."), **family.config_to_hf(config)}
     if config.task in ("sequence-classification", "token-classification"):
         names = config.labels or [f"LABEL_{i}" for i in range(config.num_labels)]
         hf_config["id2label"] = {str(i): n for i, n in enumerate(names)}
@@ -229,5 +239,4 @@ def save_hf(model, path, tokenizer=None):
         if tokenizer is not None:
             tokenizer.save(tmp)
 
-    atomic_folder_write(Path(path), write)
-    return Path(path)
+    return atomic_folder_write(path, write, overwrite=overwrite)

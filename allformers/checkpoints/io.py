@@ -5,10 +5,7 @@ Every load returns (or prints) a LoadReport: which keys were loaded, missing, un
 newly initialised, so a silent half-load is impossible."""
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -17,8 +14,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..config import Config
+from ..config import Config, read_config_file
 from ..errors import CheckpointError, ConfigError
+from .atomic import atomic_folder_write, fault, reading, unfinished_save  # noqa: F401  (atomic_folder_write: used by every saver)
 
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
 
@@ -54,6 +52,13 @@ def load_state_dict_into(model: torch.nn.Module, state: dict, source: str, stric
             f"{source}: {len(bad)} tensor(s) do not fit the config: " + "; ".join(bad[:5])
             + " — the checkpoint was made for a different config (check config.json: n_embd, n_layer, "
               "vocab_size, n_kv_head ...)")
+    ints = [f"{k} ({v.dtype})" for k, v in state.items()
+            if k in own and own[k].is_floating_point() and not (v.is_floating_point() or v.is_complex())]
+    if ints:
+        raise CheckpointError(
+            f"{source}: {len(ints)} weight tensor(s) are stored as integers ({', '.join(ints[:3])}), which would load "
+            f"as wrong floats; the checkpoint was saved with an integer dtype — re-save it from the original "
+            f"model with a float dtype")
     report.unexpected = sorted(k for k in state if k not in own)
     # A tensor shared by several names (tied or ALBERT-shared layers) is stored once: any name will do.
     by_storage = {}
@@ -74,27 +79,6 @@ def load_state_dict_into(model: torch.nn.Module, state: dict, source: str, stric
     return report
 
 
-# ---------------------------------------------------------------------- atomic writes
-def atomic_folder_write(path: Path, write_into) -> None:
-    """Write a whole folder into a temporary sibling, then swap it in: a crash or a full disk
-    mid-save leaves the previous checkpoint untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        write_into(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _contiguous(state: dict) -> dict:
     """safetensors refuses shared or strided storage; tied weights are written once."""
     out, seen = {}, {}
@@ -108,27 +92,52 @@ def _contiguous(state: dict) -> dict:
 
 
 # ---------------------------------------------------------------------- our format
-def save(model, path, format: str = "allformers", tokenizer=None, dtype: Optional[torch.dtype] = None):
-    """Save `model` (and optionally its tokenizer) as an allformers folder or a Hugging Face folder."""
+def check_dtype(dtype, what: str = "save") -> None:
+    """Weights are floats: an integer dtype truncates them (int8 zeroes almost every weight)."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise CheckpointError(f"{what}(dtype={dtype}) cannot hold the weights (an integer or non-float dtype truncates "
+                              f"them); use torch.float32, torch.float16 or torch.bfloat16")
+
+
+def cast_state(state: dict, dtype: Optional[torch.dtype]) -> dict:
+    check_dtype(dtype)
+    return {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in state.items()}
+
+
+def save(model, path, format: str = "allformers", tokenizer=None, dtype: Optional[torch.dtype] = None,
+         overwrite: bool = False):
+    """Save `model` (and optionally its tokenizer) as an allformers folder or a Hugging Face folder.
+
+    The folder is written atomically (checkpoints/atomic.py): at every instant `path` holds the old
+    checkpoint or the new one. An earlier checkpoint there is replaced (only its own files: others
+    beside it stay); a folder that holds something else is refused unless overwrite=True."""
+    check_dtype(dtype)
     if format == "hf":
         from .hf import save_hf
 
-        return save_hf(model, path, tokenizer=tokenizer)
+        return save_hf(model, path, tokenizer=tokenizer, dtype=dtype, overwrite=overwrite)
     if format != "allformers":
         raise CheckpointError(f"unknown format {format!r}; use 'allformers' or 'hf'")
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-    state = _contiguous(model.state_dict())
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    state = cast_state(_contiguous(model.state_dict()), dtype)
 
     def write(tmp: Path):
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "library": "allformers"})
+        fault("mid-write")
         model.config.to_json(tmp / CONFIG_FILE)
         if tokenizer is not None:
             tokenizer.save(tmp)
 
-    atomic_folder_write(Path(path), write)
-    return Path(path)
+    return atomic_folder_write(path, write, overwrite=overwrite)
+
+
+def read_config_json(file: Path) -> dict:
+    """A checkpoint's config.json as a dict; junk, empty, truncated or non-object files are refused
+    here, before anything else reads them."""
+    try:
+        return read_config_file(file)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def read_safetensors(file: Path) -> dict:
@@ -156,10 +165,9 @@ CONFIG_LOADERS = {"ErnieConfig": "allformers.models.ernie:load_ernie",
 
 def read_config(path: Path, config_cls=Config):
     """A folder's config.json as `config_cls`; bad JSON or bad fields become a CheckpointError naming the file."""
+    raw = read_config_json(Path(path) / CONFIG_FILE)
     try:
-        return config_cls.from_json(Path(path) / CONFIG_FILE)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{Path(path) / CONFIG_FILE} is not valid JSON: {e}") from None
+        return config_cls.from_dict(raw)
     except ConfigError as e:
         raise CheckpointError(f"{Path(path) / CONFIG_FILE}: {e}") from None
 
@@ -177,7 +185,8 @@ def load_allformers(path: Path, map_location="cpu"):
     from ..models import build_model
 
     path = Path(path)
-    special = _special_loader(path / CONFIG_FILE)
+    raw = read_config_json(path / CONFIG_FILE)
+    special = _special_loader(path / CONFIG_FILE, raw)
     if special is not None:
         model = special(path)
         return model.to(map_location), getattr(model, "load_report", LoadReport(source=str(path)))
@@ -188,13 +197,10 @@ def load_allformers(path: Path, map_location="cpu"):
     return model.to(map_location), report
 
 
-def _special_loader(config_file: Path):
+def _special_loader(config_file: Path, raw: dict):
     import importlib
 
-    try:
-        name = json.loads(config_file.read_text()).get("config_class")
-    except (json.JSONDecodeError, OSError):
-        return None  # reported properly by the plain path
+    name = raw.get("config_class")
     if name is None:
         return None
     if name not in CONFIG_LOADERS:
@@ -207,15 +213,30 @@ def load(path, *, verbose: bool = False, return_report: bool = False, dtype: Opt
     """Load a model from an allformers folder, a Hugging Face (transformers or diffusers) folder or a `.gguf` file.
 
     The model's tokenizer, when the source has one, is attached as `model.tokenizer`."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise CheckpointError(f"load() needs the path of a checkpoint (a folder or a .gguf file), got {path!r}")
+    check_dtype(dtype, "load")
     path = Path(path)
+    with reading(path):  # never a half-replaced folder: see checkpoints/atomic.py
+        model, report = _load_from(path)
+    if dtype is not None:
+        model = model.to(dtype)
+    if verbose:
+        print(report)
+    model.load_report = report
+    model.eval()
+    return (model, report) if return_report else model
+
+
+def _load_from(path: Path):
     if not path.exists():
         raise CheckpointError(f"{path} does not exist; pass an allformers folder, a Hugging Face folder or a .gguf file")
     if path.is_file() and path.suffix == ".gguf":
         from .gguf import load_gguf
 
-        model, report = load_gguf(path)
-    elif path.is_dir() and (path / CONFIG_FILE).exists():
-        raw = json.loads((path / CONFIG_FILE).read_text())
+        return load_gguf(path)
+    if path.is_dir() and (path / CONFIG_FILE).exists():
+        raw = read_config_json(path / CONFIG_FILE)
         if "_class_name" in raw:  # a diffusers folder (UNet2DConditionModel, AutoencoderKL, VQModel)
             from .diffusers import load_diffusers
 
@@ -230,14 +251,11 @@ def load(path, *, verbose: bool = False, return_report: bool = False, dtype: Opt
             from ..tokenization import Tokenizer
 
             model.tokenizer = Tokenizer.from_file(path / TOKENIZER_FILE)
-    else:
-        raise CheckpointError(
-            f"{path} is neither a .gguf file nor a folder with {CONFIG_FILE}; "
-            f"pass an allformers folder, a Hugging Face folder or a .gguf file")
-    if dtype is not None:
-        model = model.to(dtype)
-    if verbose:
-        print(report)
-    model.load_report = report
-    model.eval()
-    return (model, report) if return_report else model
+        return model, report
+    staged = unfinished_save(path)
+    if staged is not None:
+        raise CheckpointError(f"{path} holds no checkpoint: a save into it was killed before it finished (its partial "
+                              f"files are in {staged}, which the next save removes); save the model again")
+    raise CheckpointError(
+        f"{path} is neither a .gguf file nor a folder with {CONFIG_FILE}; "
+        f"pass an allformers folder, a Hugging Face folder or a .gguf file")
