@@ -49,13 +49,14 @@ except ImportError:  # Windows: no flock; saves stay atomic per file, readers ar
 STAGING = ".tmp-"  # PATH/.tmp-<pid>-<random>/: a save in progress (or a killed one's leftover)
 JOURNAL = ".allformers-swap.json"  # present only while a committed save is being moved into place
 MANIFEST = ".allformers-files.json"  # the checkpoint's own files, written by every save
-# The files a checkpoint written by allformers or Hugging Face consists of: what our savers write
+# The files a checkpoint written by allformers, Hugging Face or diffusers consists of: what our savers write
 # and our loaders read (trainer_state.pt: training/trainer.py, adapter.safetensors: models/lora.py,
 # discriminator/ generator/: ELECTRA's two-network checkpoints). A checkpoint saved before the
 # manifest existed is recognised by these; only they are replaced or dropped by a new save.
 OWN_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
              "pytorch_model.bin.index.json", "tokenizer.json", "tokenizer_config.json", "1_Pooling",
-             "trainer_state.pt", "adapter.safetensors", "discriminator", "generator")
+             "trainer_state.pt", "adapter.safetensors", "discriminator", "generator",
+             "diffusion_pytorch_model.safetensors")
 # What a training run writes into its output folder (training/trainer.py, the recipes): a model saved
 # into a run's folder goes beside them without overwrite=True (they are never touched either way).
 RUN_RECORDS = ("metrics.jsonl", "metrics.prev.jsonl", "loss.png", "checkpoint", "summary.json")
@@ -82,7 +83,7 @@ def _is_checkpoint(path: Path) -> bool:
             raw = json.loads(config.read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(raw, dict) and any(k in raw for k in ("model_type", "config_class", "n_embd")):
+        if isinstance(raw, dict) and any(k in raw for k in ("model_type", "config_class", "n_embd", "_class_name")):
             return True
     return False
 
