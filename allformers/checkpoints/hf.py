@@ -22,7 +22,9 @@ from .maps import FAMILIES, Family
 # returning (model, LoadReport). Imported only when such a folder is loaded.
 OTHER_LOADERS = {"clip_vision_model": "allformers.checkpoints.hf_vision:load_hf_vision",
                  "siglip_vision_model": "allformers.checkpoints.hf_vision:load_hf_vision",
-                 "dinov2": "allformers.checkpoints.hf_vision:load_hf_vision"}
+                 "dinov2": "allformers.checkpoints.hf_vision:load_hf_vision",
+                 **{t: "allformers.checkpoints.hf_clip:load_hf_clip"
+                    for t in ("clip", "siglip", "clip_text_model", "siglip_text_model")}}
 
 
 def _family(model_type: str) -> Family:

@@ -160,7 +160,9 @@ CONFIG_LOADERS = {"ErnieConfig": "allformers.models.ernie:load_ernie",
                   "MultimodalConfig": "allformers.models.multimodal:load_multimodal",
                   "UNetConfig": "allformers.models.unet:load_unet",
                   "AutoencoderConfig": "allformers.models.autoencoders:load_autoencoder",
-                  "ViTConfig": "allformers.models.vit:load_vit"}
+                  "ViTConfig": "allformers.models.vit:load_vit",
+                  "CLIPConfig": "allformers.models.clip:load_clip",  # CLIP and SigLIP
+                  "TextTowerConfig": "allformers.models.clip:load_text_tower"}
 
 
 def read_config(path: Path, config_cls=Config):
