@@ -89,6 +89,7 @@ class Config:
     attention_stride: int = 128
     # positions
     position: str = "learned"
+    sinusoidal_layout: str = "interleaved"  # position="sinusoidal": sin, cos per frequency; "halves": [sin | cos] (CTRL)
     rotary_pct: float = 1.0  # fraction of each head that rotates (GPT-NeoX: 0.25)
     rope_base: float = 10000.0
     rel_buckets: int = 32  # T5 relative bias: distance buckets and the distance where they stop growing
@@ -193,6 +194,7 @@ class Config:
                 raise ConfigError(f"{fname}={value!r} is not one of {list(allowed)}")
 
         choice("position", POSITIONS)
+        choice("sinusoidal_layout", ("interleaved", "halves"))
         choice("norm_class", NORMS)
         choice("norm_placement", NORM_PLACEMENTS)
         choice("mlp_class", MLPS)

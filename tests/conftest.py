@@ -27,7 +27,7 @@ def one_thread():
 def tiny_hf(family: str):
     """A tiny random `transformers` causal LM of each family, with the switches that make it
     different turned on (NeoX: partial rotary + parallel residual; LLaMA: GQA; BLOOM: ALiBi + embedding norm;
-    GPT-Neo: global and local layers, unscaled attention; Mixtral: experts, GQA, sliding window)."""
+    GPT-Neo: global and local layers, unscaled attention; Mixtral: experts, GQA, sliding window; CTRL)."""
     import transformers as T
 
     torch.manual_seed(0)
@@ -55,6 +55,10 @@ def tiny_hf(family: str):
                               intermediate_size=48, vocab_size=VOCAB, max_position_embeddings=128, num_local_experts=4,
                               num_experts_per_tok=2, sliding_window=6, bos_token_id=0, eos_token_id=0)
         model = T.MixtralForCausalLM(cfg)
+    elif family == "ctrl":  # [sin | cos] positions, embeddings x sqrt(d), ReLU, a biased tied head
+        cfg = T.CTRLConfig(n_layer=2, n_head=4, n_embd=32, dff=64, vocab_size=VOCAB, n_positions=128,
+                           bos_token_id=0, eos_token_id=0)
+        model = T.CTRLLMHeadModel(cfg)
     elif family == "bloom":
         cfg = T.BloomConfig(n_layer=2, n_head=4, hidden_size=32, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)
         model = T.BloomForCausalLM(cfg)
@@ -68,7 +72,7 @@ def tiny_hf(family: str):
     return model.eval()
 
 
-FAMILIES = ["gpt2", "gpt_neox", "llama", "bloom", "gpt_neo", "mixtral"]
+FAMILIES = ["gpt2", "gpt_neox", "llama", "bloom", "gpt_neo", "mixtral", "ctrl"]
 
 
 @pytest.fixture(params=FAMILIES)

@@ -17,15 +17,20 @@ class LearnedPositions(nn.Module):
 
 
 class SinusoidalPositions(nn.Module):
-    """The fixed sin/cos table of "Attention Is All You Need" (interleaved halves: sin | cos)."""
+    """The fixed sin/cos table of "Attention Is All You Need". layout "interleaved": sin and cos of each
+    frequency side by side (sin, cos, sin, cos, ...); "halves": all sines, then all cosines (CTRL)."""
 
-    def __init__(self, max_len: int, dim: int):
+    def __init__(self, max_len: int, dim: int, layout: str = "interleaved"):
         super().__init__()
         pos = torch.arange(max_len, dtype=torch.float32)[:, None]
         inv = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
         table = torch.zeros(max_len, dim)
-        table[:, 0::2] = torch.sin(pos * inv)
-        table[:, 1::2] = torch.cos(pos * inv[: dim // 2])
+        if layout == "halves":  # [sin | cos]
+            table[:, : (dim + 1) // 2] = torch.sin(pos * inv)
+            table[:, (dim + 1) // 2:] = torch.cos(pos * inv[: dim // 2])
+        else:
+            table[:, 0::2] = torch.sin(pos * inv)
+            table[:, 1::2] = torch.cos(pos * inv[: dim // 2])
         self.register_buffer("table", table, persistent=False)
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Key tables for the decoder families: GPT-2, GPT-NeoX, BLOOM, LLaMA, GPT-Neo, Mixtral."""
+"""Key tables for the decoder families: GPT-2, GPT-NeoX, BLOOM, LLaMA, GPT-Neo, Mixtral, CTRL."""
 import torch
 
 from ..config import Config
@@ -309,3 +309,41 @@ def _mixtral_fits(c: Config):
 register_family(Family("mixtral", {"lm": "MixtralForCausalLM"}, _mixtral_rows, _mixtral_config, _mixtral_to_hf,
                        _mixtral_fits, ignore=("rotary_emb.inv_freq",), tied_hf_key="lm_head.weight",
                        patterns=("global", "local"), experts=True, normalize=_mixtral_unfuse))
+
+
+# ---------------------------------------------------------------- CTRL (control codes: conditioning is data, not weights)
+def _ctrl_rows(c: Config):
+    p, a = "transformer.h.{}.", "transformer.h.{}.multi_head_attention."
+    rows = [same("wte.weight", "transformer.w.weight"), *pair("norm", "transformer.layernorm"),
+            *separate_qkv("blocks.{}.attn.qkv", a + "Wq", a + "Wk", a + "Wv"), *pair("blocks.{}.attn.proj", a + "dense"),
+            *pair("blocks.{}.norm1", p + "layernorm1"), *pair("blocks.{}.norm2", p + "layernorm2"),
+            *pair("blocks.{}.mlp.fc", p + "ffn.0"), *pair("blocks.{}.mlp.proj", p + "ffn.2")]
+    if c.tie_embeddings:  # the head's bias stays separate from the tied matrix
+        return rows + [same("lm_head_bias", "lm_head.bias")]
+    return rows + pair("lm_head", "lm_head")
+
+
+def _ctrl_config(h):
+    return dict(vocab_size=h["vocab_size"], block_size=h["n_positions"], n_layer=h["n_layer"], n_head=h["n_head"],
+                n_embd=h["n_embd"], intermediate_size=h["dff"], norm_eps=h.get("layer_norm_epsilon", 1e-6),
+                position="sinusoidal", sinusoidal_layout="halves", embed_scale=h["n_embd"] ** 0.5, activation="relu",
+                lm_head_bias=True, tie_embeddings=h.get("tie_word_embeddings", True))
+
+
+def _ctrl_to_hf(c: Config):
+    return dict(vocab_size=c.vocab_size, n_positions=c.block_size, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
+                dff=c.intermediate_size, layer_norm_epsilon=c.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0,
+                tie_word_embeddings=c.tie_embeddings)
+
+
+def _ctrl_fits(c: Config):
+    # CTRL's layer norms inside the blocks have eps 1e-6 fixed in code; only the final one reads the config
+    return (c.position == "sinusoidal" and c.sinusoidal_layout == "halves" and c.embed_scale == c.n_embd ** 0.5
+            and c.norm_placement == "pre" and not c.parallel_residual and c.causal and c.norm_class == "LayerNorm"
+            and c.mlp_class == "MLP" and c.activation == "relu" and c.attn_bias and c.mlp_bias and c.lm_head_bias
+            and c.n_kv_head == c.n_head and c.head_dim * c.n_head == c.n_embd and c.attn_scale is None
+            and c.norm_eps == 1e-6 and c.norm_bias and not c.embedding_norm and not c.type_vocab_size)
+
+
+register_family(Family("ctrl", {"lm": "CTRLLMHeadModel"}, _ctrl_rows, _ctrl_config, _ctrl_to_hf, _ctrl_fits,
+                       ignore=("pos_encoding",), tied_hf_key="lm_head.weight", base_prefix="transformer."))

@@ -139,7 +139,7 @@ _bert_like("electra", "electra", {**_archs("Electra"), "replaced-token-detection
 
 # ---------------------------------------------------------------------- shared by ALBERT, DistilBERT, XLM
 def _sinusoidal_table(c: Config):
-    return SinusoidalPositions(c.block_size, c.embedding_size).table
+    return SinusoidalPositions(c.block_size, c.embedding_size, c.sinusoidal_layout).table
 
 
 def _word_and_positions(word, pos):

@@ -153,17 +153,37 @@ def _trim(text: str, stop: Optional[Sequence[str]]) -> str:
     return text
 
 
+def control_prefix(tokenizer, code: str) -> list:
+    """CTRL: the token ids of control code `code` (bos first if the tokenizer adds one), to go before a
+    prompt. A tokenizer that lists its codes (`control_codes`) refuses any other."""
+    known = getattr(tokenizer, "control_codes", None)
+    if known and code not in known:
+        raise AllformersError(f"control code {code!r} is not one this model was trained with; use one of {known}")
+    ids = tokenizer.encode(code)
+    if not ids:
+        raise AllformersError(f"control code {code!r} encodes to no tokens; pass a word of the model's vocabulary")
+    return ids
+
+
 def generate_text(model, tokenizer, prompts: Union[str, Sequence[str]], *, stream: Optional[Callable[[str], None]] = None,
-                  stop: Optional[Sequence[str]] = None, **kwargs) -> Union[str, list]:
+                  stop: Optional[Sequence[str]] = None, control_code: Optional[str] = None, **kwargs) -> Union[str, list]:
     """Text in, text out. A list of prompts is run as one left-padded batch (decoder-only) or
-    one right-padded source batch (encoder-decoder)."""
+    one right-padded source batch (encoder-decoder). `control_code` (CTRL) puts that code's tokens
+    before every prompt; the output holds only what follows the prompt."""
     if getattr(model.config, "is_encoder_decoder", False):
+        if control_code is not None:
+            raise AllformersError("control codes condition decoder-only models (CTRL); this is an encoder-decoder")
         from .seq2seq import seq2seq_text
 
         return seq2seq_text(model, tokenizer, prompts, stream=stream, stop=stop, **kwargs)
     single = isinstance(prompts, str)
     batch = [prompts] if single else list(prompts)
-    ids, mask = left_pad([tokenizer.encode(p) for p in batch], tokenizer.pad_id)
+    if control_code is not None:
+        prefix = control_prefix(tokenizer, control_code)
+        encoded = [prefix + tokenizer.encode(p, add_bos=False) for p in batch]
+    else:
+        encoded = [tokenizer.encode(p) for p in batch]
+    ids, mask = left_pad(encoded, tokenizer.pad_id)
     kwargs.setdefault("eos_id", tokenizer.eos_id)
     streamer = TextStream(tokenizer, stream) if stream else None
     out = generate(model, ids, attention_mask=mask if len(batch) > 1 else None, stop=stop, tokenizer=tokenizer,

@@ -106,7 +106,8 @@ class TransformerLM(nn.Module):
         E = c.embedding_size
         self.wte = nn.Embedding(c.vocab_size, E)
         self.wpe = {"learned": LearnedPositions, "sinusoidal": SinusoidalPositions}.get(c.position)
-        self.wpe = self.wpe(c.block_size + c.position_offset, E) if self.wpe else None
+        layout = {"layout": c.sinusoidal_layout} if c.position == "sinusoidal" else {}
+        self.wpe = self.wpe(c.block_size + c.position_offset, E, **layout) if self.wpe else None
         self.wtt = nn.Embedding(c.type_vocab_size, E) if c.type_vocab_size else None  # segments / languages
         self.embed_norm = build_norm(c.norm_class, E, c.norm_eps, c.norm_bias) if c.embedding_norm else None
         self.embed_proj = nn.Linear(E, c.n_embd) if E != c.n_embd else None  # factorized embeddings

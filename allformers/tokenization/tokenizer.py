@@ -18,11 +18,13 @@ META_FILE = "tokenizer_config.json"  # same name and keys as Hugging Face's, so 
 
 class Tokenizer:
     def __init__(self, backend: HFTokenizer, *, bos_token: Optional[str] = None, eos_token: Optional[str] = None,
-                 pad_token: Optional[str] = None, chat_template: Optional[str] = None, add_bos: bool = False):
+                 pad_token: Optional[str] = None, chat_template: Optional[str] = None, add_bos: bool = False,
+                 control_codes: Optional[list] = None):
         self.backend = backend
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
         self.chat_template = chat_template
         self.add_bos = add_bos  # prepend bos when encoding (LLaMA-style models)
+        self.control_codes = list(control_codes) if control_codes else None  # CTRL: the codes a model was trained with
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -72,7 +74,8 @@ class Tokenizer:
             meta = json.loads((file.parent / META_FILE).read_text())
         return cls(HFTokenizer.from_file(str(file)), bos_token=_tok(meta.get("bos_token")),
                    eos_token=_tok(meta.get("eos_token")), pad_token=_tok(meta.get("pad_token")),
-                   chat_template=meta.get("chat_template"), add_bos=meta.get("add_bos_token", False))
+                   chat_template=meta.get("chat_template"), add_bos=meta.get("add_bos_token", False),
+                   control_codes=meta.get("control_codes"))
 
     @classmethod
     def from_folder(cls, folder) -> "Tokenizer":
@@ -86,7 +89,15 @@ class Tokenizer:
                 "add_bos_token": self.add_bos, "tokenizer_class": "PreTrainedTokenizerFast"}
         if self.chat_template:
             meta["chat_template"] = self.chat_template
+        if self.control_codes:
+            meta["control_codes"] = self.control_codes
         (folder / META_FILE).write_text(json.dumps(meta, indent=2))
+
+    def add_control_codes(self, codes: list) -> "Tokenizer":
+        """CTRL: make each code one special token (a sequence starts with its code) and remember them."""
+        self.backend.add_special_tokens(list(codes))
+        self.control_codes = list(dict.fromkeys((self.control_codes or []) + list(codes)))
+        return self
 
     # ------------------------------------------------------------------ use
     @property
