@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from .errors import ConfigError, UnknownModelError
 
-POSITIONS = ("learned", "sinusoidal", "rotary", "alibi", "relative_bias", "disentangled", "none")
+POSITIONS = ("learned", "sinusoidal", "rotary", "alibi", "relative_bias", "disentangled", "relative_xl", "none")
 POS_ATT_TERMS = ("c2p", "p2c")  # DeBERTa: content-to-position, position-to-content
 NORMS = ("LayerNorm", "RMSNorm")
 NORM_PLACEMENTS = ("pre", "post")
@@ -100,6 +100,19 @@ class Config:
     position_buckets: int = 256
     max_relative_positions: int = 512
     pos_att_type: str = "c2p|p2c"
+    # Transformer-XL / XLNet (position="relative_xl", attention_class="RelativeXLAttention", models/xlnet.py):
+    # relative sinusoids with the learned biases u, v, and segment-level memory. mem_len: past hidden states
+    # per layer carried into the next segment (0: none while training; generation then keeps every past
+    # token); reuse_len: only a segment's first reuse_len tokens are remembered (0: all); clamp_len: longer
+    # distances read as clamp_len (0: no clamp); same_length: every query sees mem_len + 1 keys; bi_data:
+    # the second half of a batch reads its distances backwards (XLNet pretraining); relative_segments:
+    # XLNet's learned same-segment / different-segment score in every layer (token_type_ids).
+    mem_len: int = 0
+    reuse_len: int = 0
+    clamp_len: int = 0
+    same_length: bool = False
+    bi_data: bool = False
+    relative_segments: bool = False
     # norms and residual layout
     norm_class: str = "LayerNorm"
     norm_eps: float = 1e-5
@@ -278,6 +291,7 @@ class Config:
             self._validate_pattern()
         if self.n_expert:
             self._validate_moe()
+        self._validate_xl()
         if self.shared_parallel_norm and not self.parallel_residual:
             raise ConfigError("shared_parallel_norm=True only makes sense with parallel_residual=True")
 
@@ -309,6 +323,36 @@ class Config:
         if self.share_layers in ("all", "ffn"):
             raise ConfigError(f"share_layers={self.share_layers!r} shares one feed-forward across layers; "
                               f"it cannot be combined with n_expert={self.n_expert} — use share_layers='attention' or 'none'")
+
+    def _validate_xl(self):
+        xl = self.position == "relative_xl"
+        if xl != (self.attention_class == "RelativeXLAttention"):
+            raise ConfigError(
+                f"position={self.position!r} with attention_class={self.attention_class!r}: Transformer-XL's relative "
+                f"positions and attention go together; set both position='relative_xl' and "
+                f"attention_class='RelativeXLAttention', or neither")
+        switches = {"mem_len": 0, "reuse_len": 0, "clamp_len": 0, "same_length": False, "bi_data": False,
+                    "relative_segments": False}
+        if not xl:
+            used = [f"{k}={getattr(self, k)!r}" for k, off in switches.items() if getattr(self, k) != off]
+            if used:
+                raise ConfigError(f"{', '.join(used)} only apply to position='relative_xl' (Transformer-XL / XLNet); "
+                                  f"drop them or set position='relative_xl'")
+            return
+        bad = [name for name, on in [("norm_placement='pre'", self.norm_placement != "post"),
+                                     ("parallel_residual", self.parallel_residual),
+                                     (f"n_kv_head={self.n_kv_head} != n_head", self.n_kv_head != self.n_head),
+                                     ("type_vocab_size (use relative_segments)", self.type_vocab_size > 0),
+                                     ("embedding_size != n_embd", self.embedding_size != self.n_embd),
+                                     ("head_transform", self.head_transform),
+                                     ("is_encoder_decoder / cross_attention", self.is_encoder_decoder or self.cross_attention)]
+               if on]
+        if bad:
+            raise ConfigError(f"position='relative_xl' (Transformer-XL / XLNet: post-norm layers whose memory holds "
+                              f"each layer's input) does not support {', '.join(bad)}")
+        negative = [f"{k}={getattr(self, k)}" for k in ("mem_len", "reuse_len", "clamp_len") if getattr(self, k) < 0]
+        if negative:
+            raise ConfigError(f"{', '.join(negative)} must be >= 0 (0 turns it off)")
 
     # ---------------------------------------------------------------- derived
     def layer_is_moe(self, i: int) -> bool:

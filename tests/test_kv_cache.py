@@ -5,6 +5,7 @@ import torch
 from allformers import Config, TransformerLM
 from allformers.config import REGISTRY
 from allformers.generation import generate, left_pad
+from allformers.models import build_model
 
 DECODERS = [n for n in REGISTRY if Config.from_name(n).causal and not Config.from_name(n).is_encoder_decoder]
 
@@ -17,7 +18,7 @@ def tiny(name: str) -> TransformerLM:
     small = c.replace(n_layer=2, n_head=4, n_kv_head=kv, n_embd=64, head_dim=None, intermediate_size=96,
                       vocab_size=101, block_size=96)
     torch.manual_seed(0)
-    model = TransformerLM(small).eval()
+    model = build_model(small).eval()  # TransformerXL for Transformer-XL's relative positions with memory
     with torch.no_grad():  # peaked logits: a near-tie could flip argmax on rounding alone
         model.wte.weight.mul_(20)
     return model

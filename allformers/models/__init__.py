@@ -5,7 +5,8 @@ from .lora import (LoRAConfig, LoRAError, LoRALinear, apply_lora, load_lora_stat
                    lora_parameters, lora_state_dict, merge_lora, save_adapter, load_adapter)
 from .pretraining import Pretraining, PretrainingModel, pretraining_loss  # noqa: F401  (BERT MLM+NSP, ALBERT MLM+SOP)
 from .seq2seq import Seq2SeqLM
+from .xlnet import TransformerXL, XLMemory
 
-__all__ = ["TransformerLM", "Seq2SeqLM", "TaskModel", "build_model", "Cache", "build_block", "LoRAConfig", "LoRAError", "LoRALinear",
+__all__ = ["TransformerLM", "TransformerXL", "XLMemory", "Seq2SeqLM", "TaskModel", "build_model", "Cache", "build_block", "LoRAConfig", "LoRAError", "LoRALinear",
            "apply_lora", "lora_parameters", "lora_disabled", "merge_lora", "lora_state_dict", "load_lora_state_dict",
            "save_adapter", "load_adapter"]

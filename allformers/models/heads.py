@@ -52,11 +52,21 @@ class ClassificationHead(nn.Module):
         return self.out(self.drop(x))
 
 
+def lm_class(config: Config) -> type:
+    """The stack a config describes: TransformerLM, or TransformerXL for Transformer-XL / XLNet's
+    relative positions with memory (position="relative_xl")."""
+    if config.position == "relative_xl":
+        from .xlnet import TransformerXL
+
+        return TransformerXL
+    return TransformerLM
+
+
 class TaskModel(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
         self.config = c = config
-        self.body = TransformerLM(c)
+        self.body = lm_class(c)(c)
         if c.task == "embedding":
             self.head = None
         elif c.task == "question-answering":
@@ -104,4 +114,4 @@ def build_model(config: Config) -> nn.Module:
         from .pretraining import PretrainingModel
 
         return PretrainingModel(config)
-    return TransformerLM(config) if config.task == "lm" else TaskModel(config)
+    return lm_class(config)(config) if config.task == "lm" else TaskModel(config)

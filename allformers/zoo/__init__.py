@@ -7,6 +7,7 @@ import torch
 from ..config import REGISTRY, Config
 from . import decoders, encoders  # noqa: F401  (registers)
 from . import seq2seq  # noqa: F401  (registers the encoder-decoders)
+from . import xl  # noqa: F401  (registers Transformer-XL and XLNet)
 
 
 def count_params(config: Config) -> int:
