@@ -12,7 +12,7 @@ import torch
 
 from ..config import Config
 from ..errors import AllformersError, CheckpointError
-from . import hf_decoders, hf_encoders, hf_seq2seq, hf_deberta  # noqa: F401  (register the tables)
+from . import hf_decoders, hf_encoders, hf_seq2seq, hf_deberta, hf_xlnet  # noqa: F401  (register the tables)
 from .io import (CONFIG_FILE, _contiguous, atomic_folder_write, cast_state, load_state_dict_into, read_config_json,
                  read_safetensors)
 from .maps import FAMILIES, Family
@@ -208,12 +208,12 @@ def save_hf(model, path, tokenizer=None, dtype=None, overwrite: bool = False):
     from safetensors.torch import save_file
 
     config = model.config
-    if config.task == "sequence-classification" and config.pooling != "first":
-        raise CheckpointError(
-            f"this {config.task} model pools by {config.pooling!r}; Hugging Face's classes for it pool the first "
-            f"token, so the export would behave differently — save it with format='allformers'")
     family = next((f for f in FAMILIES.values()
                    if f.holds(config) and f.fits(config) and head_kind(f, config) in f.architectures), None)
+    if family is None and config.task == "sequence-classification" and config.pooling != "first":
+        raise CheckpointError(  # each family's fits() checks the pooling its classifier uses
+            f"this {config.task} model pools by {config.pooling!r}; Hugging Face's classes for it pool the first "
+            f"token, so the export would behave differently — save it with format='allformers'")
     if family is None:
         raise CheckpointError(
             f"config {config.name!r} (task={config.task}) has no Hugging Face equivalent among {sorted(FAMILIES)} "
