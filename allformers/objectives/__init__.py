@@ -1,6 +1,7 @@
 """Training objectives. Each one is a callable `objective(model, batch) -> scalar loss`, so
 the one Trainer serves them all (causal LM, MLM/TLM, NSP/SOP, ELECTRA, DistilBERT, LaBSE, seq2seq with
-T5 span corruption and BART denoising; reward models, PPO later).
+T5 span corruption and BART denoising; XLNet's permutation LM, Transformer-XL's segment recurrence;
+reward models, PPO later).
 
 An objective may also define `num_tokens(batch) -> int` (tokens/s and MFU count these);
 without it the Trainer counts the elements of the batch's first tensor."""
@@ -17,6 +18,8 @@ from .mlm import (MaskedLM, MaskedLMData, MLMCollator, MLMMasker, ObjectiveError
                   masked_cross_entropy, mlm_loss, special_token_ids)
 from .nsp import (SentencePairPrediction, build_nsp_examples, build_pair_examples, build_sop_examples,
                   sentence_pair_loss, truncate_pair)
+from .permutation_lm import PermutationLM, PermutationLMData, permutation_lm_batch, permutation_lm_loss, permutation_masks
+from .segment_lm import SegmentLM, SegmentStream
 from .seq2seq import Seq2SeqExamples, Seq2SeqLoss, seq2seq_loss
 from .span_corruption import SpanCorruptionData, random_spans_noise_mask, reassemble, span_corruption
 
@@ -34,4 +37,6 @@ __all__ = ["CausalLM", "causal_lm_loss", "IGNORE_INDEX",
            "Seq2SeqLoss", "seq2seq_loss", "Seq2SeqExamples",
            "span_corruption", "random_spans_noise_mask", "reassemble", "SpanCorruptionData",
            "token_masking", "token_deletion", "text_infilling", "sentence_permutation", "document_rotation",
-           "BartNoiser", "DenoisingData"]
+           "BartNoiser", "DenoisingData",
+           "PermutationLM", "PermutationLMData", "permutation_lm_batch", "permutation_lm_loss", "permutation_masks",
+           "SegmentLM", "SegmentStream"]
