@@ -126,12 +126,13 @@ class Config:
     mlp_class: str = "MLP"
     activation: str = "gelu"
     mlp_bias: bool = True
-    # mixture of experts (blocks/moe.py: GShard, Switch, GLaM, Mixtral): n_expert > 0 turns every
-    # moe_every-th feed-forward (layers moe_every-1, 2*moe_every-1, ...; GLaM: 2) into n_expert copies of
-    # the mlp_class block, n_expert_per_token of them chosen per token by a softmax router
+    # mixture of experts (blocks/moe.py: GShard, Switch, GLaM, Mixtral): n_expert > 0 turns the first
+    # feed-forward of every moe_every layers (layers 0, moe_every, 2*moe_every, ...: GLaM's layout with 2)
+    # into n_expert copies of the moe_mlp_class block, n_expert_per_token of them chosen per token by a router
     n_expert: int = 0
     n_expert_per_token: int = 2
     moe_every: int = 1
+    moe_mlp_class: Optional[str] = None  # the experts' shape; None -> mlp_class (GLaM: GLU dense layers, MLP experts)
     moe_capacity_factor: Optional[float] = None  # training: an expert takes <= cf * k * tokens / E; None = all
     moe_eval_capacity_factor: Optional[float] = None  # the same in eval mode (None: cached decoding = recomputation)
     moe_aux_loss_coef: float = 0.01  # load-balancing loss weight (Switch: 0.01)
@@ -190,6 +191,8 @@ class Config:
             self.head_activation = self.activation
         if self.final_norm is None:
             self.final_norm = self.norm_placement == "pre"
+        if self.moe_mlp_class is None:
+            self.moe_mlp_class = self.mlp_class
         if self.intermediate_size is None:
             if self.mlp_class == "GLU":  # LLaMA: 2/3 of 4d, rounded up to a multiple of 256
                 hidden = int(2 * 4 * self.n_embd / 3)
@@ -211,6 +214,7 @@ class Config:
         choice("norm_class", NORMS)
         choice("norm_placement", NORM_PLACEMENTS)
         choice("mlp_class", MLPS)
+        choice("moe_mlp_class", MLPS)
         choice("activation", ACTIVATIONS)
         choice("head_activation", ACTIVATIONS)
         choice("share_layers", SHARING)
@@ -356,8 +360,8 @@ class Config:
 
     # ---------------------------------------------------------------- derived
     def layer_is_moe(self, i: int) -> bool:
-        """Does layer i hold experts (every moe_every-th layer, counting from 1)?"""
-        return self.n_expert > 0 and (i + 1) % self.moe_every == 0
+        """Does layer i hold experts (the first of every moe_every layers)?"""
+        return self.n_expert > 0 and i % self.moe_every == 0
 
     def layer_attention(self, i: int) -> str:
         """Layer i's attention pattern: "global", "local" or "strided"."""
@@ -420,7 +424,7 @@ class Config:
 REGISTRY: dict[str, dict[str, Any]] = {}
 # Fields that __post_init__ fills when they are None.
 _DERIVED = ("head_dim", "n_kv_head", "attn_out_bias", "final_norm", "intermediate_size", "embedding_size",
-            "head_activation", "lm_head", "n_decoder_layer")
+            "head_activation", "lm_head", "n_decoder_layer", "moe_mlp_class")
 
 
 def register(**kwargs) -> dict:

@@ -128,7 +128,9 @@ def glam_tiny(**kw):
 
 def test_glam_alternates_moe_and_dense_layers():
     model = glam_tiny()
-    assert [isinstance(b.mlp, MoE) for b in model.blocks] == [False, True, False, True]
+    assert [isinstance(b.mlp, MoE) for b in model.blocks] == [True, False, True, False]
+    glam = glam_tiny(moe_mlp_class="MLP")  # GLaM: gated dense layers, plain two-matrix experts
+    assert not glam.blocks[0].mlp.experts.glu and glam.blocks[1].mlp.hidden == 48
 
 
 def test_objective_adds_router_losses_and_reports_statistics():

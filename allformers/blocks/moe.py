@@ -73,7 +73,7 @@ class MoE(nn.Module):
     @classmethod
     def from_config(cls, c) -> "MoE":
         return cls(c.n_embd, c.intermediate_size, c.n_expert, c.n_expert_per_token, c.activation,
-                   glu=c.mlp_class == "GLU", bias=c.mlp_bias, dropout=c.dropout,
+                   glu=c.moe_mlp_class == "GLU", bias=c.mlp_bias, dropout=c.dropout,
                    capacity_factor=c.moe_capacity_factor, eval_capacity_factor=c.moe_eval_capacity_factor,
                    aux_loss_coef=c.moe_aux_loss_coef, z_loss_coef=c.moe_z_loss_coef)
 

@@ -302,7 +302,7 @@ def _mixtral_to_hf(c: Config):
 
 
 def _mixtral_fits(c: Config):
-    return (_llama_fits(c) and not c.attn_bias and not c.mlp_bias and c.moe_every == 1
+    return (_llama_fits(c) and not c.attn_bias and not c.mlp_bias and c.moe_every == 1 and c.moe_mlp_class == "GLU"
             and c.moe_eval_capacity_factor is None and len(set(c.attention_pattern or ["global"])) == 1)
 
 

@@ -133,6 +133,8 @@ class TransformerLM(nn.Module):
     def reset_parameters(self):
         """GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""
         for name, p in self.named_parameters():
+            if p.is_meta:  # shapes only (parameter counts): nothing to fill, and torch's meta normal_ is slow
+                continue
             if p.dim() >= 2:
                 std = 0.02 / math.sqrt(2 * self.config.n_layer) if name.endswith("proj.weight") else 0.02
                 nn.init.normal_(p, 0.0, std)

@@ -1,4 +1,4 @@
-"""Decoder-only models: GPT, GPT-2, GPT-NeoX / Pythia, BLOOM, PaLM, LLaMA / SmolLM2.
+"""Decoder-only models: GPT, GPT-2, GPT-3, GPT-NeoX / Pythia, BLOOM, PaLM, LLaMA / SmolLM2, CTRL.
 Each entry is a Config of the same blocks; the comments say what sets it apart."""
 from ..config import register
 
@@ -62,3 +62,26 @@ for name, (layers, heads, kv, dim, ff) in [("smollm2-135m", (30, 9, 3, 576, 1536
 register(name="baby-gpt-char", family="decoder",
          description="nanoGPT's CPU baby GPT: 4 layers, 4 heads, 128 wide, 64-token context, character vocabulary",
          vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, activation="gelu", position="learned")
+
+# --- GPT-3 (Brown et al. 2020, table 2.1): GPT-2's blocks with dense and locally banded sparse attention
+#     layers alternating, as in the Sparse Transformer, and 2,048 context. The band's width is not in the
+#     paper; 256 is GPT-Neo's (EleutherAI's replication). Two rows of the table do not multiply out: XL lists
+#     24 heads of 128 for d_model 2,048 and 13B lists d_model 5,140 for 40 heads of 128; 16 heads and 5,120
+#     make them whole and give the table's parameter counts (tests/test_zoo_counts.py).
+for name, (layers, dim, heads), size in [
+        ("gpt3-125m", (12, 768, 12), "125M"), ("gpt3-350m", (24, 1024, 16), "350M"), ("gpt3-760m", (24, 1536, 16), "760M"),
+        ("gpt3-1.3b", (24, 2048, 16), "1.3B"), ("gpt3-2.7b", (32, 2560, 32), "2.7B"), ("gpt3-6.7b", (32, 4096, 32), "6.7B"),
+        ("gpt3-13b", (40, 5120, 40), "13B"), ("gpt3-175b", (96, 12288, 96), "175B")]:
+    register(name=name, family="decoder",
+             description=f"GPT-3 {size}: GPT-2 blocks, dense and locally banded (256) attention alternating, 2,048 context",
+             vocab_size=50257, block_size=2048, n_layer=layers, n_head=heads, n_embd=dim, activation="gelu_tanh",
+             position="learned", attention_pattern=["global", "local"], window_size=256)
+
+# --- CTRL (Keskar et al. 2019): a control code as each sequence's first token conditions everything after it.
+#     Fixed sinusoidal positions laid out [sin | cos], embeddings scaled by sqrt(d), pre-LN, ReLU, a biased
+#     head tied to the embeddings, 246,534-token BPE, 256 context. Loads from CTRLLMHeadModel.
+register(name="ctrl", family="decoder",
+         description="CTRL 1.6B: control-code conditioning, [sin | cos] positions, embeddings x sqrt(1280), 256 context",
+         vocab_size=246534, block_size=256, n_layer=48, n_head=16, n_embd=1280, intermediate_size=8192,
+         position="sinusoidal", sinusoidal_layout="halves", embed_scale=1280 ** 0.5, activation="relu",
+         lm_head_bias=True, norm_eps=1e-6)
