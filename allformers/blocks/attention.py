@@ -113,6 +113,9 @@ class Attention(nn.Module):
         if rope is not None:  # (B, H, T, D) rotated on the first n_elem dims
             cos, sin = rope
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if getattr(cache, "ragged", False):  # the server's batch: rows of different lengths (serve/engine.py)
+            y = cache.attend(q, k, v, scale=self.scale)  # (1, H, T, D)
+            return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
         if cache is not None:
             k, v = cache.update(cache_start, k, v)
         if self.pattern != "global":

@@ -208,18 +208,7 @@ class TransformerLM(nn.Module):
         if self.wpe is not None and int(position_ids.max()) >= c.block_size:
             raise ContextLengthError(f"position {int(position_ids.max())} is past block_size={c.block_size}")
 
-        x = self.wte(idx) if inputs_embeds is None else inputs_embeds  # (B, T, E)
-        if c.embed_scale is not None:
-            x = x * c.embed_scale
-        if self.wpe is not None:
-            x = x + self.wpe(position_ids + c.position_offset)
-        if self.wtt is not None:
-            x = x + (self.wtt(token_type_ids) if token_type_ids is not None else self.wtt.weight[0])
-        if self.embed_norm is not None:
-            x = self.embed_norm(x)
-        x = self.drop(x)
-        if self.embed_proj is not None:
-            x = self.embed_proj(x)  # (B, T, E) -> (B, T, C)
+        x = self.embed(idx, position_ids, token_type_ids, inputs_embeds)  # (B, T, C)
 
         # Computed once, shared by every layer.
         rope = self.rotary(position_ids) if self.rotary is not None else None
@@ -254,6 +243,25 @@ class TransformerLM(nn.Module):
         if last_only:
             x = x[:, -1:]
         return x if return_hidden else self.head(x)
+
+    def embed(self, idx: Optional[torch.Tensor], position_ids: torch.Tensor,
+              token_type_ids: Optional[torch.Tensor] = None, inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Token ids (B, T) (or inputs_embeds (B, T, E)) at position_ids (B, T) -> the first
+        block's input (B, T, C). Also used by the server's engine, which runs the blocks itself."""
+        c = self.config
+        x = self.wte(idx) if inputs_embeds is None else inputs_embeds  # (B, T, E)
+        if c.embed_scale is not None:
+            x = x * c.embed_scale
+        if self.wpe is not None:
+            x = x + self.wpe(position_ids + c.position_offset)
+        if self.wtt is not None:
+            x = x + (self.wtt(token_type_ids) if token_type_ids is not None else self.wtt.weight[0])
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        x = self.drop(x)
+        if self.embed_proj is not None:
+            x = self.embed_proj(x)  # (B, T, E) -> (B, T, C)
+        return x
 
     @staticmethod
     def _key_mask(attention_mask, cache, B, T):

@@ -37,6 +37,19 @@ class Tokenizer:
         return cls(backend)
 
     @classmethod
+    def byte_level(cls) -> "Tokenizer":
+        """Any text as its UTF-8 bytes (ids 0-255), plus ChatML's special tokens (256-258) and
+        its chat template: a tokenizer for random-weight zoo models (the server's tests)."""
+        alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # GPT-2's printable stand-ins for the 256 bytes
+        byte_of = {ch: b for b, ch in enumerate(_gpt2_bytes())}
+        backend = HFTokenizer(models.BPE({ch: byte_of[ch] for ch in alphabet}, [], ignore_merges=True))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        backend.decoder = decoders.ByteLevel()
+        backend.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+        return cls(backend, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                   chat_template=CHATML)
+
+    @classmethod
     def train_bpe(cls, texts: Union[Iterable[str], str, Path], vocab_size: int = 8192,
                   special_tokens: tuple = ("<|endoftext|>",), show_progress: bool = False) -> "Tokenizer":
         """A byte-level BPE (GPT-2's scheme) trained on `texts` (strings, or a path to a text file)."""
@@ -183,6 +196,24 @@ class Tokenizer:
 
     def __repr__(self):
         return f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r})"
+
+
+# ChatML, the template of SmolLM2 and many chat models (without a default system prompt)
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def _gpt2_bytes() -> list:
+    """GPT-2's byte -> printable character table, as a list indexed by byte."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"), 256))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return [table[b] for b in range(256)]
 
 
 def _tok(value):  # tokenizer_config.json may store {"content": "<s>", ...} objects
