@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
@@ -50,6 +51,36 @@ def read_config_file(path) -> dict:
         raise ConfigError(f"{path} holds a JSON {type(raw).__name__}, not an object of config fields; restore it "
                           f"or re-save the checkpoint")
     return raw
+
+
+_KINDS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "list": (list, tuple)}
+_KIND_NAMES = {"int": "an integer", "float": "a number", "bool": "True or False", "str": "a string", "list": "a list"}
+
+
+def check_field_types(cfg) -> None:
+    """Every field of a config dataclass against its annotation (int, float, bool, str, list, and
+    Optional of those), so n_embd='768' is named here instead of failing deep inside a block.
+    Floats must be finite; bools are not accepted as numbers."""
+    for f in fields(cfg):
+        ann = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        optional = ann.startswith("Optional[")
+        base = ann[len("Optional["):-1] if optional else ann
+        if base not in _KINDS:
+            continue
+        value = getattr(cfg, f.name)
+        if value is None and optional:
+            continue
+        if not isinstance(value, _KINDS[base]) or (isinstance(value, bool) and base != "bool"):
+            hint = ""
+            if isinstance(value, str):
+                try:
+                    hint = f"; write {f.name}={json.loads(value)!r}, without quotes"
+                except ValueError:
+                    pass
+            raise ConfigError(f"{type(cfg).__name__}.{f.name}={value!r} must be {_KIND_NAMES[base]}"
+                              f"{' or None' if optional else ''} (got {type(value).__name__}){hint}")
+        if base == "float" and not math.isfinite(value):
+            raise ConfigError(f"{type(cfg).__name__}.{f.name}={value} must be a finite number")
 
 
 def config_json(d: dict, path=None) -> str:
@@ -169,6 +200,7 @@ class Config:
     rope_n_elem: int = field(default=0)
 
     def __post_init__(self):
+        check_field_types(self)  # before anything computes with a value of the wrong type
         if self.head_dim is None:
             if self.n_head <= 0 or self.n_embd % self.n_head:
                 raise ConfigError(
@@ -242,6 +274,25 @@ class Config:
             raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
         if self.norm_eps <= 0:
             raise ConfigError(f"norm_eps={self.norm_eps} must be positive")
+        if self.rope_base <= 0:
+            raise ConfigError(f"rope_base={self.rope_base} must be positive (the rotary wavelength base; "
+                              f"LLaMA uses 10000, LLaMA 3 500000)")
+        if self.attn_scale is not None and self.attn_scale <= 0:
+            raise ConfigError(f"attn_scale={self.attn_scale} must be positive (it multiplies q.k); leave it None for "
+                              f"1/sqrt(head_dim)")
+        if self.n_decoder_layer is not None and self.n_decoder_layer <= 0:
+            raise ConfigError(f"n_decoder_layer={self.n_decoder_layer} must be a positive integer (or None = n_layer)")
+        if self.position == "relative_bias":
+            bidirectional = not self.causal or self.is_encoder_decoder  # an encoder halves the buckets per side
+            least = 4 if bidirectional else 2
+            if self.rel_buckets < least:
+                why = "an encoder gives half to each direction, and " if bidirectional else ""
+                raise ConfigError(f"rel_buckets={self.rel_buckets} must be >= {least} ({why}half of each side's "
+                                  f"buckets are exact distances); T5 uses 32")
+            exact = self.rel_buckets // (4 if bidirectional else 2)
+            if self.rel_max_distance <= exact:
+                raise ConfigError(f"rel_max_distance={self.rel_max_distance} must exceed the {exact} exact-distance "
+                                  f"buckets of rel_buckets={self.rel_buckets}; T5 uses 128")
         if self.position != "rotary" and self.rotary_pct != 1.0:
             raise ConfigError(
                 f"rotary_pct={self.rotary_pct} only applies with position='rotary' "

@@ -28,3 +28,7 @@ class CheckpointError(AllformersError, ValueError):
 
 class ContextLengthError(AllformersError, ValueError):
     """A prompt (plus the tokens to generate) does not fit the model's context."""
+
+
+class InputError(AllformersError, ValueError):
+    """An input is out of range: token ids, a prompt the tokenizer cannot encode, a generation setting."""

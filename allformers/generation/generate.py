@@ -10,6 +10,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from ..errors import AllformersError, ContextLengthError
+from .checks import check_generation, check_token_ids
 
 
 def eos_tensor(eos_id) -> torch.Tensor:
@@ -80,12 +81,11 @@ def generate(model, input_ids: torch.Tensor, *, attention_mask: Optional[torch.T
     temperature 0 is greedy. Rows that hit `eos_id` or a `stop` string (needs `tokenizer`)
     are filled with `pad_id` (default: eos) until every row is done. `on_token(id)` is called
     for each new token of row 0 (streaming)."""
-    if input_ids.dim() == 1:
+    stop = check_generation(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            repetition_penalty=repetition_penalty, stop=stop)
+    if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 1:
         input_ids = input_ids[None]
-    if max_new_tokens < 0:
-        raise AllformersError(f"max_new_tokens={max_new_tokens} must be >= 0")
-    if temperature < 0:
-        raise AllformersError(f"temperature={temperature} must be >= 0 (0 means greedy)")
+    check_token_ids(input_ids, model.config.vocab_size, "input_ids")
     if stop and tokenizer is None:
         raise AllformersError("stop strings need the tokenizer: pass tokenizer=...")
     B, T = input_ids.shape
@@ -176,6 +176,7 @@ def generate_text(model, tokenizer, prompts: Union[str, Sequence[str]], *, strea
         from .seq2seq import seq2seq_text
 
         return seq2seq_text(model, tokenizer, prompts, stream=stream, stop=stop, **kwargs)
+    stop = check_generation(stop=stop)
     single = isinstance(prompts, str)
     batch = [prompts] if single else list(prompts)
     if control_code is not None:
@@ -198,7 +199,7 @@ def chat(model, tokenizer, messages: list, **kwargs) -> str:
     ids = torch.tensor([tokenizer.backend.encode(prompt, add_special_tokens=False).ids])
     kwargs.setdefault("eos_id", tokenizer.eos_id)
     stream = kwargs.pop("stream", None)
-    stop = kwargs.pop("stop", None)
+    stop = check_generation(stop=kwargs.pop("stop", None))
     streamer = TextStream(tokenizer, stream) if stream else None
     out = generate(model, ids, tokenizer=tokenizer, stop=stop, on_token=streamer, **kwargs)
     return _trim(tokenizer.decode(out[0, ids.shape[1]:].tolist()), stop).strip()

@@ -10,7 +10,8 @@ from typing import Optional
 
 import torch
 
-from ..errors import AllformersError, ContextLengthError
+from ..errors import AllformersError, ContextLengthError, InputError
+from .checks import check_generation, check_token_ids
 from .generate import decode_loop, eos_tensor
 
 
@@ -44,10 +45,13 @@ def generate_seq2seq(model, input_ids: torch.Tensor, attention_mask: Optional[to
     """Source ids (B, S) -> decoder sequences (B, 1 + n), starting with the decoder start token.
     encoder_out (B, S, C): states to decode from instead of model.encode(input_ids) (e.g. the encoder
     output after fusing image features into it); input_ids then only give the batch and length."""
-    if input_ids.dim() == 1:
+    check_generation(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                     repetition_penalty=repetition_penalty, num_beams=num_beams, length_penalty=length_penalty,
+                     no_repeat_ngram_size=no_repeat_ngram_size)
+    if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 1:
         input_ids = input_ids[None]
-    if num_beams < 1:
-        raise AllformersError(f"num_beams={num_beams} must be >= 1")
+    if encoder_out is None:
+        check_token_ids(input_ids, model.config.vocab_size, "input_ids")
     if num_beams > 1 and temperature:
         raise AllformersError("beam search here is deterministic; use temperature=0 with num_beams > 1")
     limit = model.config.block_size
@@ -156,6 +160,9 @@ def seq2seq_text(model, tokenizer, prompts, *, stream=None, max_length: Optional
     special tokens (T5 appends </s>), right-padded, and the decoder output is decoded."""
     from .generate import TextStream
 
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+        raise InputError(f"max_length={max_length!r} must be a whole number >= 1 (source tokens kept; None = the "
+                         f"model's block_size)")
     single = isinstance(prompts, str)
     batch = tokenizer.batch([prompts] if single else list(prompts), max_length=max_length or model.config.block_size)
     kwargs.setdefault("eos_id", tokenizer.eos_id)

@@ -17,6 +17,7 @@ from ..blocks.sparse import WindowKVCache
 from ..config import Config
 from ..blocks.feedforward import ACTIVATIONS
 from ..errors import AllformersError, ContextLengthError
+from .inputs import check_token_ids
 
 
 def block_spec(c: Config) -> BlockSpec:
@@ -190,6 +191,8 @@ class TransformerLM(nn.Module):
         c = self.config
         if (idx is None) == (inputs_embeds is None):
             raise AllformersError("pass exactly one of idx (token ids) and inputs_embeds (B, T, embedding_size)")
+        if idx is not None:
+            check_token_ids(idx, c.vocab_size)
         B, T = idx.shape if idx is not None else inputs_embeds.shape[:2]
         if document_ids is not None and cache is not None:
             raise AllformersError("document_ids (packed training rows) cannot be used with a cache; "

@@ -11,7 +11,7 @@ from typing import Iterable, Optional, Union
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from ..errors import AllformersError
+from ..errors import AllformersError, InputError
 
 META_FILE = "tokenizer_config.json"  # same name and keys as Hugging Face's, so both can read it
 
@@ -133,14 +133,40 @@ class Tokenizer:
         pad = self.token_id(self.pad_token)
         return pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
 
+    def _encodable(self, texts: list, encode):
+        """Run a backend encode; text it cannot encode (a character outside a character vocabulary
+        without an unknown token) is named instead of the backend's bare exception."""
+        for t in texts:
+            pieces = t if isinstance(t, (tuple, list)) else (t,)
+            if not all(isinstance(x, str) for x in pieces):
+                raise InputError(f"the tokenizer encodes strings, got {type(t).__name__}: {t!r}"[:200])
+        try:
+            return encode()
+        except Exception as e:  # tokenizers raises plain Exception
+            chars = sorted({ch for t in texts for x in (t if isinstance(t, (tuple, list)) else (t,)) for ch in x
+                            if not self._encodes(ch)})
+            if not chars:
+                raise
+            shown = ", ".join(repr(ch) for ch in chars[:8]) + (f" (+{len(chars) - 8} more)" if len(chars) > 8 else "")
+            raise InputError(f"the tokenizer cannot encode {shown}: not in its vocabulary of {self.vocab_size} tokens, "
+                             f"which has no unknown token; remove them from the text, or use a tokenizer built "
+                             f"from text that has them ({e})") from None
+
+    def _encodes(self, ch: str) -> bool:
+        try:
+            self.backend.encode(ch, add_special_tokens=False)
+            return True
+        except Exception:
+            return False
+
     def encode(self, text: str, add_bos: Optional[bool] = None) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        ids = self._encodable([text], lambda: self.backend.encode(text, add_special_tokens=False)).ids
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id] + ids
         return ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        out = [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+        out = [e.ids for e in self._encodable(list(texts), lambda: self.backend.encode_batch(texts, add_special_tokens=False))]
         if self.add_bos and self.bos_id is not None:
             out = [[self.bos_id] + ids for ids in out]
         return out
@@ -159,7 +185,7 @@ class Tokenizer:
             self.backend.no_truncation()
         items = list(zip(texts, pairs)) if pairs is not None else list(texts)
         try:
-            encs = self.backend.encode_batch(items, add_special_tokens=True)
+            encs = self._encodable(items, lambda: self.backend.encode_batch(items, add_special_tokens=True))
         finally:
             if padding:
                 self.backend.enable_padding(**{k: v for k, v in padding.items() if k != "length"}, length=padding.get("length"))
