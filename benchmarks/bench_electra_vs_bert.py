@@ -65,8 +65,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from allformers.training.finetune import finetune
-    from allformers.training.pretrain_encoders import (equal_flop_steps, get_pretrain_recipe, prepare_data,
+    from allformers.recipes.finetune import finetune
+    from allformers.recipes.pretrain_encoders import (equal_flop_steps, get_pretrain_recipe, prepare_data,
                                                        random_init_encoder, recipe_step_flops, run_pretrain_recipe)
 
     BERT, ELECTRA = "bert-mlm-sotu-tiny", "electra-sotu-tiny"

@@ -49,7 +49,7 @@ def smollm2_row(args, data, train_q, test_q, vision, train, results):
     question). The ViT is the two-stage + vision row's stage-1 encoder (run that row first), as PaLM-E
     reuses a pretrained ViT; without it the ViT starts random and stays frozen."""
     from allformers.cli.common import load_any
-    from allformers.training.mmcot import ModelFactory, ModelSpec, PipelineConfig, run_pipeline
+    from allformers.recipes.mmcot import ModelFactory, ModelSpec, PipelineConfig, run_pipeline
 
     lm = load_any("smollm2")
     view = data.with_tokenizer(lm.tokenizer, chat=True)
@@ -109,7 +109,7 @@ def main(argv=None):
 
     from allformers.data.scienceqa import COLUMNS, chance as guessing, format_table
     from allformers.data.synthetic_science import KINDS, WITH_IMAGE
-    from allformers.training.mmcot import (DETR, VIT, MMCoTData, ModelFactory, ModelSpec, PipelineConfig,
+    from allformers.recipes.mmcot import (DETR, VIT, MMCoTData, ModelFactory, ModelSpec, PipelineConfig,
                                            run_pipeline, save_pipeline, train_tokenizer)
     from allformers.training.trainer import TrainConfig
 

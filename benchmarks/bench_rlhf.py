@@ -18,7 +18,7 @@ import time
 import torch
 
 from allformers.cli.common import load_model
-from allformers.training.rlhf_recipe import RLHFRecipe, format_table, quick_recipe, run_rlhf
+from allformers.recipes.rlhf import RLHFRecipe, format_table, quick_recipe, run_rlhf
 
 
 def override(recipe, item: str):

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from allformers.training import RECIPES, run_recipe
+from allformers.recipes import RECIPES, CharLMRecipe, run_recipe
 
 def cpu_times():
     """(machine busy CPU-seconds, this process's CPU-seconds); machine figure is Linux-only."""
@@ -44,7 +44,7 @@ TARGETS = {"shakespeare-char-cpu": (1.89, 97.0), "shakespeare-char-long": (1.70,
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipe", action="append", choices=sorted(RECIPES), help="run only this recipe (repeatable)")
+    p.add_argument("--recipe", action="append", choices=sorted(n for n, r in RECIPES.items() if isinstance(r, CharLMRecipe)), help="run only this recipe (repeatable)")
     p.add_argument("--data-dir")
     p.add_argument("--out-root", default="runs/bench", help="each recipe writes to OUT_ROOT/RECIPE")
     p.add_argument("--max-iters", type=int, help="override the recipes' step count (quick checks)")
@@ -59,9 +59,8 @@ def main(argv=None):
         idle = wait_for_idle(args.wait_idle) if args.wait_idle else None
         load_before = os.getloadavg()[0]
         busy0, own0, t0 = *cpu_times(), time.perf_counter()
-        r = run_recipe(name, data_dir=args.data_dir, out_dir=os.path.join(args.out_root, name),
-                       max_iters=args.max_iters, seed=args.seed, progress=args.progress, n_samples=1,
-                       full_val=True)
+        r = run_recipe(name, data=args.data_dir, out=os.path.join(args.out_root, name), max_steps=args.max_iters,
+                       seed=args.seed, progress=args.progress, overrides={"samples": 1, "full_val": True})
         busy1, own1, t1 = *cpu_times(), time.perf_counter()
         # CPU time other processes used during our run, as a share of the whole machine
         others = ((busy1 - busy0) - (own1 - own0)) / ((t1 - t0) * os.cpu_count())

@@ -45,7 +45,7 @@ def main(argv=None):
 
     import allformers
     from allformers.inference import classify
-    from allformers.training.finetune import finetune, heldout_split, read_records, record_text, resolve_data
+    from allformers.recipes.finetune import finetune, heldout_split, read_records, record_text, resolve_data
 
     load0, t0 = load_avg(), time.perf_counter()
     r = finetune(args.model, args.data, args.out, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,

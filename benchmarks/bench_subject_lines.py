@@ -63,7 +63,7 @@ def main(argv=None):
     threads = pick_threads(args.threads)
     torch.set_num_threads(threads)
 
-    from allformers.training import seq2seq_recipes as S
+    from allformers.recipes import seq2seq as S
 
     load0, t0 = load_avg(), time.perf_counter()
     data = S.prepare_data(vocab_size=args.vocab_size, max_source=args.max_source, max_target=args.max_target,

@@ -14,7 +14,7 @@ from allformers.errors import AllformersError
 from allformers.inference import classify
 from allformers.models import build_model
 from allformers.tokenization import Tokenizer
-from allformers.training.finetune import (ClassificationData, FinetuneError, classifier_from, encode, finetune, heldout_split,
+from allformers.recipes.finetune import (ClassificationData, FinetuneError, classifier_from, encode, finetune, heldout_split,
                                           read_records, record_text, resolve_data, split_key)
 
 SPAM_WORDS = "free money winner offer click prize cash cheap viagra deal".split()

@@ -313,7 +313,7 @@ def test_multimodal_save_load_round_trip(tmp_path):
 
 @pytest.mark.parametrize("variant", ["t5", "decoder"])
 def test_two_stage_pipeline_runs_end_to_end(tmp_path, variant):
-    from allformers.training.mmcot import (MMCoTData, ModelFactory, ModelSpec, PipelineConfig, ask, load_pipeline,
+    from allformers.recipes.mmcot import (MMCoTData, ModelFactory, ModelSpec, PipelineConfig, ask, load_pipeline,
                                            run_pipeline, save_pipeline, train_tokenizer)
     from allformers.training.trainer import TrainConfig
 
@@ -347,7 +347,7 @@ def test_two_stage_pipeline_runs_end_to_end(tmp_path, variant):
 def test_pretrained_frozen_vision_encoder_moves_between_models():
     """PaLM-E's setting in the benchmark: a ViT trained inside one model (the T5 row) starts another
     (a decoder with its own tokenizer), frozen: identical weights, and training leaves them as they were."""
-    from allformers.training.mmcot import MMCoTData, ModelFactory, ModelSpec, MMCoTError, train_stage, train_tokenizer
+    from allformers.recipes.mmcot import MMCoTData, ModelFactory, ModelSpec, MMCoTError, train_stage, train_tokenizer
     from allformers.training.trainer import TrainConfig
 
     data = MMCoTData.synthetic(16, 0, 0, seed=0)
@@ -403,7 +403,7 @@ def test_smollm2_palm_e_lora_saves_only_its_new_weights_and_reloads(tmp_path):
     """The decoder-only variant on the real SmolLM2-135M-Instruct: chat-template prompts, the picture after
     the template's header, LoRA on the top 2 blocks; the saved folder holds only the new weights."""
     from allformers.cli.common import load_any
-    from allformers.training.mmcot import (MMCoTData, ModelFactory, ModelSpec, PipelineConfig, load_pipeline,
+    from allformers.recipes.mmcot import (MMCoTData, ModelFactory, ModelSpec, PipelineConfig, load_pipeline,
                                            run_pipeline, save_pipeline)
     from allformers.training.trainer import TrainConfig
 

@@ -11,13 +11,13 @@ import allformers
 from allformers.cli.main import main
 from allformers.objectives import MLMMasker, electra_loss, mlm_loss
 from allformers.training.data import DataError
-from allformers.training.finetune import finetune
-from allformers.training.pretrain_encoders import (ELECTRA_EQUAL_FLOP_STEPS, PRETRAIN_RECIPES, ElectraTrainer,
+from allformers.recipes.finetune import finetune
+from allformers.recipes.pretrain_encoders import (ELECTRA_EQUAL_FLOP_STEPS, ElectraTrainer, PretrainRecipe,
                                                    build_models, check_phases, encode_rows, equal_flop_steps,
                                                    get_pretrain_recipe, phase_steps,
                                                    read_text, recipe_step_flops, resolve_text, run_pretrain_recipe,
                                                    sparse_electra_loss, sparse_mlm_loss, split_rows, train_wordpiece)
-from allformers.training.recipes import UnknownRecipeError
+from allformers.recipes import RECIPES, UnknownRecipeError
 
 CHARS, VOCAB, SEQ = 50_000, 500, 32
 TINY = {"max_chars": CHARS, "vocab_size": VOCAB, "seq_len": SEQ, "batch_size": 8, "eval_rows": 16,
@@ -113,7 +113,7 @@ def test_equal_flop_steps_and_electra_costs_more_per_step(tok, rows):
 
 
 def test_recipes_are_registered():
-    assert {"bert-mlm-sotu-tiny", "electra-sotu-tiny"} <= set(PRETRAIN_RECIPES)
+    assert {"bert-mlm-sotu-tiny", "electra-sotu-tiny"} <= {n for n, r in RECIPES.items() if isinstance(r, PretrainRecipe)}
     bert, electra = get_pretrain_recipe("bert-mlm-sotu-tiny"), get_pretrain_recipe("electra-sotu-tiny")
     assert electra.train.max_iters == ELECTRA_EQUAL_FLOP_STEPS < bert.train.max_iters
     assert electra.train.replace(max_iters=0) == bert.train.replace(max_iters=0)  # same optimizer and schedule shape
@@ -177,7 +177,7 @@ def test_electra_checkpoint_resumes_exactly(tmp_path, runs):
     straight = run_pretrain_recipe("electra-sotu-tiny", out_dir=tmp_path / "a", max_steps=6, overrides=over,
                                    tokenizer=tok_dir, progress=False, verbose=False, return_model=True)
     # stop after 3 steps (the checkpoint), then resume to 6
-    import allformers.training.pretrain_encoders as pe
+    import allformers.recipes.pretrain_encoders as pe
 
     calls = {}
     original_fit = ElectraTrainer.fit
@@ -203,7 +203,7 @@ def test_electra_checkpoint_resumes_exactly(tmp_path, runs):
 
 def test_pretrained_encoders_load_and_finetune(runs, tmp_path):
     try:
-        from allformers.training.finetune import resolve_data
+        from allformers.recipes.finetune import resolve_data
 
         data = resolve_data(None)
     except Exception:

@@ -4,14 +4,14 @@ measured by benchmarks/bench_shakespeare.py, not asserted here. The run is seede
 evaluation windows are fixed, so the loss is reproducible on one machine."""
 import pytest
 
-from allformers.training.recipes import run_recipe
+from allformers.recipes import run_recipe
 
 TARGET = 1.89
 
 
 @pytest.mark.slow
 def test_shakespeare_char_cpu_reaches_its_target(tmp_path):
-    result = run_recipe("shakespeare-char-cpu", out_dir=tmp_path / "run", progress=False)
+    result = run_recipe("shakespeare-char-cpu", out=tmp_path / "run", progress=False)
     assert result["step"] == 2000
     assert (tmp_path / "run" / "loss.png").exists() and (tmp_path / "run" / "metrics.jsonl").exists()
     assert all(len(s) > 50 for s in result["samples"])

@@ -15,7 +15,7 @@ from allformers.training.rlhf import (DPOConfig, DPOLoss, PairData, PPOConfig, R
                                       encode_prompt, encode_reply, evaluate_policy, join, pairs_from_records,
                                       reference_logprobs, reply_logprobs, rm_score_fn, train_dpo, train_ppo,
                                       train_reward_model)
-from allformers.training.rlhf_recipe import PROPERTIES, make_pairs, make_prompts
+from allformers.recipes.rlhf import PROPERTIES, make_pairs, make_prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -284,7 +284,7 @@ def test_cli_reward_ppo_dpo_best_of_n(tok, tmp_path, capsys):
 def test_rlhf_recipe_end_to_end_on_a_tiny_model(tok, tmp_path):
     import dataclasses
 
-    from allformers.training.rlhf_recipe import RLHFRecipe, format_table, quick_recipe, run_rlhf
+    from allformers.recipes.rlhf import RLHFRecipe, format_table, quick_recipe, run_rlhf
 
     lm = tiny_lm(tok)
     recipe = quick_recipe(RLHFRecipe())

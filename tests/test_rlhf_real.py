@@ -12,7 +12,7 @@ def test_quick_rlhf_recipe_on_smollm2(tmp_path):
     from allformers import load
     from allformers.cli.common import load_model
     from allformers.training.rlhf import encode_prompt, encode_reply, rm_score_fn
-    from allformers.training.rlhf_recipe import PROPERTIES, RLHFRecipe, quick_recipe, run_rlhf
+    from allformers.recipes.rlhf import PROPERTIES, RLHFRecipe, quick_recipe, run_rlhf
 
     lm = load_model("smollm2")
     s = run_rlhf(lm, lm.tokenizer, tmp_path, quick_recipe(RLHFRecipe()), progress=False, log=lambda m: None)

@@ -13,7 +13,7 @@ from allformers import Config, TransformerLM
 from allformers.cli.main import main
 from allformers.metrics import lcs_length, max_rouge_l, rouge_l, rouge_l_corpus, rouge_tokens
 from allformers.tokenization import Tokenizer
-from allformers.training.self_instruct import (
+from allformers.recipes.self_instruct import (
     REASONS, SEED_TASKS, ChatSampler, SelfInstructConfig, SelfInstructError, TaskPool, has_blacklisted_word,
     instruction_rejection, length_ok, load_tasks, needs_input, normalize, output_rejection, parse_input,
     parse_instructions, self_instruct, similar_enough, starts_well, trim_unfinished)

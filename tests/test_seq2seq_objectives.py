@@ -16,7 +16,7 @@ from allformers.objectives.seq2seq import Seq2SeqExamples, Seq2SeqLoss, seq2seq_
 from allformers.objectives.span_corruption import (SpanCorruptionData, compute_input_and_target_lengths,
                                                    random_segmentation, random_spans_noise_mask, reassemble,
                                                    span_corruption, t5_sentinel_ids)
-from allformers.training.seq2seq_recipes import lcs_length, rouge_l, rouge_tokens
+from allformers.recipes.seq2seq import lcs_length, rouge_l, rouge_tokens
 
 V = 1000
 SENTINELS = t5_sentinel_ids(V, 100)  # <extra_id_0> = 999, counting down

@@ -12,7 +12,7 @@ from allformers.models.lm import document_positions
 from allformers.objectives.sft import (ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, CHATML_TEMPLATE, SFTData, SFTError,
                                       collate, collate_packed, encode_example, pack_examples, render, sft_loss)
 from allformers.tokenization import Tokenizer
-from allformers.training.sft import run_sft
+from allformers.recipes.sft import run_sft
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,8 +9,8 @@ import torch
 
 from allformers import Config, TransformerLM
 from allformers.objectives import CausalLM, causal_lm_loss
-from allformers.training import (RandomWindows, TrainConfig, Trainer, TrainingError, UnknownRecipeError,
-                                 build_optimizer, decay_groups, get_recipe, lr_at)
+from allformers.recipes import UnknownRecipeError, get_recipe
+from allformers.training import RandomWindows, TrainConfig, Trainer, TrainingError, build_optimizer, decay_groups, lr_at
 from allformers.training import data as data_mod
 from allformers.training.mfu import flops_per_token, measured_peak_flops
 

@@ -212,13 +212,16 @@ def _special_loader(config_file: Path, raw: dict):
 
 
 def load(path, *, verbose: bool = False, return_report: bool = False, dtype: Optional[torch.dtype] = None):
-    """Load a model from an allformers folder, a Hugging Face (transformers or diffusers) folder or a `.gguf` file.
+    """Load a model from an allformers folder, a Hugging Face (transformers or diffusers) folder, a `.gguf`
+    file or the name of a bundled real model ("smollm2", "minilm": zoo/assets.py).
 
     The model's tokenizer, when the source has one, is attached as `model.tokenizer`."""
+    from ..zoo.assets import resolve_model
+
     if not isinstance(path, (str, os.PathLike)):
         raise CheckpointError(f"load() needs the path of a checkpoint (a folder or a .gguf file), got {path!r}")
     check_dtype(dtype, "load")
-    path = Path(path)
+    path = Path(resolve_model(path))
     with reading(path):  # never a half-replaced folder: see checkpoints/atomic.py
         model, report = _load_from(path)
     if dtype is not None:
@@ -266,3 +269,16 @@ def _load_from(path: Path):
     raise CheckpointError(
         f"{path} is neither a .gguf file nor a folder with {CONFIG_FILE}; "
         f"pass an allformers folder, a Hugging Face folder or a .gguf file")
+
+
+def load_reporting(source, *, need_tokenizer: bool = False):
+    """load(source) with its load report printed to stderr: how the CLI and the recipes load a
+    model a user named. need_tokenizer: refuse a source without one (chat, SFT, RLHF)."""
+    import sys
+
+    model = load(source)
+    print(f"[allformers] {model.load_report}", file=sys.stderr)
+    if need_tokenizer and getattr(model, "tokenizer", None) is None:
+        raise CheckpointError(f"{source} has no tokenizer; save the model with its tokenizer "
+                              f"(save(..., tokenizer=tok))")
+    return model

@@ -20,7 +20,7 @@ def register(sub):
 def run(args):
     from ..errors import AllformersError
     from ..inference import classify
-    from ..training.finetune import read_records, record_text, training_settings
+    from ..recipes.finetune import read_records, record_text, training_settings
     from .common import load_any
 
     records = read_records(args.input, need_label=False)  # errors before the (slower) model load

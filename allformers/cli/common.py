@@ -1,8 +1,6 @@
 """Pieces shared by the CLI commands."""
 import sys
 
-from ..errors import AllformersError
-
 
 def add_sampling_args(p):
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -31,20 +29,17 @@ def add_run_args(p):
 
 
 def load_any(source: str):
-    """A path (allformers folder, HF folder, .gguf) or the name of a bundled real model."""
-    from .. import load
+    """A path (allformers folder, HF folder, .gguf) or the name of a bundled real model, its load report printed."""
+    from ..checkpoints.io import load_reporting
 
-    model = load(resolve_model(source))
-    print(f"[allformers] {model.load_report}", file=sys.stderr)
-    return model
+    return load_reporting(source)
 
 
 def load_model(source: str):
     """load_any, for commands that need the model's tokenizer."""
-    model = load_any(source)
-    if getattr(model, "tokenizer", None) is None:
-        raise AllformersError(f"{source} has no tokenizer; save the model with its tokenizer (save(..., tokenizer=tok))")
-    return model
+    from ..checkpoints.io import load_reporting
+
+    return load_reporting(source, need_tokenizer=True)
 
 
 def write(text: str):
@@ -52,14 +47,3 @@ def write(text: str):
     sys.stdout.flush()
 
 
-# Short names for the real models that ship as Python packages.
-BUNDLED = {"smollm2": "smollm2_gguf_path", "smollm2-135m-instruct": "smollm2_gguf_path",
-           "minilm": "minilm_path", "all-minilm-l6-v2": "minilm_path"}
-
-
-def resolve_model(source: str):
-    if source.lower() in BUNDLED:
-        from ..zoo import assets
-
-        return getattr(assets, BUNDLED[source.lower()])()
-    return source

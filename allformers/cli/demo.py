@@ -13,9 +13,11 @@ def register(sub):
     p.add_argument("--skip-chat", action="store_true")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--recipe", default="shakespeare-char-cpu")
-    p.add_argument("--max-iters", type=int, default=None, help="shorten training (default: the recipe's)")
-    p.add_argument("--data-dir", default=None, help="default: ../shared/data when present, else download")
-    p.add_argument("--out-dir", default="runs/demo")
+    p.add_argument("--max-steps", "--max-iters", dest="max_steps", type=int, default=None,
+                   help="shorten training (default: the recipe's)")
+    p.add_argument("--data", "--data-dir", dest="data", default=None,
+                   help="default: ../shared/data when present, else download")
+    p.add_argument("--out", "--out-dir", dest="out", default="runs/demo")
     p.set_defaults(handler=run)
 
 
@@ -31,10 +33,10 @@ def run(args):
             chat(model, model.tokenizer, [{"role": "user", "content": q}], max_new_tokens=120, stream=write)
             write(f"\n[{time.time() - t0:.1f} s]\n")
     if not args.skip_train:
-        from ..training.recipes import run_recipe
+        from ..recipes import run_recipe
 
         print(f"\n=== 2. Train a GPT from scratch: recipe {args.recipe!r}")
-        result = run_recipe(args.recipe, data_dir=args.data_dir, out_dir=args.out_dir, max_iters=args.max_iters)
+        result = run_recipe(args.recipe, data=args.data, out=args.out, max_steps=args.max_steps)
         for i, text in enumerate(result.get("samples", [])):
             print(f"\n--- sample {i + 1} ---\n{text}")
         print(f"\nval loss {result['val_loss']:.4f} after {result['wall_time_s']:.0f} s; "

@@ -1,5 +1,5 @@
 """`allformers finetune --model minilm --task classification --data FILE.jsonl --out runs/spam`:
-turn an encoder into a sequence classifier (details in allformers/training/finetune.py)."""
+turn an encoder into a sequence classifier (details in allformers/recipes/finetune.py)."""
 import json
 
 from .common import add_run_args
@@ -36,7 +36,7 @@ def register(sub):
 
 
 def run(args):
-    from ..training.finetune import finetune
+    from ..recipes.finetune import finetune
 
     result = finetune(args.model, args.data, args.out, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                       grad_accum=args.grad_accum, max_length=args.max_length, eval_fraction=args.eval_fraction,

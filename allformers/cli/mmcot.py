@@ -1,4 +1,5 @@
-"""`allformers mmcot train|eval|ask`: Multimodal-CoT (details in allformers/training/mmcot.py).
+"""`allformers mmcot train|eval|ask`: Multimodal-CoT (details in allformers/recipes/mmcot.py; `mmcot train`
+takes the settings of an MMCoTRecipe, one flag per field: `allformers train --recipe mmcot-synthetic-t5-vit`).
 
     allformers mmcot train --data synthetic --n-train 5000 --out runs/mmcot          # T5 + ViT, two stages
     allformers mmcot train --data ../shared/data/scienceqa_subset --eval-split val --out runs/sqa
@@ -8,10 +9,6 @@
         --choices attract repel --context "In the picture, north poles are red and south poles are blue."
 """
 import json
-import sys
-
-VISION = ("vit", "detr", "features", "none")
-
 
 def register(sub):
     p = sub.add_parser("mmcot", help="Multimodal-CoT: train / evaluate / ask a vision-fused model (two stages)",
@@ -25,7 +22,7 @@ def register(sub):
     m = t.add_argument_group("model")
     m.add_argument("--variant", default="t5", choices=("t5", "decoder"),
                    help="t5: T5 with gated fusion after the encoder; decoder: PaLM-E style (image tokens in the input)")
-    m.add_argument("--vision", default="vit", choices=VISION, help="image encoder (none: text only; features: "
+    m.add_argument("--vision", default="vit", choices=("vit", "detr", "features", "none"), help="image encoder (none: text only; features: "
                    "precomputed --features)")
     m.add_argument("--base", help="decoder variant: a pretrained LM to start from (e.g. smollm2); default: from scratch")
     m.add_argument("--lora-rank", type=int, default=8, help="with --base: LoRA rank (0: train only the image projection)")
@@ -91,143 +88,49 @@ def _data_args(p, default="synthetic"):
     d.add_argument("--json", action="store_true", help="print the scores as JSON")
 
 
-def _load_data(args, tokenizer=None, chat=False, data_source=None):
-    from ..blocks.vision import load_image_features
-    from ..training.mmcot import MMCoTData
+def _report(result, args, table: str):
+    from ..recipes.mmcot import result_json
 
-    source = data_source or {}
-    which = args.data or ("synthetic" if source.get("kind") == "synthetic" else source.get("root"))
-    if which is None:
-        from ..training.mmcot import MMCoTError
-
-        raise MMCoTError("say which data to evaluate on: --data synthetic or --data FOLDER")
-    features = None
-    if args.features:
-        features = load_image_features(args.features, name_map=args.name_map, kind=args.feature_kind)
-    kw = dict(use_caption=not args.no_caption, chat=chat)
-    if which == "synthetic":
-        if args.data is None and source:  # eval: regenerate exactly what the model was trained on
-            n = (source["n_train"], source["n_val"], source["n_test"], source["seed"], source["image_size"])
-        else:
-            n = (args.n_train, args.n_val, args.n_test, args.data_seed, args.image_size or 32)
-        data = MMCoTData.synthetic(*n[:3], seed=n[3], image_size=n[4], **kw)
-        data.features = features
-    else:
-        data = MMCoTData.scienceqa(which, image_size=args.image_size or None, features=features, **kw)
-    data.tokenizer = tokenizer
-    return data
-
-
-def _split(data, name, limit):
-    from ..training.mmcot import MMCoTError
-
-    if name not in data.splits:
-        raise MMCoTError(f"split {name!r} is not in the data (splits: {sorted(data.splits)})")
-    qids = data.splits[name]
-    return qids[:limit] if limit else qids
-
-
-def _report(result, args, title, paper: bool, data=None, qids=None):
-    from ..data.scienceqa import PAPER, chance, format_table
-
-    if args.json:
-        print(json.dumps({"scores": result.scores, "rouge_l": result.rouge_l, "gate": result.gate,
-                          "seconds": result.seconds}, indent=2))
-        return
-    rows = {title: {**result.scores, "ROUGE-L": 100 * result.rouge_l if result.rouge_l is not None else None},
-            "Random chance (these questions)": chance(data.problems, qids)}
-    print(format_table({**rows, **(PAPER if paper else {})}, extra=["ROUGE-L"]))
-    s = result.scores
-    print(f"{s['total']} questions, {s['unparseable']} unparseable answers (counted wrong); columns are accuracy %; "
-          f"ROUGE-L is the rationale's F1 x 100" + ("; the paper's rows are its ScienceQA test results (4,241 "
-                                                    "questions, with images)" if paper else ""))
-    show = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    for stage, g in result.gate.items():
-        print(f"gate ({stage} model): mean {show(g['image'])} on {g['n_image']} questions with a picture, "
-              f"{show(g['no_image'])} on {g['n_no_image']} without")
+    print(json.dumps(result_json(result), indent=2) if args.json else table)
 
 
 def run_train(args):
-    import torch
+    import dataclasses
 
-    from ..training.mmcot import (DETR, VIT, ModelFactory, ModelSpec, PipelineConfig, run_pipeline, save_pipeline,
-                                  train_tokenizer)
-    from ..training.trainer import TrainConfig
+    from ..recipes.mmcot import MMCoTRecipe
 
-    torch.set_num_threads(args.threads)
-    lm = None
-    if args.base:
-        from .common import load_any
-
-        lm = load_any(args.base)
-    data = _load_data(args, chat=lm is not None)
-    data.max_source, data.max_target = args.max_source, args.max_target
-    train_qids = _split(data, args.train_split, args.max_train)
-    eval_qids = _split(data, args.eval_split, args.max_eval)
-    if lm is not None:
-        data.tokenizer = lm.tokenizer
+    names = {f.name for f in dataclasses.fields(MMCoTRecipe)} - {"name", "description", "target"}
+    recipe = MMCoTRecipe(name="mmcot", **{k: getattr(args, k) for k in names if hasattr(args, k)})
+    result = recipe.run(out=args.out, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps({k: result[k] for k in ("scores", "rouge_l", "gate", "seconds")}, indent=2))
     else:
-        texts = [s + " " + t for s, t in data.texts(train_qids, "QCM-LE")]
-        data.tokenizer = train_tokenizer(texts, args.vocab_size)
-    vision = {"vit": VIT, "detr": DETR, "features": {"kind": "features"}, "none": None}[args.vision]
-    if vision is not None and vision.get("kind") in ("vit", "detr"):
-        vision = {**vision, "image_size": args.image_size} if vision["kind"] == "vit" and args.image_size else dict(vision)
-        if not data.has_pictures:
-            print("note: the data has no pictures (ScienceQA's images are not here); every question is text-only "
-                  "for the vision model — pass --features for precomputed features", file=sys.stderr)
-    size = {}
-    if args.d_model:
-        size.update(n_embd=args.d_model, head_dim=args.d_model // 4, intermediate_size=4 * args.d_model)
-    if args.layers:
-        size.update(n_layer=args.layers, **({"n_decoder_layer": args.layers} if args.variant == "t5" else {}))
-    lora = None
-    if args.base and args.lora_rank:
-        lora = {"rank": args.lora_rank, "alpha": 2.0 * args.lora_rank}
-        if args.lora_layers:
-            lora["top_layers"] = args.lora_layers
-    spec = ModelSpec(variant=args.variant, vision=vision, size=size, base=args.base, lora=lora, dropout=args.dropout,
-                     seed=args.seed)
-    lr = args.lr or (2e-4 if args.base else 3e-3)
-    train = TrainConfig(batch_size=args.batch_size, lr=lr, min_lr=lr / 10, weight_decay=0.01, eval_interval=0,
-                        eval_at_start=False, log_interval=10, seed=args.seed, num_threads=args.threads)
-    cfg = PipelineConfig(two_stage=not args.one_stage, one_stage_format=args.format, stage2_init=args.stage2_init,
-                         rationale_train=train.replace(max_iters=args.rationale_steps,
-                                                       warmup_iters=max(1, args.rationale_steps // 20)),
-                         answer_train=train.replace(max_iters=args.answer_steps, warmup_iters=max(1, args.answer_steps // 20)),
-                         max_rationale_tokens=args.max_rationale_tokens, eval_batch_size=args.eval_batch_size)
-    result = run_pipeline(ModelFactory(spec, data, lm=lm), data, train_qids, eval_qids, cfg,
-                          progress=not args.no_progress)
-    save_pipeline(result, args.out, data, cfg, extra={"model": {"variant": args.variant, "vision": args.vision,
-                                                                  "base": args.base, "lora": lora},
-                                                        "train_questions": len(train_qids), "eval_split": args.eval_split})
-    title = f"{'two-stage' if cfg.two_stage else args.format} {args.variant}{'' if vision else ' text-only'}"
-    _report(result, args, title, paper=data.source["kind"] != "synthetic", data=data, qids=eval_qids)
-    print(f"saved to {args.out} (allformers mmcot ask --model {args.out} ...); "
-          f"{result.seconds['total']:.0f} s", file=sys.stderr)
+        print(result["table"])
     return 0
 
 
 def run_eval(args):
     import torch
 
-    from ..training.mmcot import evaluate_pipeline, load_pipeline, pipeline_config
+    from ..recipes.mmcot import evaluate_pipeline, load_data, load_pipeline, pipeline_config, report_table, split_qids
 
     torch.set_num_threads(args.threads)
     rationale, answer, meta = load_pipeline(args.model)
-    data = _load_data(args, tokenizer=answer.tokenizer, chat=meta.get("chat", False), data_source=meta.get("data"))
+    data = load_data(args, tokenizer=answer.tokenizer, chat=meta.get("chat", False), data_source=meta.get("data"))
     data.max_source, data.max_target = meta["max_source"], meta["max_target"]
     split = args.eval_split or meta.get("eval_split") or "test"
-    qids = _split(data, split, args.max_eval)
+    qids = split_qids(data, split, args.max_eval)
     cfg = pipeline_config(meta, eval_batch_size=args.eval_batch_size)
     result = evaluate_pipeline(rationale, answer, data, qids, cfg, progress=not args.no_progress)
-    _report(result, args, f"{args.model} ({split})", paper=data.source["kind"] != "synthetic", data=data, qids=qids)
+    _report(result, args, report_table(result, f"{args.model} ({split})", paper=data.source["kind"] != "synthetic",
+                                       data=data, qids=qids))
     return 0
 
 
 def run_ask(args):
     import torch
 
-    from ..training.mmcot import ask, load_pipeline
+    from ..recipes.mmcot import ask, load_pipeline
 
     torch.set_num_threads(args.threads)
     rationale, answer, meta = load_pipeline(args.model)

@@ -1,6 +1,6 @@
 """`allformers rlhf --out runs/rlhf`: the whole ChatGPT recipe on the real SmolLM2-135M-Instruct
-(pairs -> reward model -> PPO, and DPO; held-out property rates and KL). Details in
-allformers/training/rlhf_recipe.py. Also the shared flags of `reward`, `ppo` and `dpo`."""
+(pairs -> reward model -> PPO, and DPO; held-out property rates and KL): the recipe rlhf-smollm2 of
+`allformers train`. Details in allformers/recipes/rlhf.py. Also the shared flags of `reward`, `ppo` and `dpo`."""
 import json
 
 from .common import add_run_args
@@ -53,14 +53,12 @@ def register(sub):
 
 
 def run(args):
-    from ..training.rlhf_recipe import RLHFRecipe, format_table, quick_recipe, run_rlhf
-    from .common import load_model
+    """The recipe rlhf-smollm2 (rlhf-smollm2-quick with --quick) of `allformers train`, from --model."""
+    from ..recipes import get_recipe, run_recipe
 
-    lm = load_model(args.model)
-    recipe = RLHFRecipe(seed=args.seed)
-    if args.quick:
-        recipe = quick_recipe(recipe)
-    summary = run_rlhf(lm, lm.tokenizer, args.out, recipe, progress=not args.no_progress, threads=args.threads)
-    print(json.dumps(summary, indent=2) if args.json else format_table(summary))
-    print(f"plot: {summary['plot']}\nsummary: {args.out}/summary.json")
+    name = "rlhf-smollm2-quick" if args.quick else "rlhf-smollm2"
+    summary = run_recipe(name, out=args.out, seed=args.seed, threads=args.threads, overrides={"model": args.model},
+                         progress=not args.no_progress)
+    print(json.dumps(summary, indent=2) if args.json else get_recipe(name).report(summary))
+    print(f"summary: {args.out}/summary.json")
     return 0

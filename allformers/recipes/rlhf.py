@@ -1,4 +1,6 @@
-"""The whole ChatGPT recipe in one call, sized for a CPU: `allformers rlhf` and benchmarks/bench_rlhf.py.
+"""The whole ChatGPT recipe in one call, sized for a CPU: `allformers rlhf` (= `allformers train
+--recipe rlhf-smollm2`) and benchmarks/bench_rlhf.py. The trainers it chains (reward model, PPO,
+DPO, best-of-n) are the engine's: allformers/training/rlhf.py.
 
 1. Prompts: everyday requests from templates x topics; held-out prompts use topics never seen in training.
 2. Preference pairs where a program can check which reply is better: the starting policy samples a
@@ -26,8 +28,9 @@ from typing import Callable, Optional
 
 import torch
 
-from .rlhf import (DPOConfig, PairData, PPOConfig, RewardConfig, RLHFError, best_of_n, encode_prompt, evaluate_policy,
+from ..training.rlhf import (DPOConfig, PairData, PPOConfig, RewardConfig, RLHFError, best_of_n, encode_prompt, evaluate_policy,
                    pad_id_of, rm_score_fn, sample_replies, save_json, train_dpo, train_ppo, train_reward_model)
+from .registry import Recipe, register
 
 
 # ---------------------------------------------------------------------- the checkable property
@@ -133,8 +136,9 @@ def encode_pairs(records: list[dict], tokenizer, finished: list[bool], seed: int
 
 
 # ---------------------------------------------------------------------- the recipe
-@dataclass
-class RLHFRecipe:
+@dataclass(kw_only=True)
+class RLHFRecipe(Recipe):
+    model: str = "smollm2"  # the starting chat model (folder, .gguf or a bundled name); run() loads it
     property: str = "affirmative-opening"
     train_prompts: int = 128  # pairs for the reward model and DPO (one sampled reply each)
     eval_prompts: int = 96  # held-out prompts for the rates and KL
@@ -151,6 +155,20 @@ class RLHFRecipe:
     best_of: int = 4  # best-of-n reranking row (0: skip)
     best_of_prompts: int = 24
     seed: int = 0
+    kind = "rlhf"
+
+    def with_max_steps(self, n: int) -> "RLHFRecipe":
+        raise RLHFError(f"the RLHF stages are sized one by one: --set reward.steps={n} --set dpo.steps={n} "
+                        f"--set ppo.iterations=N (rollout phases)")
+
+    def run(self, *, out: Path, data=None, progress: bool = True, resume: bool = False, verbose: bool = True) -> dict:
+        from ..checkpoints.io import load_reporting
+
+        lm = load_reporting(self.model, need_tokenizer=True)
+        return run_rlhf(lm, lm.tokenizer, out, self, progress=progress, log=print if verbose else (lambda m: None))
+
+    def report(self, summary: dict) -> str:
+        return format_table(summary) + f"\nplot: {summary['plot']}"
 
 
 def quick_recipe(recipe: RLHFRecipe) -> RLHFRecipe:
@@ -158,6 +176,15 @@ def quick_recipe(recipe: RLHFRecipe) -> RLHFRecipe:
     r = dataclasses.replace
     return r(recipe, train_prompts=16, eval_prompts=16, best_of_prompts=4, reward=r(recipe.reward, steps=4),
              ppo=r(recipe.ppo, iterations=2), dpo=r(recipe.dpo, steps=4))
+
+
+register(RLHFRecipe(
+    name="rlhf-smollm2", description="the ChatGPT recipe on the bundled SmolLM2-135M-Instruct: preference pairs "
+    "from its own replies (the chosen one opens by agreeing to help), reward model, PPO with a KL penalty, DPO, "
+    "best-of-4; held-out property rates and KL per reply",
+    target="PPO 0.969 and DPO 0.948 of held-out replies with the property (start 0.104) in ~15 min on 2 threads"))
+register(dataclasses.replace(quick_recipe(RLHFRecipe()), name="rlhf-smollm2-quick",
+                             description="rlhf-smollm2 with every stage cut to a few steps: checks that it all runs", target=""))
 
 
 def run_rlhf(lm, tokenizer, out_dir, recipe: RLHFRecipe = RLHFRecipe(), *, progress: bool = True,
@@ -254,7 +281,7 @@ def run_rlhf(lm, tokenizer, out_dir, recipe: RLHFRecipe = RLHFRecipe(), *, progr
                                              "n": len(picks), "examples": picks[:6]}
         elapsed("best-of-n", t0)
 
-    from .plot import plot_rlhf
+    from ..training.plot import plot_rlhf
 
     plot = plot_rlhf(out / "ppo" / "metrics.jsonl", out / "dpo" / "metrics.jsonl", out / "rlhf.png",
                      baseline_rate=base["rate"])

@@ -1,69 +1,54 @@
-"""Named training recipes: a zoo config, a data set and a TrainConfig that together reach a
-stated loss in a stated time on a CPU. `run_recipe(name)` runs one end to end and writes the
-checkpoint (with tokenizer), metrics.jsonl, loss.png and summary.json into its output folder."""
+"""Character-level causal LM recipes: a zoo config, a data set and a TrainConfig that together
+reach a stated loss in a stated time on a CPU (nanoGPT's baby GPT on Tiny Shakespeare).
+`run_recipe("shakespeare-char-cpu")` runs one end to end and writes the checkpoint (with
+tokenizer), metrics.jsonl, loss.png and summary.json into its output folder."""
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 
-from ..errors import AllformersError
-from .data import RandomWindows, all_windows, char_corpus, fixed_batches, tiny_shakespeare_path
-from .trainer import CHECKPOINT_DIR, METRICS_FILE, PLOT_FILE, TrainConfig, Trainer, TrainingError
+from ..training.data import RandomWindows, all_windows, char_corpus, fixed_batches, tiny_shakespeare_path
+from ..training.trainer import CHECKPOINT_DIR, METRICS_FILE, PLOT_FILE, TrainConfig, Trainer
+from .registry import Recipe, register
 
 
-class UnknownRecipeError(AllformersError, KeyError):
-    def __init__(self, name, known):
-        close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.4)
-        hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        self.msg = f"unknown recipe {name!r}.{hint} Known recipes: {', '.join(sorted(known))}"
-        super().__init__(self.msg)
-
-    def __str__(self):  # KeyError would quote the message
-        return self.msg
-
-
-@dataclass
-class Recipe:
-    name: str
-    description: str
+@dataclass(kw_only=True)
+class CharLMRecipe(Recipe):
     model: str  # a zoo config name
     train: TrainConfig
     model_overrides: dict = field(default_factory=dict)  # Config fields (block_size, dropout, sizes)
-    data: str = "tinyshakespeare-char"
+    dataset: str = "tinyshakespeare-char"  # a DATASETS name
     eval_iters: int = 20  # batches per eval set (train and val), batch_size rows each
-    target: str = ""  # what the recipe is tuned to reach, for docs and the CLI
+    samples: int = 2  # texts sampled at the end
+    sample_tokens: int = 300
+    full_val: bool = False  # also the loss on every window of the val split
+    kind = "char-lm"
+
+    def run(self, *, out: Path, data=None, progress: bool = True, resume: bool = False, verbose: bool = True) -> dict:
+        return run_char_lm(self, out=out, data=data, progress=progress, resume=resume)
+
+    def report(self, result: dict) -> str:
+        lines = [f"--- sample {i + 1}\n{text}" for i, text in enumerate(result["samples"])]
+        lines.append(f"--- {result['recipe']}: val loss {result['val_loss']:.4f}, train loss {result['train_loss']:.4f}, "
+                     f"{result['step']} steps in {result['wall_time_s']:.1f} s "
+                     f"({result['tokens_per_s'] or 0:.0f} tokens/s, MFU {100 * (result['mfu'] or 0):.1f}%)")
+        lines.append(f"checkpoint: {result['checkpoint']}\nmetrics: {result['metrics']}\nplot: {result['plot']}")
+        return "\n".join(lines)
 
 
-RECIPES: dict[str, Recipe] = {}
 EVAL_TOKENS_PER_PASS = 8192
-DATASETS = {  # name -> data_dir -> Corpus
+DATASETS = {  # name -> data folder -> Corpus
     "tinyshakespeare-char": lambda data_dir: char_corpus(tiny_shakespeare_path(data_dir), train_fraction=0.9),
 }
 
 
-def register_recipe(recipe: Recipe) -> Recipe:
-    if recipe.name in RECIPES:
-        raise TrainingError(f"recipe {recipe.name!r} is registered twice")
-    RECIPES[recipe.name] = recipe
-    return recipe
-
-
-def get_recipe(name: str) -> Recipe:
-    if name not in RECIPES:
-        raise UnknownRecipeError(name, RECIPES)
-    return RECIPES[name]
-
-
 # nanoGPT's CPU "baby GPT" (README, "I only have a macbook"): 4x4x128, block 64, batch 12, 2,000 iters.
-register_recipe(Recipe(
+register(CharLMRecipe(
     name="shakespeare-char-cpu",
     description="nanoGPT's CPU baby GPT on character-level Tiny Shakespeare (0.8M params, ~1.5 min on 2 cores)",
     model="baby-gpt-char", model_overrides={"block_size": 64, "dropout": 0.0,  # nanoGPT's default bias=False:
@@ -76,7 +61,7 @@ register_recipe(Recipe(
 
 # Twice the context, 32-sequence batches, 1,650 steps (6.8M tokens, ~6 passes over the text).
 # Measured on 2 cores: at this budget the baby's widths beat 4x192 and 6x192 (docs/training.md).
-register_recipe(Recipe(
+register(CharLMRecipe(
     name="shakespeare-char-long",
     description="baby GPT widths, 128-token context, 32-sequence batches, 1,650 steps (~7 min on 2 quiet cores)",
     model="baby-gpt-char", model_overrides={"block_size": 128, "dropout": 0.0,
@@ -87,59 +72,24 @@ register_recipe(Recipe(
 
 
 # ---------------------------------------------------------------------- running one
-def split_overrides(recipe: Recipe, overrides: dict) -> tuple[dict, dict, dict]:
-    """Sort flat overrides into TrainConfig fields, model Config fields and recipe fields."""
-    from ..config import Config
-
-    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
-    model_keys = {f.name for f in dataclasses.fields(Config)} - {"name", "description", "family", "vocab_size"}
-    train, model, rest = {}, {}, {}
-    for k, v in overrides.items():
-        if v is None:
-            continue
-        if k in train_keys:
-            train[k] = v
-        elif k in model_keys:
-            model[k] = v
-        elif k == "eval_iters":
-            rest[k] = v
-        else:
-            known = sorted(train_keys | model_keys | {"eval_iters"})
-            close = difflib.get_close_matches(k, known, n=3)
-            raise TrainingError(f"unknown override {k!r}" + (f"; did you mean {', '.join(close)}?" if close else "")
-                                + f" (recipe {recipe.name!r} takes training settings and model config fields)")
-    return train, model, rest
-
-
-def run_recipe(name: str, *, data_dir=None, out_dir=None, max_iters: Optional[int] = None,
-               seed: Optional[int] = None, progress: bool = True, resume: bool = False,
-               overrides: Optional[dict] = None, n_samples: int = 2, sample_tokens: int = 300,
-               full_val: bool = False) -> dict:
-    """Train recipe `name` end to end. Returns a dict with val_loss, train_loss (last evaluation),
+def run_char_lm(recipe: CharLMRecipe, *, out, data=None, progress: bool = True, resume: bool = False) -> dict:
+    """Train `recipe` end to end into `out`. Returns a dict with val_loss, train_loss (last evaluation),
     wall_time_s (data + model + training + evals + checkpoint + plot; samples excluded), out_dir,
-    plot, checkpoint, samples and the run's settings."""
+    plot, checkpoint, samples and the run's settings. `data`: a folder holding
+    tinyshakespeare/input.txt (default: the data root, else a download)."""
     from ..config import Config
     from ..models import TransformerLM
     from ..objectives import CausalLM
 
     t0 = time.perf_counter()
-    recipe = get_recipe(name)
-    train_over, model_over, rest = split_overrides(recipe, dict(overrides or {}))
-    if max_iters is not None:
-        train_over["max_iters"] = max_iters
-    if seed is not None:
-        train_over["seed"] = seed
-    cfg = recipe.train.replace(**train_over)
-    eval_iters = rest.get("eval_iters", recipe.eval_iters)
-    out_dir = Path(out_dir) if out_dir is not None else Path("runs") / name
+    cfg, eval_iters, out_dir = recipe.train, recipe.eval_iters, Path(out)
     is_main = int(os.environ.get("RANK", "0")) == 0
     if is_main and not resume:  # a fresh run: stale metrics would be appended to
         for stale in (METRICS_FILE, PLOT_FILE):
             (out_dir / stale).unlink(missing_ok=True)
 
-    corpus = DATASETS[recipe.data](data_dir)
-    mcfg = Config.from_name(recipe.model, **{**recipe.model_overrides, **model_over,
-                                              "vocab_size": corpus.tokenizer.vocab_size})
+    corpus = DATASETS[recipe.dataset](data)
+    mcfg = Config.from_name(recipe.model, **{**recipe.model_overrides, "vocab_size": corpus.tokenizer.vocab_size})
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts them)
     model = TransformerLM(mcfg)
     block = mcfg.block_size
@@ -161,15 +111,15 @@ def run_recipe(name: str, *, data_dir=None, out_dir=None, max_iters: Optional[in
     summary = trainer.fit()
     wall = time.perf_counter() - t0
 
-    result = {**summary, "recipe": name, "wall_time_s": wall, "params": model.num_params(),
+    result = {**summary, "recipe": recipe.name, "wall_time_s": wall, "params": model.num_params(),
               "model_config": mcfg.to_dict(), "train_config": cfg.to_dict(), "eval_iters": eval_iters,
               "threads": torch.get_num_threads()}
-    if full_val:  # the loss on every non-overlapping window of the val split, not only the eval sample
+    if recipe.full_val:  # the loss on every non-overlapping window of the val split, not only the eval sample
         trainer.eval_data = {"val_full": all_windows(corpus.val, block, 64)}
         result["val_loss_full"] = trainer.evaluate()["val_full"]
     if trainer.is_main:
-        result["samples"] = [sample_text(model, corpus.tokenizer, max_new_tokens=sample_tokens, seed=i)
-                             for i in range(n_samples)]
+        result["samples"] = [sample_text(model, corpus.tokenizer, max_new_tokens=recipe.sample_tokens, seed=i)
+                             for i in range(recipe.samples)]
         (out_dir / "summary.json").write_text(json.dumps(result, indent=2))
     if trainer.world_size > 1:
         import torch.distributed as dist

@@ -3,8 +3,8 @@ sentence permutation) on the State of the Union corpus, then fine-tune either to
 e-mail's subject line from its body (SpamAssassin, the fixed 20% held out by
 `finetune.heldout_split`, the same e-mails every benchmark holds out), scored by ROUGE-L F1.
 
-    from allformers.training.seq2seq_recipes import run_seq2seq_recipe
-    run_seq2seq_recipe("t5-span-corruption-sotu", out_dir="runs/t5-sotu")
+    from allformers.recipes import run_recipe
+    run_recipe("t5-span-corruption-sotu", out="runs/t5-sotu")     # or: allformers train --recipe t5-span-corruption-sotu
 
 Pieces, usable one by one (benchmarks/bench_subject_lines.py chains them):
   * `prepare_data`: a byte-level BPE trained on sotu.txt + the TRAINING e-mails only (never the
@@ -17,8 +17,7 @@ Pieces, usable one by one (benchmarks/bench_subject_lines.py chains them):
   * `rouge_l` (from allformers.metrics): ROUGE-L F1 from the longest common subsequence
     (lower-cased alphanumeric words, the `rouge-score` package's default tokenisation, no stemming).
 
-The registry here (SEQ2SEQ_RECIPES) is separate from training.recipes.RECIPES: that one's
-`run_recipe` trains causal LMs on character corpora and could not run these."""
+The named recipes (Seq2SeqRecipe) are entries of the one registry (allformers.recipes)."""
 from __future__ import annotations
 
 import json
@@ -32,7 +31,8 @@ import torch
 
 from ..errors import AllformersError
 from ..metrics.rouge import lcs_length, rouge_l, rouge_tokens  # noqa: F401 (re-exported)
-from .trainer import TrainConfig, Trainer
+from ..training.trainer import TrainConfig, Trainer
+from .registry import Recipe, register
 
 SOTU = Path("sotu") / "sotu.txt"
 SPECIALS = ("<pad>", "</s>", "<s>", "<mask>")
@@ -72,7 +72,7 @@ class SubjectLineData:
 
 def load_sources(data_root=None, max_sotu_chars: Optional[int] = None, max_records: Optional[int] = None):
     """(sotu text, training records, held-out records), the split by finetune.heldout_split(0.2)."""
-    from .data import default_data_root
+    from ..training.data import default_data_root
     from .finetune import heldout_split, read_records, resolve_data, split_key
 
     root = Path(data_root) if data_root else default_data_root()
@@ -271,70 +271,74 @@ def baseline_scores(data: SubjectLineData, k: int = 6) -> dict:
 
 
 # ---------------------------------------------------------------------- named recipes
-@dataclass
-class Seq2SeqRecipe:
-    name: str
-    description: str
-    kind: str  # "t5" or "bart"
+@dataclass(kw_only=True)
+class Seq2SeqRecipe(Recipe):
+    arch: str  # "t5" or "bart"
     pretrain: Optional[TrainConfig] = None  # denoising on sotu first (None: none)
     finetune: Optional[TrainConfig] = None  # subject lines after (None: none)
     task: str = "subjects"  # fine-tuning data: "subjects" (body -> subject) or "flan" (instruction mixture)
-    target: str = ""
+    seed: int = 0  # the model's initialisation and every stage's data order
+    quick: bool = False  # a slice of the data (300k sotu characters, 200 e-mails): smoke runs
+    kind = "seq2seq"
+
+    def run(self, *, out: Path, data=None, progress: bool = True, resume: bool = False, verbose: bool = True) -> dict:
+        """`data`: a SubjectLineData (prepare_data), or the data root (default: ../shared/data)."""
+        return run_seq2seq(self, out=out, data=data, progress=progress)
+
+    def report(self, r: dict) -> str:
+        lines = [f"--- {r['recipe']}: {r['params']:,} parameters, {r['wall_time_s']:.0f} s"]
+        for stage in ("pretrain", "finetune"):
+            if stage in r:
+                lines.append(f"{stage}: {r[stage]['step']} steps, final loss {r[stage]['loss']:.4f}, "
+                             f"held-out loss {r[stage]['val_loss'] if r[stage]['val_loss'] is not None else float('nan'):.4f}")
+        if "heldout" in r:
+            lines.append(f"held-out subject lines: ROUGE-L {r['heldout']['rouge_l']:.4f} on {r['heldout']['n']} e-mails")
+        lines.append(f"model: {r['out']}")
+        return "\n".join(lines)
 
 
-SEQ2SEQ_RECIPES: dict[str, Seq2SeqRecipe] = {}
-
-
-def register_seq2seq_recipe(recipe: Seq2SeqRecipe) -> Seq2SeqRecipe:
-    if recipe.name in SEQ2SEQ_RECIPES:
-        raise AllformersError(f"seq2seq recipe {recipe.name!r} is registered twice")
-    SEQ2SEQ_RECIPES[recipe.name] = recipe
-    return recipe
-
-
-register_seq2seq_recipe(Seq2SeqRecipe(
-    "t5-span-corruption-sotu", "2+2x128 T5 pretrained with span corruption (15%, mean span 3, 128 inputs) on sotu.txt",
-    "t5", pretrain=PRETRAIN))
-register_seq2seq_recipe(Seq2SeqRecipe(
-    "bart-denoising-sotu", "2+2x128 BART pretrained with text infilling (30%, Poisson(3)) + sentence permutation on "
-    "128-token sotu.txt windows", "bart", pretrain=PRETRAIN))
+register(Seq2SeqRecipe(
+    name="t5-span-corruption-sotu",
+    description="2+2x128 T5 pretrained with span corruption (15%, mean span 3, 128 inputs) on sotu.txt",
+    arch="t5", pretrain=for_kind(PRETRAIN, "t5")))
+register(Seq2SeqRecipe(
+    name="bart-denoising-sotu", description="2+2x128 BART pretrained with text infilling (30%, Poisson(3)) + "
+    "sentence permutation on 128-token sotu.txt windows", arch="bart", pretrain=for_kind(PRETRAIN, "bart")))
 for _kind in ("t5", "bart"):
-    register_seq2seq_recipe(Seq2SeqRecipe(
-        f"{_kind}-subject-lines", f"2+2x128 {_kind.upper()} fine-tuned from scratch to write an e-mail's subject line "
-        f"from its body (SpamAssassin, fixed 20% held out)", _kind, finetune=FINETUNE))
-    register_seq2seq_recipe(Seq2SeqRecipe(
-        f"{_kind}-pretrained-subject-lines", f"{'span corruption' if _kind == 't5' else 'BART denoising'} on sotu.txt, "
-        f"then subject lines", _kind, pretrain=PRETRAIN, finetune=FINETUNE))
-register_seq2seq_recipe(Seq2SeqRecipe(
-    "flan-mixture", "2+2x128 T5 span-corruption-pretrained on sotu.txt, then fine-tuned on a Flan-style instruction "
-    "mixture (subject lines, spam/ham, sotu continuation; several templates each); scored on held-out subject lines "
-    "asked with the first subject template", "t5", pretrain=PRETRAIN, finetune=FINETUNE.replace(max_iters=300),
-    task="flan"))
+    register(Seq2SeqRecipe(
+        name=f"{_kind}-subject-lines", description=f"2+2x128 {_kind.upper()} fine-tuned from scratch to write an "
+        f"e-mail's subject line from its body (SpamAssassin, fixed 20% held out)", arch=_kind,
+        finetune=for_kind(FINETUNE, _kind)))
+    register(Seq2SeqRecipe(
+        name=f"{_kind}-pretrained-subject-lines", description=f"{'span corruption' if _kind == 't5' else 'BART denoising'}"
+        f" on sotu.txt, then subject lines", arch=_kind, pretrain=for_kind(PRETRAIN, _kind),
+        finetune=for_kind(FINETUNE, _kind)))
+register(Seq2SeqRecipe(
+    name="flan-mixture", description="2+2x128 T5 span-corruption-pretrained on sotu.txt, then fine-tuned on a "
+    "Flan-style instruction mixture (subject lines, spam/ham, sotu continuation; several templates each); scored on "
+    "held-out subject lines asked with the first subject template", arch="t5", pretrain=for_kind(PRETRAIN, "t5"),
+    finetune=for_kind(FINETUNE.replace(max_iters=300), "t5"), task="flan"))
 
 
-def run_seq2seq_recipe(name: str, *, out_dir=None, data: Optional[SubjectLineData] = None, data_root=None,
-                       progress: bool = True, seed: int = 0, pretrain_iters: Optional[int] = None,
-                       finetune_iters: Optional[int] = None, quick: bool = False) -> dict:
-    """Run a named recipe end to end; saves the model (with its tokenizer) and summary.json under out_dir."""
-    if name not in SEQ2SEQ_RECIPES:
-        raise AllformersError(f"unknown seq2seq recipe {name!r}; known: {', '.join(sorted(SEQ2SEQ_RECIPES))}")
-    recipe = SEQ2SEQ_RECIPES[name]
-    out = Path(out_dir) if out_dir else Path("runs") / name
+def run_seq2seq(recipe: Seq2SeqRecipe, *, out, data=None, progress: bool = True) -> dict:
+    """Run a recipe end to end; saves the model (with its tokenizer) and summary.json into `out`."""
+    out = Path(out)
     t0 = time.perf_counter()
-    if data is None:
-        data = prepare_data(data_root, max_sotu_chars=300_000 if quick else None, max_records=200 if quick else None)
-    model = build(recipe.kind, data.tokenizer, seed=seed)
-    result = {"recipe": name, "params": model.num_params(), "data": data.info}
+    if not isinstance(data, SubjectLineData):
+        data = prepare_data(data, max_sotu_chars=300_000 if recipe.quick else None,
+                            max_records=200 if recipe.quick else None)
+    model = build(recipe.arch, data.tokenizer, seed=recipe.seed)
+    result = {"recipe": recipe.name, "out": str(out), "params": model.num_params(), "data": data.info}
     if recipe.pretrain:
-        cfg = for_kind(recipe.pretrain, recipe.kind).replace(seed=seed, **({"max_iters": pretrain_iters} if pretrain_iters else {}))
-        result["pretrain"] = pretrain(model, recipe.kind, data, cfg, progress=progress)
+        result["pretrain"] = pretrain(model, recipe.arch, data, recipe.pretrain.replace(seed=recipe.seed),
+                                      progress=progress)
     if recipe.finetune:
-        cfg = for_kind(recipe.finetune, recipe.kind).replace(seed=seed, **({"max_iters": finetune_iters} if finetune_iters else {}))
         model = with_dropout(model, 0.1)
         if recipe.task == "flan":
-            data = instruction_data(data, seed=seed)
+            data = instruction_data(data, seed=recipe.seed)
             result["mixture"] = data.info["mixture"]
-        result["finetune"] = finetune_subjects(model, data, cfg, progress=progress)
+        result["finetune"] = finetune_subjects(model, data, recipe.finetune.replace(seed=recipe.seed),
+                                               progress=progress)
         result["heldout"] = evaluate_subjects(model, data)
     result["wall_time_s"] = time.perf_counter() - t0
     model.save(out, tokenizer=data.tokenizer)
