@@ -6,7 +6,7 @@ e-mails every benchmark holds out), greedy decoding:
 
     T5 from scratch | T5 + span corruption on sotu.txt | BART from scratch | BART + denoising on sotu.txt
 
-Models: 2+2 layers, 128 wide (training/seq2seq_recipes.py: TINY); one byte-level BPE of 4,096
+Models: 2+2 layers, 128 wide (recipes/seq2seq.py: TINY); one byte-level BPE of 4,096
 trained on sotu.txt + the training e-mails; 150 pretraining and 150 fine-tuning steps of 32 at the
 architecture's learning rate (seq2seq_recipes.LR). A no-model reference (the body's first 6 words
 as the subject) is printed too, and the number of distinct generated subjects (a model that

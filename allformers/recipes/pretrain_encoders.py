@@ -2,7 +2,7 @@
 (RoBERTa's rule) and ELECTRA's replaced token detection, with the same tokenizer, data, batch,
 sequence length and optimizer, so the two can be compared at equal compute.
 
-    from allformers.training.pretrain_encoders import run_pretrain_recipe
+    from allformers.recipes.pretrain_encoders import run_pretrain_recipe
     r = run_pretrain_recipe("electra-sotu-tiny", max_steps=50)   # -> runs/electra-sotu-tiny/encoder
 
 What happens:
