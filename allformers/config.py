@@ -24,7 +24,8 @@ NORMS = ("LayerNorm", "RMSNorm")
 NORM_PLACEMENTS = ("pre", "post")
 MLPS = ("MLP", "GLU")
 SHARING = ("none", "all", "attention", "ffn")
-TASKS = ("lm", "sequence-classification", "token-classification", "question-answering", "embedding", "pretraining")
+TASKS = ("lm", "sequence-classification", "token-classification", "question-answering", "embedding", "pretraining",
+         "base", "replaced-token-detection")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "quick_gelu")
 
 
@@ -173,15 +174,19 @@ class Config:
     lm_head_bias: bool = False
     head_input_scale: Optional[float] = None  # T5 scales hidden states by d_model**-0.5 before a tied head
     type_vocab_size: int = 0  # segment (BERT) or language (XLM) embeddings; 0 = none
+    default_token_type: Optional[int] = 0  # the type embedded when no token_type_ids are passed; None: none (XLM)
     position_offset: int = 0  # RoBERTa/BART start positions at padding_idx + 1 = 2
     embedding_size: Optional[int] = None  # None -> n_embd; smaller = factorized embeddings (ALBERT, ELECTRA)
     lm_head: Optional[bool] = None  # None -> True for task="lm"/"pretraining"; False: a bare body under a task head
     # task head (models/heads.py): "lm" is a plain language model; "pretraining" (models/pretraining.py) is the
-    # body's MLM head plus a pooled 2-way sentence-pair head (BERT's NSP, ALBERT's SOP) in one forward
+    # body's MLM head plus a pooled 2-way sentence-pair head (BERT's NSP, ALBERT's SOP) in one forward; "base" is
+    # the bare backbone (HF's BertModel...): per-token hidden states and, with classifier_dense, the pooler's output;
+    # "embedding" pools them into one sentence vector; "replaced-token-detection" is ELECTRA's discriminator (B, T)
     task: str = "lm"
     num_labels: int = 2
     labels: Optional[list] = None  # label names, index = class id
-    classifier_dense: bool = True  # dense + activation before the output layer (BERT pooler, RoBERTa head)
+    classifier_dense: bool = True  # dense + activation before the output layer (BERT pooler, RoBERTa head);
+    # task="base": the pooler alone (dense + activation over the pooled token), whose output is pooler_output
     classifier_activation: str = "tanh"
     pooling: str = "first"  # "first" token ([CLS]), "last" real token (causal reward models) or "mean"
     normalize: bool = True  # sentence embeddings come out unit-length
@@ -191,6 +196,8 @@ class Config:
     # encoder-decoder (models/seq2seq.py builds two stacks from one config)
     is_encoder_decoder: bool = False
     n_decoder_layer: Optional[int] = None  # None -> n_layer
+    n_decoder_head: Optional[int] = None  # None -> n_head (BART's decoder_attention_heads may differ)
+    decoder_intermediate_size: Optional[int] = None  # None -> intermediate_size (BART's decoder_ffn_dim)
     cross_attention: bool = False  # set on the decoder stack: blocks attend to the encoder output
     decoder_start_token_id: int = 0
     embed_scale: Optional[float] = None  # multiply token embeddings (the original Transformer: sqrt(d_model))
@@ -217,6 +224,8 @@ class Config:
             self.lm_head = self.task in ("lm", "pretraining")
         if self.n_decoder_layer is None and self.is_encoder_decoder:
             self.n_decoder_layer = self.n_layer
+        if self.n_decoder_head is None and self.is_encoder_decoder:
+            self.n_decoder_head = self.n_head
         if self.labels is not None:
             self.num_labels = len(self.labels)
         if self.head_activation is None:
@@ -231,6 +240,8 @@ class Config:
                 self.intermediate_size = 256 * ((hidden + 255) // 256)
             else:
                 self.intermediate_size = 4 * self.n_embd
+        if self.decoder_intermediate_size is None and self.is_encoder_decoder:
+            self.decoder_intermediate_size = self.intermediate_size
         self.rope_n_elem = int(self.rotary_pct * self.head_dim) if self.position == "rotary" else 0
         self.validate()
 
@@ -320,6 +331,11 @@ class Config:
         if self.is_encoder_decoder and (self.cross_attention or not self.causal):
             raise ConfigError("an encoder-decoder config describes its decoder (causal=True); its stacks are derived "
                               "with encoder_config() / decoder_config() — do not set cross_attention or causal=False on it")
+        self._validate_stacks()
+        if self.default_token_type is not None and self.type_vocab_size and not \
+                0 <= self.default_token_type < self.type_vocab_size:
+            raise ConfigError(f"default_token_type={self.default_token_type} is not a type id below "
+                              f"type_vocab_size={self.type_vocab_size}; pick one, or None to embed no type")
         if self.is_encoder_decoder and self.task != "lm":
             raise ConfigError(f"task={self.task!r} is not available for encoder-decoders yet; use task='lm'")
         if (self.position == "disentangled") != (self.attention_class == "DisentangledAttention"):
@@ -409,6 +425,25 @@ class Config:
         if negative:
             raise ConfigError(f"{', '.join(negative)} must be >= 0 (0 turns it off)")
 
+    _DECODER_FIELDS = ("n_decoder_layer", "n_decoder_head", "decoder_intermediate_size")
+
+    def _validate_stacks(self):
+        """The decoder's own sizes: only for encoder-decoders, and each a stack the blocks can build."""
+        if not self.is_encoder_decoder:
+            given = [f for f in self._DECODER_FIELDS if getattr(self, f) is not None]
+            if given:
+                raise ConfigError(f"{given} only apply to encoder-decoders (is_encoder_decoder=True); drop them")
+            return
+        for fname in self._DECODER_FIELDS:
+            if not isinstance(getattr(self, fname), int) or getattr(self, fname) <= 0:
+                raise ConfigError(f"{fname} must be a positive integer, got {getattr(self, fname)!r}")
+        if self.n_kv_head != self.n_head and self.n_decoder_head % self.n_kv_head:  # an explicit n_kv_head is shared
+            raise ConfigError(f"n_decoder_head={self.n_decoder_head} must be a multiple of n_kv_head={self.n_kv_head}")
+        if self.n_decoder_head != self.n_head and self.head_dim * self.n_head == self.n_embd \
+                and self.n_embd % self.n_decoder_head:
+            raise ConfigError(f"n_embd={self.n_embd} is not divisible by n_decoder_head={self.n_decoder_head}; "
+                              f"pick n_decoder_head among {_divisors(self.n_embd)}")
+
     # ---------------------------------------------------------------- derived
     def layer_is_moe(self, i: int) -> bool:
         """Does layer i hold experts (the first of every moe_every layers)?"""
@@ -420,12 +455,15 @@ class Config:
 
     def encoder_config(self) -> "Config":
         """The encoder stack of an encoder-decoder: bidirectional, no LM head."""
-        return self.replace(is_encoder_decoder=False, causal=False, lm_head=False, n_decoder_layer=None)
+        return self.replace(is_encoder_decoder=False, causal=False, lm_head=False,
+                            **dict.fromkeys(self._DECODER_FIELDS))
 
     def decoder_config(self) -> "Config":
-        """The decoder stack: causal, cross-attends to the encoder, n_decoder_layer layers."""
+        """The decoder stack: causal, cross-attends to the encoder; its own depth, heads and FFN width
+        (head_dim and n_kv_head follow the heads unless they were set explicitly)."""
         return self.replace(is_encoder_decoder=False, cross_attention=True, n_layer=self.n_decoder_layer,
-                            n_decoder_layer=None)
+                            n_head=self.n_decoder_head, intermediate_size=self.decoder_intermediate_size,
+                            **dict.fromkeys(self._DECODER_FIELDS))
 
     @property
     def activation_is_glu(self) -> bool:
@@ -475,7 +513,8 @@ class Config:
 REGISTRY: dict[str, dict[str, Any]] = {}
 # Fields that __post_init__ fills when they are None.
 _DERIVED = ("head_dim", "n_kv_head", "attn_out_bias", "final_norm", "intermediate_size", "embedding_size",
-            "head_activation", "lm_head", "n_decoder_layer", "moe_mlp_class")
+            "head_activation", "lm_head", "n_decoder_layer", "moe_mlp_class", "n_decoder_head",
+            "decoder_intermediate_size")
 
 
 def register(**kwargs) -> dict:

@@ -64,11 +64,10 @@ def test_deberta_parity_import_and_export(kind, head, tmp_path):
     ids, mask = _inputs()
     with torch.no_grad():
         ref = _ref(hf(ids, attention_mask=mask), head)
-        if head == "Model":  # a bare backbone loads as a sentence encoder; compare its token states
-            got = ours.body(ids, attention_mask=mask, return_hidden=True)
-        else:
-            got = ours(ids, attention_mask=mask)
-            got = torch.stack(got, -1) if head == "ForQuestionAnswering" else got
+        got = ours(ids, attention_mask=mask)
+        if head == "Model":  # a bare backbone gives HF's last_hidden_state
+            got = got.last_hidden_state
+        got = torch.stack(got, -1) if head == "ForQuestionAnswering" else got
     assert _max_diff(ref, got, mask) <= 1e-4
     # export, reload in transformers, compare again
     ours.save(tmp_path / "out", format="hf")
@@ -171,8 +170,8 @@ def test_zoo_deberta_v3_base_is_the_released_config():
     from allformers.checkpoints.hf import config_from_hf
     from allformers.zoo import count_params
 
-    imported = config_from_hf(V3_BASE)  # no architectures: a bare backbone (sentence encoder)
-    zoo = Config.from_name("deberta-v3-base", task="embedding")
+    imported = config_from_hf(V3_BASE)  # no architectures: a bare backbone (DebertaV2Model, no pooler)
+    zoo = Config.from_name("deberta-v3-base", task="base", classifier_dense=False)
     skip = {"name", "description", "family", "pooling", "pos_att_type", "lm_head"}
     assert {k: v for k, v in imported.to_dict().items() if k not in skip} == \
         {k: v for k, v in zoo.to_dict().items() if k not in skip}

@@ -93,11 +93,10 @@ def test_parity_import_and_export(kind, head, tmp_path):
     with torch.no_grad():
         ref = _outputs(hf(ids, **_hf_kwargs(model_type, mask, types)), head)
         kw = dict(attention_mask=mask, token_type_ids=types if has_types else None)
-        if head == "Model":  # a bare backbone loads as a sentence encoder; compare its token states
-            got = ours.body(ids, return_hidden=True, **kw)
-        else:
-            got = ours(ids, **kw)
-            got = torch.stack(got, -1) if head == "ForQuestionAnswering" else got
+        got = ours(ids, **kw)
+        if head == "Model":  # a bare backbone gives HF's last_hidden_state
+            got = got.last_hidden_state
+        got = torch.stack(got, -1) if head == "ForQuestionAnswering" else got
     keep = mask.bool() if ref.shape[:2] == ids.shape else slice(None)  # token outputs: real tokens only
     diff = (ref[keep] - got[keep]).abs().max().item()
     print(f"{kind} {head} import max|diff| = {diff:.2e}")
@@ -168,12 +167,10 @@ def test_distilbert_sinusoidal_table(tmp_path):
 
 def test_new_families_do_not_claim_each_other():
     from allformers import Config
-    from allformers.checkpoints.hf import head_kind
-    from allformers.checkpoints.maps import FAMILIES
+    from allformers.checkpoints.hf import hf_family
 
     def family_for(**kw):
-        c = Config(**kw)
-        return next((f.model_type for f in FAMILIES.values() if f.fits(c) and head_kind(f, c) in f.architectures), None)
+        return getattr(hf_family(Config(**kw)), "model_type", None)
 
     enc = dict(causal=False, norm_placement="post", embedding_norm=True, tie_embeddings=True, lm_head_bias=True,
                norm_eps=1e-12, vocab_size=99, n_embd=32, n_head=4, n_layer=2, block_size=64)
@@ -195,10 +192,9 @@ def test_new_families_do_not_claim_each_other():
     ("all-minilm-l6-v2", "bert", 22.6)])
 def test_zoo_encoders_have_their_size_and_export_to_their_family(name, family, millions):
     from allformers import Config
-    from allformers.checkpoints.hf import head_kind
-    from allformers.checkpoints.maps import FAMILIES
+    from allformers.checkpoints.hf import hf_family
     from allformers.zoo import count_params
 
     c = Config.from_name(name)
     assert abs(count_params(c) / 1e6 - millions) / millions < 0.01
-    assert next(f.model_type for f in FAMILIES.values() if f.fits(c) and head_kind(f, c) in f.architectures) == family
+    assert hf_family(c).model_type == family

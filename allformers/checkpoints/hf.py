@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -34,22 +35,29 @@ def _family(model_type: str) -> Family:
     return FAMILIES[model_type]
 
 
-def head_kind(family: Family, config: Config) -> str:
-    """The config's task, except that a one-label token classifier is ELECTRA's discriminator."""
-    if config.task == "token-classification" and config.num_labels == 1 and "replaced-token-detection" in family.head_rows:
-        return "replaced-token-detection"
-    return config.task
+def architecture(family: Family, config: Config) -> Optional[str]:
+    """The HF class that holds the config's head; a sentence encoder is the bare backbone (BertModel), with
+    sentence-transformers' pooling file beside it."""
+    return family.architectures.get("base" if config.task == "embedding" else config.task)
+
+
+def hf_family(config: Config) -> Optional[Family]:
+    """The first family whose HF architecture holds the config exactly, or None. A pooler (task="base" with
+    classifier_dense) needs a family whose bare backbone has one."""
+    pooler = config.task == "base" and config.classifier_dense
+    return next((f for f in FAMILIES.values() if f.holds(config) and f.fits(config) and architecture(f, config) is not None
+                 and (not pooler or "base" in f.head_rows)), None)
 
 
 def rows_for(family: Family, config: Config) -> list:
     """Every row for this config, with our keys as they appear in the model's state dict."""
     task = config.task
     body = family.body_rows(config)
-    head = family.head_rows.get(head_kind(family, config))
+    head = family.head_rows.get(task)
     if task == "lm":
         return body + (head(config) if head else [])
     body = [_prefixed(r, "body.") for r in body]
-    if task == "embedding":
+    if task == "embedding" or (task == "base" and not config.classifier_dense):
         return body
     if head is None:
         raise CheckpointError(f"{family.model_type} has no {task} head in its key table")
@@ -62,11 +70,11 @@ def _prefixed(row, prefix):
     return replace(row, ours=prefix + row.ours)
 
 
-def _n_layers(row, config: Config) -> int:
-    """How many layers a "{}" row runs over: an encoder-decoder's decoder may be deeper or shallower."""
-    if config.is_encoder_decoder and row.ours.startswith("decoder."):
-        return config.n_decoder_layer
-    return config.n_layer
+def _stacks(config: Config):
+    """row -> the config its tensors are shaped by: an encoder-decoder's decoder rows follow the decoder stack
+    (its own depth, heads and FFN width), every other row the config itself."""
+    decoder = config.decoder_config() if config.is_encoder_decoder else None
+    return lambda row: decoder if decoder is not None and row.ours.startswith("decoder.") else config
 
 
 def _layer_of(key: str) -> int:
@@ -74,8 +82,9 @@ def _layer_of(key: str) -> int:
 
 
 # ---------------------------------------------------------------------- conversion
-def hf_to_ours(hf_state: dict, config: Config, family: Family):
-    """Returns (our state dict, HF keys left over)."""
+def canonical_hf_state(hf_state: dict, family: Family, config: Config) -> dict:
+    """HF keys as the family's table names them: a bare backbone's keys get the family prefix, newer in-memory
+    names their on-disk names."""
     hf_state = dict(hf_state)
     prefix = family.base_prefix
     if prefix and not any(k.startswith(prefix) for k in hf_state):  # bare backbone (BertModel, GPT2Model)
@@ -85,14 +94,20 @@ def hf_to_ours(hf_state: dict, config: Config, family: Family):
             hf_state[canonical] = hf_state.pop(alias)
     if family.normalize is not None:  # in-memory names of newer transformers (e.g. fused experts)
         hf_state = family.normalize(hf_state, config)
-    ours, used = {}, set()
+    return hf_state
+
+
+def hf_to_ours(hf_state: dict, config: Config, family: Family):
+    """Returns (our state dict, HF keys left over)."""
+    hf_state = canonical_hf_state(hf_state, family, config)
+    ours, used, stack = {}, set(), _stacks(config)
     for row in rows_for(family, config):
-        n = _n_layers(row, config) if "{}" in row.ours else 1
+        n = stack(row).n_layer if "{}" in row.ours else 1
         for i in range(n):
             keys = [t.format(i) for t in row.hf]
             if not all(k in hf_state for k in keys):
                 continue  # reported as missing by load_state_dict_into
-            ours[row.ours.format(i)] = row.to_ours([hf_state[k] for k in keys], config).contiguous()
+            ours[row.ours.format(i)] = row.to_ours([hf_state[k] for k in keys], stack(row)).contiguous()
             used.update(keys)
     leftover = [k for k in hf_state if k not in used and not any(k.endswith(s) for s in family.ignore)]
     if config.tie_embeddings and family.tied_hf_key in leftover:
@@ -101,14 +116,14 @@ def hf_to_ours(hf_state: dict, config: Config, family: Family):
 
 
 def ours_to_hf(state: dict, config: Config, family: Family) -> dict:
-    out = {}
+    out, stack = {}, _stacks(config)
     for row in rows_for(family, config):
-        keys = [row.ours.format(i) for i in range(_n_layers(row, config))] if "{}" in row.ours else [row.ours]
+        keys = [row.ours.format(i) for i in range(stack(row).n_layer)] if "{}" in row.ours else [row.ours]
         for key in keys:
             if key not in state:
                 continue
             i = _layer_of(key) if "{}" in row.ours else None
-            for t, tensor in zip(row.hf, row.to_hf(state[key], config)):
+            for t, tensor in zip(row.hf, row.to_hf(state[key], stack(row))):
                 out[t.format(i) if i is not None else t] = tensor.contiguous()
     return out
 
@@ -132,33 +147,33 @@ def _task_of(family: Family, hf: dict, path: Path) -> dict:
     """Which head the folder holds, from its architecture name."""
     arch = (hf.get("architectures") or [None])[0]
     by_arch = {a: t for t, a in family.architectures.items()}
-    if arch is None:
-        task = "lm" if len(family.architectures) == 1 else "embedding"
+    if arch is None:  # no head named: the bare backbone, as transformers' AutoModel reads it
+        task = "lm" if len(family.architectures) == 1 else "base"
     elif arch in by_arch:
         task = by_arch[arch]
-        if task == "replaced-token-detection":
-            return dict(task="token-classification", num_labels=1, classifier_activation=_act(hf))
     else:
         raise CheckpointError(f"{path}: architecture {arch} is not supported; supported: {sorted(by_arch)}")
+    pooling = path / "1_Pooling" / "config.json"  # a sentence-transformers folder: it says how to pool
+    if task == "base" and pooling.exists():
+        mean = json.loads(pooling.read_text()).get("pooling_mode_mean_tokens")
+        return dict(task="embedding", pooling="mean" if mean else "first")
     out = dict(task=task)
     if task in ("sequence-classification", "token-classification"):
         labels = hf.get("id2label") or {}
         out["labels"] = [labels[k] for k in sorted(labels, key=int)] if labels else None
         if not labels:
             out["num_labels"] = hf.get("num_labels", 2)
-        out["classifier_activation"] = _act(hf) if family.model_type == "electra" else "tanh"
+        out["classifier_activation"] = "tanh"
         out["classifier_dense"] = task == "sequence-classification"
-    if task == "embedding":
-        pooling = path / "1_Pooling" / "config.json"  # sentence-transformers folders say how to pool
-        if pooling.exists() and json.loads(pooling.read_text()).get("pooling_mode_mean_tokens"):
-            out["pooling"] = "mean"
-    return out
+    if task == "base":  # a pooler where the family's base class has one; load_hf drops it if its weights are absent
+        out["classifier_dense"] = "base" in family.head_rows
+    head = family.head_config.get(task)
+    return {**out, **(head(hf) if head else {})}
 
 
-def _act(hf):
-    from .hf_encoders import ACT_IN
-
-    return ACT_IN[hf.get("hidden_act", "gelu")]
+def _has_pooler(family: Family, config: Config, hf_state: dict) -> bool:
+    """BertModel(add_pooling_layer=False) and friends save no pooler weights."""
+    return all(t in hf_state for row in family.head_rows["base"](config) for t in row.hf)
 
 
 def config_from_hf(hf: dict, path: Path = Path(".")) -> Config:
@@ -192,8 +207,11 @@ def load_hf(path):
         return getattr(importlib.import_module(module), fn)(path, hf)
     family = _family(hf.get("model_type"))
     config = config_from_hf(hf, path)
+    hf_state = canonical_hf_state(read_hf_weights(path), family, config)
+    if config.task == "base" and config.classifier_dense and not _has_pooler(family, config, hf_state):
+        config = config.replace(classifier_dense=False)
     model = build_model(config)
-    ours, leftover = hf_to_ours(read_hf_weights(path), config, family)
+    ours, leftover = hf_to_ours(hf_state, config, family)
     report = load_state_dict_into(model, ours, str(path), strict=False)
     report.unexpected = sorted(set(report.unexpected) | set(leftover))
     if config.task == "embedding":  # a pooler or MLM head beside a sentence encoder is not needed
@@ -208,21 +226,22 @@ def save_hf(model, path, tokenizer=None, dtype=None, overwrite: bool = False):
     from safetensors.torch import save_file
 
     config = model.config
-    family = next((f for f in FAMILIES.values()
-                   if f.holds(config) and f.fits(config) and head_kind(f, config) in f.architectures), None)
+    family = hf_family(config)
     if family is None and config.task == "sequence-classification" and config.pooling != "first":
         raise CheckpointError(  # each family's fits() checks the pooling its classifier uses
             f"this {config.task} model pools by {config.pooling!r}; Hugging Face's classes for it pool the first "
             f"token, so the export would behave differently — save it with format='allformers'")
     if family is None:
+        pooler = (" with a pooler (classifier_dense=True; only some families' bare backbones have one)"
+                  if config.task == "base" and config.classifier_dense else "")
         raise CheckpointError(
-            f"config {config.name!r} (task={config.task}) has no Hugging Face equivalent among {sorted(FAMILIES)} "
-            f"(position={config.position}, norm={config.norm_class}, mlp={config.mlp_class}); "
+            f"config {config.name!r} (task={config.task}{pooler}) has no Hugging Face equivalent among "
+            f"{sorted(FAMILIES)} (position={config.position}, norm={config.norm_class}, mlp={config.mlp_class}); "
             f"save it with format='allformers'")
     state = cast_state(ours_to_hf(_contiguous(model.state_dict()), config, family), dtype)
     if config.tie_embeddings and family.tied_hf_key:
         state.pop(family.tied_hf_key, None)
-    hf_config = {"model_type": family.model_type, "architectures": [family.architectures[head_kind(family, config)]],
+    hf_config = {"model_type": family.model_type, "architectures": [architecture(family, config)],
                  "dtype": str(dtype or torch.float32).removeprefix("torch."), **family.config_to_hf(config)}
     if config.task in ("sequence-classification", "token-classification"):
         names = config.labels or [f"LABEL_{i}" for i in range(config.num_labels)]

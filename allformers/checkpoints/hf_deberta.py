@@ -141,7 +141,8 @@ def fits(c: Config) -> bool:
             and c.position_offset == 0 and c.position in ("disentangled", "learned", "none")
             and (c.position == "disentangled" or _scale_terms(c) is not None)
             and (c.position != "disentangled" or c.attn_scale is None)
-            and c.activation in ACT_OUT and c.classifier_activation in ACT_OUT and head_ok and cls_ok)
+            and c.activation in ACT_OUT and c.classifier_activation in ACT_OUT and head_ok and cls_ok
+            and (not c.type_vocab_size or c.default_token_type == 0))
 
 
 _HEAD = ("dense.weight", "dense.bias", "LayerNorm.weight", "LayerNorm.bias")
@@ -149,7 +150,7 @@ register_family(Family(
     "deberta-v2",
     {"lm": "DebertaV2ForMaskedLM", "sequence-classification": "DebertaV2ForSequenceClassification",
      "token-classification": "DebertaV2ForTokenClassification", "question-answering": "DebertaV2ForQuestionAnswering",
-     "embedding": "DebertaV2Model"},
+     "base": "DebertaV2Model"},
     body_rows, config_from_hf, config_to_hf, fits,
     head_rows={"lm": _mlm,
                "sequence-classification": _classifier("pooler.dense", "classifier"),

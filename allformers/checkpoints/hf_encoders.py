@@ -24,11 +24,10 @@ def _post_ln_encoder(c: Config, causal_ok=False):
             and not getattr(c, "is_encoder_decoder", False))
 
 
-def _heads_fit(c: Config, cls_act="tanh", mlm_act=None, cls_dense=True, mlm_transform=True,
-               token_dense=lambda c: False):
+def _heads_fit(c: Config, cls_act="tanh", mlm_act=None, cls_dense=True, mlm_transform=True):
     """Does the config's task head have the shape of this family's HF head? cls_act: the sequence classifier's
-    activation; mlm_act: the MLM transform's (None: hidden_act); token_dense: a dense layer before the token
-    classifier (ELECTRA's replaced-token detector)."""
+    activation; mlm_act: the MLM transform's (None: hidden_act). Which families have a pooler or a replaced-token
+    detector at all is their table's business (head_rows, architectures)."""
     mlm_ok = (c.tie_embeddings and c.lm_head_bias and c.head_transform == mlm_transform
               and (not mlm_transform or c.head_activation == (mlm_act or c.activation)))
     cls_ok = (c.pooling == "first" and c.classifier_dense == cls_dense
@@ -40,8 +39,17 @@ def _heads_fit(c: Config, cls_act="tanh", mlm_act=None, cls_dense=True, mlm_tran
     if c.task == "pretraining":  # MLM head + pooled [CLS] sentence-pair head (BertForPreTraining)
         return mlm_ok and cls_ok
     if c.task == "token-classification":
-        return c.classifier_dense == token_dense(c) and (not c.classifier_dense or c.classifier_activation == c.activation)
+        return not c.classifier_dense
+    if c.task == "replaced-token-detection":  # ELECTRA's dense + hidden_act + one logit
+        return c.classifier_dense and c.classifier_activation == c.activation
+    if c.task == "base":  # BertModel's pooler: [CLS] -> dense -> tanh
+        return not c.classifier_dense or (c.pooling == "first" and c.classifier_activation == "tanh")
     return True
+
+
+def _one_segment_default(c: Config):
+    """BERT-style token types: without token_type_ids every token is segment 0."""
+    return not c.type_vocab_size or c.default_token_type == 0
 
 
 def _bert_layers(p):
@@ -63,8 +71,10 @@ def _classifier(dense, out):
 
 
 def _bert_like(model_type, prefix, arch, mlm_rows, cls_rows, extra_body=lambda c: [], offset=False, cls_act="tanh",
-               mlm_act=None):
-    """cls_act: the sequence classifier's activation; mlm_act: the MLM transform's (None: hidden_act)."""
+               mlm_act=None, head_config=None, factorized=False):
+    """cls_act: the sequence classifier's activation; mlm_act: the MLM transform's (None: hidden_act);
+    head_config: Family.head_config (what an HF head fixes beyond the generic switches); factorized: the HF config
+    has its own embedding_size (ELECTRA, default 128), so it is always written and may differ from hidden_size."""
     def body(c):
         return _bert_embeddings(f"{prefix}.embeddings.", types=c.type_vocab_size > 0) + extra_body(c) + \
             _bert_layers(f"{prefix}.encoder.layer.{{}}.")
@@ -83,7 +93,7 @@ def _bert_like(model_type, prefix, arch, mlm_rows, cls_rows, extra_body=lambda c
                  num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, hidden_size=c.n_embd,
                  intermediate_size=c.intermediate_size, hidden_act=ACT_OUT[c.activation], layer_norm_eps=c.norm_eps,
                  type_vocab_size=c.type_vocab_size, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-        if c.embedding_size != c.n_embd:
+        if c.embedding_size != c.n_embd or factorized:
             d["embedding_size"] = c.embedding_size
         if offset:
             d["pad_token_id"] = c.position_offset - 1
@@ -91,12 +101,12 @@ def _bert_like(model_type, prefix, arch, mlm_rows, cls_rows, extra_body=lambda c
 
     def fits(c: Config):
         return (_post_ln_encoder(c) and c.position == "learned" and c.share_layers == "none" and c.type_vocab_size >= 1
-                and (c.embedding_size == c.n_embd or model_type == "electra") and bool(c.position_offset) == offset
-                and _heads_fit(c, cls_act, mlm_act, token_dense=lambda c: model_type == "electra" and c.num_labels == 1))
+                and (c.embedding_size == c.n_embd or factorized) and bool(c.position_offset) == offset
+                and _one_segment_default(c) and _heads_fit(c, cls_act, mlm_act))
 
     return register_family(Family(model_type, arch, body, from_hf, to_hf, fits, head_rows={"lm": mlm_rows, **cls_rows},
                                   ignore=("position_ids", "embeddings.position_ids"), tied_hf_key=None,
-                                  base_prefix=prefix + "."))
+                                  base_prefix=prefix + ".", head_config=head_config or {}))
 
 
 def _mlm(transform, ln, bias):
@@ -111,6 +121,11 @@ def _pretraining(mlm_rows, pooler, pair_out):
     return lambda c: [replace(r, ours="body." + r.ours) for r in mlm_rows(c)] + _classifier(pooler, pair_out)(c)
 
 
+def _pooler(dense):
+    """A bare backbone's pooler (task="base" with classifier_dense): our head.dense."""
+    return lambda c: pair("head.dense", dense)
+
+
 def _token_and_qa():
     return {"token-classification": _classifier(None, "classifier"), "question-answering": _classifier(None, "qa_outputs")}
 
@@ -118,15 +133,17 @@ def _token_and_qa():
 def _archs(name):
     return {"lm": f"{name}ForMaskedLM", "sequence-classification": f"{name}ForSequenceClassification",
             "token-classification": f"{name}ForTokenClassification", "question-answering": f"{name}ForQuestionAnswering",
-            "embedding": f"{name}Model"}
+            "base": f"{name}Model"}
 
 
 _BERT_MLM = _mlm("cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm", "cls.predictions.bias")
 _bert_like("bert", "bert", {**_archs("Bert"), "pretraining": "BertForPreTraining"}, _BERT_MLM,
            {"sequence-classification": _classifier("bert.pooler.dense", "classifier"), **_token_and_qa(),
-            "pretraining": _pretraining(_BERT_MLM, "bert.pooler.dense", "cls.seq_relationship")})
+            "pretraining": _pretraining(_BERT_MLM, "bert.pooler.dense", "cls.seq_relationship"),
+            "base": _pooler("bert.pooler.dense")})
 _bert_like("roberta", "roberta", _archs("Roberta"), _mlm("lm_head.dense", "lm_head.layer_norm", "lm_head.bias"),
-           {"sequence-classification": _classifier("classifier.dense", "classifier.out_proj"), **_token_and_qa()},
+           {"sequence-classification": _classifier("classifier.dense", "classifier.out_proj"), **_token_and_qa(),
+            "base": _pooler("roberta.pooler.dense")},
            offset=True, mlm_act="gelu")
 _bert_like("electra", "electra", {**_archs("Electra"), "replaced-token-detection": "ElectraForPreTraining"},
            _mlm("generator_predictions.dense", "generator_predictions.LayerNorm", "generator_lm_head.bias"),
@@ -134,7 +151,11 @@ _bert_like("electra", "electra", {**_archs("Electra"), "replaced-token-detection
             "replaced-token-detection": _classifier("discriminator_predictions.dense",
                                                     "discriminator_predictions.dense_prediction")},
            extra_body=lambda c: pair("embed_proj", "electra.embeddings_project") if c.embedding_size != c.n_embd else [],
-           cls_act="gelu", mlm_act="gelu")
+           cls_act="gelu", mlm_act="gelu", factorized=True,
+           # ElectraClassificationHead is GELU whatever hidden_act says; the discriminator's dense uses hidden_act
+           head_config={"sequence-classification": lambda h: dict(classifier_activation="gelu"),
+                        "replaced-token-detection": lambda h: dict(classifier_dense=True,
+                                                                   classifier_activation=ACT_IN[h["hidden_act"]])})
 
 
 # ---------------------------------------------------------------------- shared by ALBERT, DistilBERT, XLM
@@ -212,7 +233,7 @@ def _albert_to_hf(c: Config):
 
 def _albert_fits(c: Config):
     return (_post_ln_encoder(c) and c.position == "learned" and not c.position_offset and c.type_vocab_size >= 1
-            and c.share_layers == "all" and c.embedding_size != c.n_embd and _heads_fit(c))
+            and c.share_layers == "all" and c.embedding_size != c.n_embd and _one_segment_default(c) and _heads_fit(c))
 
 
 _ALBERT_MLM = _mlm("predictions.dense", "predictions.LayerNorm", "predictions.bias")
@@ -221,7 +242,8 @@ register_family(Family("albert", {**_archs("Albert"), "pretraining": "AlbertForP
                        head_rows={"lm": _ALBERT_MLM,
                                   "sequence-classification": _classifier("albert.pooler", "classifier"),
                                   **_token_and_qa(),
-                                  "pretraining": _pretraining(_ALBERT_MLM, "albert.pooler", "sop_classifier.classifier")},
+                                  "pretraining": _pretraining(_ALBERT_MLM, "albert.pooler", "sop_classifier.classifier"),
+                                  "base": _pooler("albert.pooler")},
                        ignore=("position_ids", "predictions.decoder.bias"), tied_hf_key="predictions.decoder.weight",
                        base_prefix="albert."))
 
@@ -273,7 +295,7 @@ register_family(Family("distilbert", _archs("DistilBert"), _distilbert_body, _di
 # Per-layer ModuleLists (attentions.{i}, layer_norm1.{i}, ...), language embeddings as our token types (type ids =
 # language ids), no MLM transform: pred_layer.proj is tied to the embeddings with a bias; FFN always 4x wide.
 # HF zeroes the hidden states at padded positions after every layer; real tokens are unaffected. Pass the language
-# ids as token_type_ids: without them we add language 0's embedding where HF adds none.
+# ids as token_type_ids; without them no language is embedded, as in HF (default_token_type=None).
 _XT = "transformer."
 
 
@@ -302,7 +324,7 @@ def _xlm_from_hf(h):
                 n_layer=h["n_layers"], n_head=h["n_heads"], n_embd=dim, intermediate_size=4 * dim,
                 activation="gelu" if h.get("gelu_activation", True) else "relu", norm_eps=h.get("layer_norm_eps", 1e-12),
                 type_vocab_size=n_langs if n_langs > 1 and h.get("use_lang_emb", True) else 0,
-                classifier_dense=False,
+                default_token_type=None, classifier_dense=False,
                 **{**POST_NORM, "causal": bool(h.get("causal", False)), "head_transform": False,
                    "position": "sinusoidal" if h.get("sinusoidal_embeddings") else "learned"})
 
@@ -320,12 +342,14 @@ def _xlm_fits(c: Config):
     return (_post_ln_encoder(c, causal_ok=True) and c.position in ("learned", "sinusoidal") and not c.position_offset
             and c.type_vocab_size != 1 and c.embedding_size == c.n_embd and c.share_layers == "none"
             and c.activation in ("gelu", "relu") and c.intermediate_size == 4 * c.n_embd
-            and _heads_fit(c, cls_dense=False, mlm_transform=False))
+            # default_token_type 0 is let through (a config written for BERT-style segments): given language ids
+            # it is exact; without them HF XLM embeds no language
+            and c.default_token_type in (None, 0) and _heads_fit(c, cls_dense=False, mlm_transform=False))
 
 
 register_family(Family("xlm", {"lm": "XLMWithLMHeadModel", "sequence-classification": "XLMForSequenceClassification",
                                "token-classification": "XLMForTokenClassification",
-                               "question-answering": "XLMForQuestionAnsweringSimple", "embedding": "XLMModel"},
+                               "question-answering": "XLMForQuestionAnsweringSimple", "base": "XLMModel"},
                        _xlm_body, _xlm_from_hf, _xlm_to_hf, _xlm_fits,
                        head_rows={"lm": lambda c: [same("lm_head_bias", "pred_layer.proj.bias")],
                                   "sequence-classification": _classifier(None, "sequence_summary.summary"),

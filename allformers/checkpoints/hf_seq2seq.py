@@ -1,7 +1,7 @@
 """Key tables for encoder-decoders: T5 (v1.0 and v1.1), mT5, BART.
 
-Our keys are `encoder.*` and `decoder.*` TransformerLM keys; "{}" rows under `decoder.` run
-over n_decoder_layer layers."""
+Our keys are `encoder.*` and `decoder.*` TransformerLM keys; rows under `decoder.` are shaped by the
+decoder stack (Config.decoder_config(): n_decoder_layer layers, n_decoder_head heads, decoder_intermediate_size)."""
 from ..config import Config
 from .maps import Family, Row, concat, pair, qkv_sizes, register_family, same, separate_qkv
 
@@ -72,7 +72,9 @@ def _t5_to_hf(c: Config):
 def _t5_fits(c: Config):
     return (c.is_encoder_decoder and c.position == "relative_bias" and c.norm_class == "RMSNorm"
             and c.norm_placement == "pre" and not c.attn_bias and c.attn_scale == 1.0 and c.n_kv_head == c.n_head
-            and c.head_input_scale in (None, c.n_embd ** -0.5))
+            and c.head_input_scale in (None, c.n_embd ** -0.5)
+            # T5's stacks differ in depth only (num_decoder_layers); heads and d_ff are shared
+            and c.n_decoder_head == c.n_head and c.decoder_intermediate_size == c.intermediate_size)
 
 
 _T5_IGNORE = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
@@ -107,14 +109,11 @@ def _bart_rows(c: Config):
 
 
 def _bart_config(h):
-    for a, b in (("encoder_attention_heads", "decoder_attention_heads"), ("encoder_ffn_dim", "decoder_ffn_dim")):
-        if h[a] != h[b]:
-            from ..errors import CheckpointError
-
-            raise CheckpointError(f"{a}={h[a]} differs from {b}={h[b]}; allformers' encoder-decoders share these sizes")
     d = h["d_model"]
     return dict(is_encoder_decoder=True, vocab_size=h["vocab_size"], n_embd=d, n_head=h["encoder_attention_heads"],
-                intermediate_size=h["encoder_ffn_dim"], n_layer=h["encoder_layers"], n_decoder_layer=h["decoder_layers"],
+                n_decoder_head=h["decoder_attention_heads"], intermediate_size=h["encoder_ffn_dim"],
+                decoder_intermediate_size=h["decoder_ffn_dim"], n_layer=h["encoder_layers"],
+                n_decoder_layer=h["decoder_layers"],
                 block_size=h["max_position_embeddings"], position="learned", position_offset=2,
                 norm_placement="post", embedding_norm=True, final_norm=False,
                 activation={"gelu": "gelu", "gelu_new": "gelu_tanh", "relu": "relu", "silu": "silu", "swish": "silu"}[
@@ -124,8 +123,9 @@ def _bart_config(h):
 
 
 def _bart_to_hf(c: Config):
-    return dict(vocab_size=c.vocab_size, d_model=c.n_embd, encoder_attention_heads=c.n_head, decoder_attention_heads=c.n_head,
-                encoder_ffn_dim=c.intermediate_size, decoder_ffn_dim=c.intermediate_size, encoder_layers=c.n_layer,
+    return dict(vocab_size=c.vocab_size, d_model=c.n_embd, encoder_attention_heads=c.n_head,
+                decoder_attention_heads=c.n_decoder_head, encoder_ffn_dim=c.intermediate_size,
+                decoder_ffn_dim=c.decoder_intermediate_size, encoder_layers=c.n_layer,
                 decoder_layers=c.n_decoder_layer, max_position_embeddings=c.block_size,
                 activation_function={"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu"}[c.activation],
                 scale_embedding=c.embed_scale is not None, decoder_start_token_id=c.decoder_start_token_id,
@@ -135,7 +135,9 @@ def _bart_to_hf(c: Config):
 
 def _bart_fits(c: Config):
     return (c.is_encoder_decoder and c.position == "learned" and c.position_offset == 2 and c.norm_placement == "post"
-            and c.embedding_norm and c.norm_class == "LayerNorm" and c.tie_embeddings and c.lm_head_bias)
+            and c.embedding_norm and c.norm_class == "LayerNorm" and c.tie_embeddings and c.lm_head_bias
+            and c.n_kv_head == c.n_head and c.head_dim * c.n_head == c.n_embd  # BART: head_dim = d_model / heads
+            and c.n_embd % c.n_decoder_head == 0)
 
 
 register_family(Family("bart", {"lm": "BartForConditionalGeneration"}, _bart_rows, _bart_config, _bart_to_hf, _bart_fits,

@@ -65,16 +65,20 @@ def per_head_qkv(ours, hf):
 @dataclass
 class Family:
     model_type: str
-    architectures: dict  # task -> HF class name ("lm" -> GPT2LMHeadModel, ...)
+    architectures: dict  # task -> HF class name ("lm" -> GPT2LMHeadModel, "base" -> BertModel, ...)
     body_rows: Callable  # config -> rows, our keys relative to TransformerLM
     config_from_hf: Callable  # HF config dict -> Config kwargs
     config_to_hf: Callable  # Config -> HF config dict
     fits: Callable  # Config -> bool: can this HF architecture hold the config exactly?
-    head_rows: dict = field(default_factory=dict)  # task -> (config -> rows); "lm" rows are TransformerLM keys
+    head_rows: dict = field(default_factory=dict)  # task -> (config -> rows); "lm" rows are TransformerLM keys;
+    # "base": the bare backbone's pooler, for families whose base class has one (BertModel's pooler)
     ignore: tuple = ()  # HF keys that are buffers or unused parts, not weights we need
     tied_hf_key: Optional[str] = None  # HF head key that is absent/duplicated when tied
     aliases: tuple = ()  # (other name, canonical name): names newer transformers use in memory
     base_prefix: str = ""  # prefix that bare-backbone checkpoints (BertModel, GPT2Model) leave out
+    # task -> (HF config dict -> Config kwargs) for heads whose HF class fixes more than the generic switches
+    # (ELECTRA: a GELU sequence classifier; a discriminator with dense + hidden_act)
+    head_config: dict = field(default_factory=dict)
     patterns: tuple = ("global",)  # attention patterns (Config.attention_pattern) the architecture can hold
     experts: bool = False  # its feed-forwards are mixtures of experts (Config.n_expert > 0), not dense
     normalize: Optional[Callable] = None  # (HF state, config) -> the same state under the on-disk names

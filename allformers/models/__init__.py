@@ -1,5 +1,5 @@
 """Model classes: stacks of blocks with embeddings and heads."""
-from .heads import TaskModel, build_model
+from .heads import BaseModelOutput, TaskModel, build_model, sentence_embedding
 from .lm import Cache, TransformerLM, build_block
 from .lora import (LoRAConfig, LoRAError, LoRALinear, apply_lora, load_lora_state_dict, lora_disabled,
                    lora_parameters, lora_state_dict, merge_lora, save_adapter, load_adapter)
@@ -7,6 +7,6 @@ from .pretraining import Pretraining, PretrainingModel, pretraining_loss  # noqa
 from .seq2seq import Seq2SeqLM
 from .xlnet import TransformerXL, XLMemory
 
-__all__ = ["TransformerLM", "TransformerXL", "XLMemory", "Seq2SeqLM", "TaskModel", "build_model", "Cache", "build_block", "LoRAConfig", "LoRAError", "LoRALinear",
+__all__ = ["TransformerLM", "TransformerXL", "XLMemory", "Seq2SeqLM", "TaskModel", "BaseModelOutput", "sentence_embedding", "build_model", "Cache", "build_block", "LoRAConfig", "LoRAError", "LoRALinear",
            "apply_lora", "lora_parameters", "lora_disabled", "merge_lora", "lora_state_dict", "load_lora_state_dict",
            "save_adapter", "load_adapter"]

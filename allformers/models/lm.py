@@ -257,8 +257,10 @@ class TransformerLM(nn.Module):
             x = x * c.embed_scale
         if self.wpe is not None:
             x = x + self.wpe(position_ids + c.position_offset)
-        if self.wtt is not None:
-            x = x + (self.wtt(token_type_ids) if token_type_ids is not None else self.wtt.weight[0])
+        if self.wtt is not None and token_type_ids is not None:
+            x = x + self.wtt(token_type_ids)
+        elif self.wtt is not None and c.default_token_type is not None:  # BERT: one segment; XLM: no language
+            x = x + self.wtt.weight[c.default_token_type]
         if self.embed_norm is not None:
             x = self.embed_norm(x)
         x = self.drop(x)

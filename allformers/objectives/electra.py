@@ -89,18 +89,18 @@ def original_ids(input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 class ElectraPretraining(nn.Module):
-    """generator: an MLM TransformerLM (logits (B, T, V)); discriminator: a token classifier with
-    num_labels=1 (TaskModel(task="token-classification"), logits (B, T, 1)).
-    tie=True shares the embeddings (tie_embeddings)."""
+    """generator: an MLM TransformerLM (logits (B, T, V)); discriminator: a replaced-token detector
+    (TaskModel(task="replaced-token-detection"), logits (B, T), as HF's ElectraForPreTraining) or a token
+    classifier with num_labels=1 (logits (B, T, 1)). tie=True shares the embeddings (tie_embeddings)."""
 
     def __init__(self, generator: nn.Module, discriminator: nn.Module, tie: bool = True, temperature: float = 1.0):
         super().__init__()
         self.generator, self.discriminator, self.temperature = generator, discriminator, temperature
-        n = getattr(getattr(discriminator, "config", None), "num_labels", 1)
-        if getattr(getattr(discriminator, "config", None), "task", "token-classification") != "token-classification" \
-                or n != 1:
-            raise ObjectiveError("the discriminator must be a token classifier with one logit per token: "
-                                 "Config(task='token-classification', num_labels=1)")
+        c = getattr(discriminator, "config", None)
+        task = getattr(c, "task", "replaced-token-detection")
+        if task != "replaced-token-detection" and (task != "token-classification" or getattr(c, "num_labels", 1) != 1):
+            raise ObjectiveError("the discriminator must give one logit per token: Config(task='replaced-token-detection') "
+                                 "or Config(task='token-classification', num_labels=1)")
         self.tied = tie_embeddings(generator, discriminator) if tie else []
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask=None, token_type_ids=None,
@@ -112,10 +112,13 @@ class ElectraPretraining(nn.Module):
         gen_logits = self.generator(input_ids, **kw)  # (B, T, V)
         corrupted, replaced = corrupt(original_ids(input_ids, labels), labels != IGNORE_INDEX, gen_logits,
                                       sample_generator, self.temperature)
-        disc_logits = self.discriminator(corrupted, **kw)  # (B, T, 1)
-        if disc_logits.dim() != 3 or disc_logits.shape[-1] != 1:
-            raise ObjectiveError(f"discriminator logits should be (B, T, 1), got {tuple(disc_logits.shape)}")
-        return {"gen_logits": gen_logits, "disc_logits": disc_logits.squeeze(-1), "corrupted": corrupted,
+        disc_logits = self.discriminator(corrupted, **kw)  # (B, T), or (B, T, 1) from a one-label token classifier
+        if disc_logits.dim() == 3 and disc_logits.shape[-1] == 1:
+            disc_logits = disc_logits.squeeze(-1)
+        if disc_logits.shape != corrupted.shape:
+            raise ObjectiveError(f"discriminator logits should be (B, T) = {tuple(corrupted.shape)} (or (B, T, 1)), "
+                                 f"got {tuple(disc_logits.shape)}")
+        return {"gen_logits": gen_logits, "disc_logits": disc_logits, "corrupted": corrupted,
                 "replaced": replaced}
 
 

@@ -34,7 +34,7 @@ for name, (layers, heads, dim), size in [("albert-base-v2", (12, 12, 768), "12M"
 register(name="distilbert-base-uncased", description="DistilBERT 66M: BERT-base halved to 6 layers, no segment types",
          n_layer=6, n_head=12, n_embd=768, **{**_bert, "type_vocab_size": 0})
 
-# --- ELECTRA (2020): a small MLM generator and a replaced-token discriminator (a one-logit token classifier:
+# --- ELECTRA (2020): a small MLM generator and a replaced-token discriminator (one logit per token, (B, T):
 #     dense + GELU + dense_prediction); embeddings may be narrower than the layers (projected up).
 for name, (layers, heads, dim, ff, emb), size in [
         ("electra-small-discriminator", (12, 4, 256, 1024, 128), "14M"),
@@ -42,7 +42,7 @@ for name, (layers, heads, dim, ff, emb), size in [
         ("electra-base-discriminator", (12, 12, 768, 3072, 768), "110M"),
         ("electra-base-generator", (12, 4, 256, 1024, 768), "34M")]:
     disc = name.endswith("discriminator")
-    head = (dict(task="token-classification", num_labels=1, classifier_activation="gelu") if disc else {})
+    head = (dict(task="replaced-token-detection", classifier_activation="gelu") if disc else {})
     register(name=name, description=f"ELECTRA {name[8:]} {size}: "
              + ("replaced-token detector (one logit per token)" if disc else "MLM generator that feeds the discriminator")
              + (f", {emb}-wide embeddings projected to {dim}" if emb != dim else ""),
