@@ -24,7 +24,8 @@ DEC = dict(vocab_size=V, bos_token_id=0, eos_token_id=0)
 DEBERTA_V3 = dict(relative_attention=True, position_buckets=8, max_relative_positions=32, norm_rel_ebd="layer_norm",
                   share_att_key=True, pos_att_type="p2c|c2p", position_biased_input=False)
 
-# One tiny config per family, with the switches that make it different turned on: ELECTRA's narrow embeddings and
+# One tiny config per family, with the switches that make it different turned on (GPT-Neo's local layers with a
+# window shorter than the inputs, Mixtral's experts and sliding window): ELECTRA's narrow embeddings and
 # a hidden_act that is not its classifier's GELU, XLM's two languages, DeBERTa-v3's buckets plus segment ids, a
 # T5 decoder deeper than its encoder, a BART decoder of another depth, head count and FFN width.
 CONFIGS = {
@@ -42,6 +43,13 @@ CONFIGS = {
     "llama": lambda: T.LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
                                    intermediate_size=64, max_position_embeddings=64, **DEC),
     "bloom": lambda: T.BloomConfig(n_layer=2, n_head=4, hidden_size=32, **DEC),
+    "gpt_neo": lambda: T.GPTNeoConfig(num_layers=3, num_heads=4, hidden_size=32, max_position_embeddings=64,
+                                      attention_types=[[["global", "local", "local"], 1]], window_size=5, **DEC),
+    "mixtral": lambda: T.MixtralConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+                                       intermediate_size=48, max_position_embeddings=64, num_local_experts=4,
+                                       num_experts_per_tok=2, sliding_window=6, **DEC),
+    "ctrl": lambda: T.CTRLConfig(n_layer=2, n_head=4, n_embd=32, dff=64, n_positions=64, **DEC),
+    "xlnet": lambda: T.XLNetConfig(vocab_size=V, d_model=32, n_layer=2, n_head=4, d_inner=64),
     "t5": lambda: T.T5Config(vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=3, num_heads=4,
                              feed_forward_proj="relu", decoder_start_token_id=0),
     "mt5": lambda: T.MT5Config(vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=3, num_decoder_layers=2,
@@ -51,7 +59,8 @@ CONFIGS = {
                                  max_position_embeddings=64, forced_eos_token_id=None),
 }
 TYPES = {"bert": "token_type_ids", "roberta": "token_type_ids", "electra": "token_type_ids",
-         "albert": "token_type_ids", "deberta-v2": "token_type_ids", "xlm": "langs"}  # the others take none
+         "albert": "token_type_ids", "deberta-v2": "token_type_ids", "xlm": "langs", "xlnet": "token_type_ids"}
+LEFT_PADDED = {"xlnet"}  # XLNet's tokenizer pads on the left: its classifier reads the last position
 
 
 # ---------------------------------------------------------------------- outputs, by task: a list of tensors (or None)
@@ -128,13 +137,17 @@ def _hf_model(model_type, task, variant):
 
 
 def _inputs(hf_config):
-    """ids (3, 12) without padding; the same rows right-padded with the pad id and their mask; segment/language
-    ids 0 then 1."""
+    """ids (3, 12) without padding; the same rows padded with the pad id (on the family's side) and their mask;
+    segment/language ids 0 then 1."""
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, V, (3, 12), generator=g)  # 0..2 are pad / bos / eos ids in every family here
+    ids = torch.randint(3, V, (3, 12), generator=g)  # 0..2 are pad / bos / eos ids in every family here but XLNet
     mask = torch.ones_like(ids)
-    mask[1, 9:] = 0
-    mask[2, 4:] = 0
+    if hf_config.model_type in LEFT_PADDED:
+        mask[1, :3] = 0
+        mask[2, :8] = 0
+    else:
+        mask[1, 9:] = 0
+        mask[2, 4:] = 0
     pad = hf_config.pad_token_id if hf_config.pad_token_id is not None else 0
     padded = ids.masked_fill(mask == 0, pad)
     types = torch.zeros_like(ids)
@@ -166,9 +179,7 @@ def _call_ours(model, ids, mask, types, decoder_ids):
     with torch.no_grad():
         if model.config.is_encoder_decoder:
             return model(ids, decoder_ids, attention_mask=mask)
-        if model.config.task == "lm" and model.config.causal:
-            return model(ids, attention_mask=mask)
-        return model(ids, attention_mask=mask, token_type_ids=types)
+        return model(ids, attention_mask=mask, **({} if types is None else dict(token_type_ids=types)))
 
 
 def _compare(ref, got, mask, what):

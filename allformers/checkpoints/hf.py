@@ -190,9 +190,12 @@ def config_from_hf(hf: dict, path: Path = Path(".")) -> Config:
         raise CheckpointError(f"{path / CONFIG_FILE} has a value of the wrong type ({e}); restore the original "
                               f"config.json") from None
     shape = "encoder-decoder" if kwargs.get("is_encoder_decoder") else "encoder" if kwargs.get("causal") is False else "decoder"
+    fields = {**task, **kwargs}  # a family may fix its heads (DistilBERT: ReLU) ...
+    if task["task"] == "embedding":  # ... but a sentence-transformers folder says how its sentences are pooled
+        fields["pooling"] = task["pooling"]
     return Config(name=hf.get("_name_or_path", "") or family.model_type, family=shape,
                   description=f"imported from a Hugging Face {(hf.get('architectures') or [family.model_type])[0]}",
-                  **{**task, **kwargs})  # a family may fix its heads (DistilBERT: ReLU)
+                  **fields)
 
 
 def load_hf(path):

@@ -100,7 +100,7 @@ register_family(Family(
     "xlnet",
     {"lm": "XLNetLMHeadModel", "sequence-classification": "XLNetForSequenceClassification",
      "token-classification": "XLNetForTokenClassification", "question-answering": "XLNetForQuestionAnsweringSimple",
-     "embedding": "XLNetModel"},
+     "base": "XLNetModel"},
     body_rows, config_from_hf, config_to_hf, fits,
     head_rows={"lm": _lm,
                "sequence-classification": lambda c: pair("head.dense", "sequence_summary.summary") + pair("head.out", "logits_proj"),
