@@ -1,5 +1,5 @@
 """Text to image on the synthetic captioned shapes: DALL-E, GLIDE, latent diffusion and Imagen, each
-trained here from scratch (allformers/training/text_to_image.py) and scored by a judge on captions
+trained here from scratch (allformers/recipes/text_to_image.py) and scored by a judge on captions
 that none of them saw in training (the caption-disjoint test split: new combinations of colours,
 shapes, relations and counts that were each seen in other captions).
 
@@ -56,8 +56,8 @@ def main():
         ap.error(f"unknown section(s) {unknown}; choose from {','.join(SECTIONS)}")
     torch.set_num_threads(args.threads)
 
-    from allformers.training.text_to_image import (T2ISettings, Workbench, public_report, quick_settings,
-                                                   run_t2i_recipe, save_grid, to_unit)
+    from allformers.recipes import get_recipe
+    from allformers.recipes.text_to_image import T2ISettings, Workbench, public_report, quick_settings, run_t2i, save_grid, to_unit
 
     t0 = time.perf_counter()
     load0 = os.getloadavg()[0]
@@ -70,7 +70,7 @@ def main():
     reports, pictures = {}, {}
     for section in sections:
         s0 = time.perf_counter()
-        r = run_t2i_recipe(RECIPE[section], out_dir=out / RECIPE[section], bench=bench, log=log)
+        r = run_t2i(get_recipe(RECIPE[section]), out=out / RECIPE[section], bench=bench, log=log)
         reports[section] = r["report"]
         pictures[section] = r["pictures"]
         held = r["report"]["heldout"]

@@ -40,6 +40,8 @@ SMOKE = {
     "mmcot-scienceqa-t5": MMCOT,
     "mmcot-scienceqa-smollm2": MMCOT[:2] + ["--batch-size", "2", "--set", "max_train=4", "--set", "max_eval=2",
                                             "--set", "max_rationale_tokens=4", "--set", "eval_batch_size=2"],
+    **{name: ["--set", "quick=true"] for name in ("shapes-judge", "dalle-shapes", "glide-shapes", "ldm-shapes",
+                                                  "imagen-shapes")},
 }
 
 def run_cli(name, tmp_path, capsys, extra=()):
@@ -57,7 +59,7 @@ def test_list_shows_every_recipe_of_every_kind(capsys):
     assert all(name in out for name in RECIPES)
     kinds = {r.kind for r in RECIPES.values()}
     assert kinds == {"char-lm", "encoder-pretraining", "seq2seq", "fine-tuning", "sft", "self-instruct", "rlhf",
-                     "multimodal-cot"}
+                     "multimodal-cot", "text-to-image"}
     assert all(f"[{k}]" in out for k in kinds)
     assert set(SMOKE) == set(RECIPES)  # a new recipe adds its smoke settings here, so the slow test runs it
 

@@ -133,8 +133,8 @@ def batch_of(tok, n=4, size=16):
 
 
 def test_frozen_t5_stays_bit_identical_while_the_unet_trains():
-    from allformers.training.seq2seq_recipes import build
-    from allformers.training.text_to_image import TensorBatches, frozen_t5_encoder, render_shapes, train_diffusion
+    from allformers.recipes.seq2seq import build
+    from allformers.recipes.text_to_image import TensorBatches, frozen_t5_encoder, render_shapes, train_diffusion
     from allformers.training.trainer import TrainConfig
 
     tok = word_tokenizer()
@@ -289,7 +289,7 @@ def test_word_tokenizer_and_padding():
 
 
 def test_workbench_pieces():
-    from allformers.training.text_to_image import (autoencoder_config, caption_match, latent_scaling, reconstruction,
+    from allformers.recipes.text_to_image import (autoencoder_config, caption_match, latent_scaling, reconstruction,
                                                    render_shapes, revive_codes)
     from allformers.models.autoencoders import build_autoencoder
 
@@ -327,9 +327,9 @@ def test_imagine_cli(tmp_path):
 
 @pytest.mark.slow
 def test_quick_recipe_runs_end_to_end(tmp_path):
-    from allformers.training.text_to_image import run_t2i_recipe
+    from allformers.recipes import run_recipe
 
-    r = run_t2i_recipe("dalle-shapes", out_dir=tmp_path / "dalle", quick=True, progress=False, log=lambda m: None)
+    r = run_recipe("dalle-shapes", out=tmp_path / "dalle", overrides={"quick": True}, progress=False, verbose=False)
     assert (tmp_path / "dalle" / "summary.json").exists() and (tmp_path / "dalle" / "judge" / "config.json").exists()
     assert 0 <= r["report"]["heldout"]["accuracy"] <= 1
     model = allformers.load(tmp_path / "dalle")

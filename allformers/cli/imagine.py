@@ -5,7 +5,8 @@ text-to-image recipes save them). One caption and one sample: the picture; sever
 steps (the image tokens, for DALL-E).
 
 NAME is a text-to-image recipe (glide-shapes, dalle-shapes, ldm-shapes, imagen-shapes): its model is
-read from runs/NAME; --train trains it there first (`--quick` for a smoke run)."""
+read from runs/NAME, where `allformers train --recipe NAME` puts it; --train trains it there first
+(`--quick` for a smoke run)."""
 from __future__ import annotations
 
 import sys
@@ -38,14 +39,16 @@ def register(sub):
 def resolve(model: str, train: bool, quick: bool, progress: bool) -> Path:
     """A folder as given, or the folder of a recipe (trained there first with --train)."""
     from ..errors import AllformersError
-    from ..training.text_to_image import T2I_RECIPES, default_out, run_t2i_recipe
+    from ..recipes import get_recipe
+    from ..recipes.text_to_image import T2I_RECIPES, default_out, run_t2i
 
     path = Path(model)
     if model in T2I_RECIPES:
         path = default_out(model)
         if train:
-            run_t2i_recipe(model, out_dir=path, quick=quick, progress=progress,
-                           log=lambda msg: print(f"[allformers] {msg}", file=sys.stderr))
+            recipe = get_recipe(model)
+            run_t2i(recipe.replace(quick=True) if quick else recipe, out=path, progress=progress,
+                    log=lambda msg: print(f"[allformers] {msg}", file=sys.stderr))
         elif not (path / "config.json").exists():
             raise AllformersError(f"{path} holds no trained {model}; train it first: "
                                   f"allformers imagine --model {model} --train [--quick] \"a caption\"")
@@ -83,10 +86,10 @@ def run(args):
     from .common import load_any
 
     if args.list:
-        from ..training.text_to_image import T2I_RECIPES
+        from ..recipes import describe, get_recipe
+        from ..recipes.text_to_image import T2I_RECIPES
 
-        for r in T2I_RECIPES.values():
-            print(f"{r.name:<16} {r.description}")
+        print(describe(get_recipe(n) for n in T2I_RECIPES))
         return 0
     if not args.model:
         raise AllformersError("pass --model (a saved text-to-image folder or a recipe name; see --list)")
@@ -110,7 +113,7 @@ def run(args):
         image = Image.fromarray(array)
         image.resize((image.width * args.scale, image.height * args.scale), Image.NEAREST).save(out)
     else:
-        from ..training.text_to_image import save_grid
+        from ..recipes.text_to_image import save_grid
 
         n = len(args.captions)
         rows = {f"sample {r + 1}": pictures[r * n:(r + 1) * n] for r in range(args.samples)}

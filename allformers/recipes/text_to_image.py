@@ -3,8 +3,9 @@
 systems (DALL-E, GLIDE, latent diffusion, Imagen) trained on the training captions and scored by
 the judge on captions none of them saw (the caption-disjoint test split).
 
-    from allformers.training.text_to_image import run_t2i_recipe
-    run_t2i_recipe("glide-shapes", out_dir="runs/glide-shapes")     # judge + GLIDE, saved, scored
+    from allformers.recipes import run_recipe
+    run_recipe("glide-shapes", out="runs/glide-shapes")     # judge + GLIDE, trained, scored, saved
+    (or: allformers train --recipe glide-shapes; allformers imagine --model glide-shapes "a red circle")
 
 Pieces, usable one by one (benchmarks/bench_text_to_image.py chains them, sharing data and judge):
   * `render_shapes`: a split drawn once into uint8 tensors at the sizes asked (32 and 16 pixels);
@@ -17,8 +18,9 @@ Pieces, usable one by one (benchmarks/bench_text_to_image.py chains them, sharin
     stage), `pretrain_text_encoder` (Imagen's T5, span corruption on captions + State of the Union text).
   * `caption_match`: generate a picture per held-out caption, the judge's exact-caption accuracy.
 
-The registry here (T2I_RECIPES) is separate from training.recipes.RECIPES, whose `run_recipe`
-trains causal LMs on character corpora; the structure refactor will merge the registries."""
+The recipes (shapes-judge, dalle-shapes, glide-shapes, ldm-shapes, imagen-shapes) are
+TextToImageRecipe entries of the one registry: every field of T2ISettings (sizes, each stage's
+TrainConfig) is a setting `--set` can change (`--set glide.max_iters=500`, `--set quick=true`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -36,7 +38,8 @@ from ..config import Config
 from ..data.synthetic_shapes import KINDS, SyntheticShapes, all_captions
 from ..errors import AllformersError
 from ..models.shapes_judge import JudgeConfig, ShapesJudge, fields_tensor, judge_report
-from .trainer import TrainConfig, Trainer
+from ..training.trainer import TrainConfig, Trainer
+from .registry import Recipe, register
 
 
 class TextToImageError(AllformersError, ValueError):
@@ -453,8 +456,8 @@ def t5_corpus(tokenizer=None, *, data_root=None, sotu_chars: int = 2_000_000, ca
     """(tokenizer, token stream): the first `sotu_chars` of State of the Union text with every
     TRAINING caption (never a held-out one) mixed in `caption_repeats` times, shuffled by paragraph.
     The tokenizer (byte BPE with T5's sentinels last) is trained on the same text when not given."""
-    from .data import default_data_root
-    from .seq2seq_recipes import SOTU, train_seq2seq_tokenizer
+    from ..training.data import default_data_root
+    from .seq2seq import SOTU, train_seq2seq_tokenizer
 
     root = Path(data_root) if data_root else default_data_root()
     if root is None or not (root / SOTU).is_file():
@@ -476,7 +479,7 @@ def pretrain_text_encoder(size: str, tokenizer, stream: np.ndarray, cfg: TrainCo
     -> (Seq2SeqLM, report with the final loss)."""
     from ..objectives.seq2seq import Seq2SeqLoss
     from ..objectives.span_corruption import SpanCorruptionData, sentinel_ids_from_tokenizer
-    from .seq2seq_recipes import build
+    from .seq2seq import build
 
     if size not in T5_SIZES:
         raise TextToImageError(f"T5 size {size!r} is not one of {sorted(T5_SIZES)}")
@@ -578,7 +581,7 @@ def _default(cfg: TrainConfig):
     return field(default_factory=lambda: cfg)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class T2ISettings:
     """Sizes and steps of one run of the four systems (the benchmark's full run, or --quick)."""
     n_train: int = 16000  # training pictures (train split: no held-out caption)
@@ -606,13 +609,14 @@ class T2ISettings:
         return dataclasses.replace(self, **changes)
 
 
-def quick_settings() -> T2ISettings:
-    """A couple of minutes: every part runs, nothing is expected to be good."""
+def quick_settings(settings: Optional[T2ISettings] = None) -> T2ISettings:
+    """A couple of minutes: every part runs, nothing is expected to be good (settings' other fields kept)."""
     few = lambda n, b=16: dataclasses.replace(DIFFUSION_TRAIN, max_iters=n, batch_size=b, warmup_iters=2,  # noqa: E731
                                               log_interval=max(1, n // 2))
-    return T2ISettings(n_train=256, n_val=32, n_eval=12, judge_train=512, judge_test=64, judge=few(20, 32),
-                       vq=few(6), kl=few(6), dalle=few(10), glide=few(6), ldm=few(6), t5=few(6),
-                       imagen=few(4), super_res=few(4), sample_steps=4, sotu_chars=60_000)
+    small = dict(n_train=256, n_val=32, n_eval=12, judge_train=512, judge_test=64, judge=few(20, 32), vq=few(6),
+                 kl=few(6), dalle=few(10), glide=few(6), ldm=few(6), t5=few(6), imagen=few(4), imagen_large_unet=None,
+                 super_res=few(4), sample_steps=4, sotu_chars=60_000)
+    return dataclasses.replace(settings, **small) if settings is not None else T2ISettings(**small)
 
 
 class Workbench:
@@ -799,43 +803,59 @@ class Workbench:
 
 
 # ---------------------------------------------------------------------- named recipes
-@dataclass
-class T2IRecipe:
-    name: str
-    description: str
-    system: str  # "judge", "dalle", "glide", "ldm" or "imagen": the Workbench method that trains it
-    target: str = ""
-
-
-T2I_RECIPES: dict[str, T2IRecipe] = {}
 SYSTEMS = ("judge", "dalle", "glide", "ldm", "imagen")
 
 
-def register_t2i_recipe(recipe: T2IRecipe) -> T2IRecipe:
-    if recipe.name in T2I_RECIPES:
-        raise TextToImageError(f"text-to-image recipe {recipe.name!r} is registered twice")
-    if recipe.system not in SYSTEMS:
-        raise TextToImageError(f"recipe {recipe.name!r}: system {recipe.system!r} is not one of {SYSTEMS}")
-    T2I_RECIPES[recipe.name] = recipe
-    return recipe
+@dataclass(kw_only=True)
+class TextToImageRecipe(Recipe, T2ISettings):
+    """One system trained end to end (with the judge and the autoencoder it needs), scored on held-out
+    captions, saved with its tokenizer: `allformers.load(out)` reads it, `allformers imagine` samples it."""
+    system: str = "glide"  # one of SYSTEMS: the Workbench method that trains it
+    quick: bool = False  # smoke-sized settings (quick_settings) instead of the fields
+    seed: int = 0
+    kind = "text-to-image"
+
+    def __post_init__(self):
+        if self.system not in SYSTEMS:
+            raise TextToImageError(f"recipe {self.name!r}: system {self.system!r} is not one of {SYSTEMS}")
+
+    def run(self, *, out: Path, data=None, progress: bool = True, resume: bool = False, verbose: bool = True) -> dict:
+        """`data`: the data root holding sotu/sotu.txt (Imagen's T5 text; default ../shared/data)."""
+        result = run_t2i(self, out=out, data_root=data, progress=progress, log=print if verbose else (lambda m: None))
+        result.pop("pictures")  # tensors stay out of the summary (the benchmark's grid takes them from run_t2i)
+        return result
+
+    def report(self, r: dict) -> str:
+        rep = r["report"]
+        lines = [f"--- {r['recipe']}: {r['wall_time_s']:.0f} s; judge accuracy {r['judge']['accuracy_32']:.3f} (32 px), "
+                 f"{r['judge']['accuracy_16']:.3f} (16 px)"]
+        if "heldout" in rep:
+            h = rep["heldout"]
+            lines.append(f"held-out caption match {h['accuracy']:.3f} on {h['n']} captions ("
+                         + ", ".join(f"{k[9:]} {h[k]:.2f}" for k in h if k.startswith("accuracy_"))
+                         + f"), {h['seconds_per_sample']:.3f} s per picture")
+        lines.append(f"model: {r['out_dir']}  (allformers imagine --model {r['out_dir']} \"a caption\")")
+        return "\n".join(lines)
 
 
-register_t2i_recipe(T2IRecipe(
-    "shapes-judge", "the caption judge: a 3-level CNN reading kind, colours, shapes, relation and count of a "
-    "synthetic-shapes picture (32 or 16 pixels)", "judge", "exact-caption accuracy >= 0.95 on new pictures"))
-register_t2i_recipe(T2IRecipe(
-    "dalle-shapes", "DALL-E: a VQ autoencoder (32 x 32 -> 8 x 8 codes of 256), then a 4 x 128 decoder over "
-    "caption words + image codes (row and column embeddings, loss 1/8 text + 7/8 image)", "dalle"))
-register_t2i_recipe(T2IRecipe(
-    "glide-shapes", "GLIDE: 16 x 16 pixel diffusion, a 2-layer text transformer trained with the U-Net "
-    "(cross-attention + pooled text), classifier-free guidance (10% empty captions)", "glide"))
-register_t2i_recipe(T2IRecipe(
-    "ldm-shapes", "latent diffusion: a KL autoencoder (32 x 32 -> 8 x 8 x 4), then the U-Net in its latent space "
-    "with the caption by cross-attention", "ldm"))
-register_t2i_recipe(T2IRecipe(
-    "imagen-shapes", "Imagen: T5 span-corruption pretraining on captions + State of the Union text (two sizes), "
-    "frozen; a 16 x 16 base U-Net on the larger encoder with dynamic thresholding; a 16 -> 32 super-resolution "
-    "U-Net; plus the text-encoder-vs-U-Net comparison", "imagen"))
+register(TextToImageRecipe(
+    name="shapes-judge", system="judge", description="the caption judge: a 3-level CNN reading kind, colours, shapes, "
+    "relation and count of a synthetic-shapes picture (32 or 16 pixels)",
+    target="exact-caption accuracy >= 0.95 on new pictures"))
+register(TextToImageRecipe(
+    name="dalle-shapes", system="dalle", description="DALL-E: a VQ autoencoder (32 x 32 -> 8 x 8 codes of 256), then a "
+    "4 x 128 decoder over caption words + image codes (row and column embeddings, loss 1/8 text + 7/8 image)"))
+register(TextToImageRecipe(
+    name="glide-shapes", system="glide", description="GLIDE: 16 x 16 pixel diffusion, a 2-layer text transformer "
+    "trained with the U-Net (cross-attention + pooled text), classifier-free guidance (10% empty captions)"))
+register(TextToImageRecipe(
+    name="ldm-shapes", system="ldm", description="latent diffusion: a KL autoencoder (32 x 32 -> 8 x 8 x 4), then the "
+    "U-Net in its latent space with the caption by cross-attention"))
+register(TextToImageRecipe(
+    name="imagen-shapes", system="imagen", description="Imagen: T5 span-corruption pretraining on captions + State of "
+    "the Union text (two sizes), frozen; a 16 x 16 base U-Net on the larger encoder with dynamic thresholding; a "
+    "16 -> 32 super-resolution U-Net; plus the text-encoder-vs-U-Net comparison"))
+T2I_RECIPES = ("shapes-judge", "dalle-shapes", "glide-shapes", "ldm-shapes", "imagen-shapes")
 
 
 def default_out(name: str) -> Path:
@@ -851,23 +871,16 @@ def public_report(report: dict) -> dict:
     return report
 
 
-def run_t2i_recipe(name: str, *, out_dir=None, quick: bool = False, settings: Optional[T2ISettings] = None,
-                   seed: int = 0, progress: bool = True, data_root=None, bench: Optional[Workbench] = None,
-                   log: Callable[[str], None] = print) -> dict:
-    """Train recipe `name` end to end (with the judge and autoencoder it needs), score it on held-out
-    captions, save the model with its tokenizer to out_dir (default runs/NAME; `allformers.load` reads
-    it, `allformers imagine --model` samples it) and summary.json beside it."""
-    if name not in T2I_RECIPES:
-        import difflib
-
-        close = difflib.get_close_matches(name, list(T2I_RECIPES), n=3)
-        raise TextToImageError(f"unknown text-to-image recipe {name!r}" + (f"; did you mean {', '.join(close)}?" if close
-                               else "") + f" Known: {', '.join(sorted(T2I_RECIPES))}")
-    recipe = T2I_RECIPES[name]
-    out = Path(out_dir) if out_dir else default_out(name)
+def run_t2i(recipe: TextToImageRecipe, *, out=None, progress: bool = True, data_root=None,
+            bench: Optional[Workbench] = None, log: Callable[[str], None] = print) -> dict:
+    """Train `recipe`'s system end to end (with the judge and autoencoder it needs), score it on held-out
+    captions, save the model with its tokenizer to `out` (default runs/NAME) and summary.json beside it.
+    A Workbench passed in is reused (the benchmark trains the four systems on one)."""
+    name = recipe.name
+    out = Path(out) if out else default_out(name)
     t0 = time.perf_counter()
-    bench = bench or Workbench(settings or (quick_settings() if quick else T2ISettings()), seed=seed,
-                               progress=progress, data_root=data_root, log=log)
+    settings = quick_settings(recipe) if recipe.quick else recipe
+    bench = bench or Workbench(settings, seed=recipe.seed, progress=progress, data_root=data_root, log=log)
     judge = bench.judge
     if recipe.system == "judge":
         model, report, tokenizer = judge, bench.judge_report, None
