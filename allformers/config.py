@@ -410,8 +410,7 @@ class Config:
                 raise ConfigError(f"{', '.join(used)} only apply to position='relative_xl' (Transformer-XL / XLNet); "
                                   f"drop them or set position='relative_xl'")
             return
-        bad = [name for name, on in [("norm_placement='pre'", self.norm_placement != "post"),
-                                     ("parallel_residual", self.parallel_residual),
+        bad = [name for name, on in [("parallel_residual", self.parallel_residual),
                                      (f"n_kv_head={self.n_kv_head} != n_head", self.n_kv_head != self.n_head),
                                      ("type_vocab_size (use relative_segments)", self.type_vocab_size > 0),
                                      ("embedding_size != n_embd", self.embedding_size != self.n_embd),
@@ -419,8 +418,8 @@ class Config:
                                      ("is_encoder_decoder / cross_attention", self.is_encoder_decoder or self.cross_attention)]
                if on]
         if bad:
-            raise ConfigError(f"position='relative_xl' (Transformer-XL / XLNet: post-norm layers whose memory holds "
-                              f"each layer's input) does not support {', '.join(bad)}")
+            raise ConfigError(f"position='relative_xl' (Transformer-XL / XLNet: layers whose memory holds what each "
+                              f"attention read) does not support {', '.join(bad)}")
         negative = [f"{k}={getattr(self, k)}" for k in ("mem_len", "reuse_len", "clamp_len") if getattr(self, k) < 0]
         if negative:
             raise ConfigError(f"{', '.join(negative)} must be >= 0 (0 turns it off)")

@@ -19,8 +19,8 @@ V = 53
 def xl(**kw) -> TransformerXL:
     """A tiny Transformer-XL: causal relative attention, ReLU, scaled embeddings, memory."""
     c = Config(name="tiny-xl", vocab_size=V, block_size=256, n_layer=3, n_head=4, n_embd=32, intermediate_size=48,
-               position="relative_xl", attention_class="RelativeXLAttention", norm_placement="post",
-               activation="relu", attn_bias=False, embed_scale=32 ** 0.5, **{"mem_len": 8, **kw})
+               position="relative_xl", attention_class="RelativeXLAttention", activation="relu", attn_bias=False,
+               embed_scale=32 ** 0.5, **{"mem_len": 8, "norm_placement": "post", **kw})
     torch.manual_seed(0)
     model = build_model(c).eval()
     with torch.no_grad():  # larger than the init so u, v and the positions all move the scores
@@ -34,9 +34,10 @@ def _ids(B, T, seed=0):
     return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("seg, mem_len", [(8, 8), (8, 5), (6, 11)])
-def test_segment_memory_equals_one_pass_with_the_equivalent_mask(seg, mem_len):
-    model = xl(mem_len=mem_len)
+@pytest.mark.parametrize("seg, mem_len, placement", [(8, 8, "post"), (8, 5, "post"), (6, 11, "pre")])
+def test_segment_memory_equals_one_pass_with_the_equivalent_mask(seg, mem_len, placement):
+    """Post-norm (the paper) remembers each layer's input; pre-norm (its pre_lnorm) the normalised input."""
+    model = xl(mem_len=mem_len, norm_placement=placement)
     ids = _ids(2, 4 * seg)
     with torch.no_grad():
         memory = model.new_memory()
@@ -95,12 +96,13 @@ def _greedy(model, ids, n, blocked=None):
     return ids
 
 
-def test_generation_with_memory_equals_recomputation():
+@pytest.mark.parametrize("placement", ["post", "pre"])
+def test_generation_with_memory_equals_recomputation(placement):
     prompt = _ids(2, 7, seed=3)
     with torch.no_grad():
-        every = xl(mem_len=0)  # mem_len=0: generation remembers every past token, as a KV cache
+        every = xl(mem_len=0, norm_placement=placement)  # mem_len=0: generation remembers every past token
         assert torch.equal(generate(every, prompt, max_new_tokens=20), _greedy(every, prompt, 20))
-        bounded = xl(mem_len=4)  # each new token sees the last 4 tokens' states: a sliding window
+        bounded = xl(mem_len=4, norm_placement=placement)  # each new token sees the last 4 tokens: a sliding window
         ref = _greedy(bounded, prompt, 20, blocked=lambda T: segment_recurrence_mask([7] + [1] * (T - 7), 4))
         assert torch.equal(generate(bounded, prompt, max_new_tokens=20), ref)
         # and the logits themselves: prefill in two chunks, then one token at a time
@@ -182,7 +184,7 @@ def test_permutation_targets_hand_worked():
 
 
 @pytest.mark.parametrize("kw, words", [
-    (dict(norm_placement="pre"), "norm_placement='pre'"),
+    (dict(parallel_residual=True), "parallel_residual"),
     (dict(norm_placement="post", n_kv_head=2), "n_kv_head"),
     (dict(norm_placement="post", attention_class="Attention"), "go together"),
 ])

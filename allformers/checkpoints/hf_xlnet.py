@@ -89,7 +89,8 @@ def fits(c: Config) -> bool:
     cls_ok = c.task != "sequence-classification" or (c.pooling == "last" and c.classifier_dense
                                                        and c.classifier_activation == "tanh")
     token_ok = c.task != "token-classification" or not c.classifier_dense
-    return (c.position == "relative_xl" and c.relative_segments and c.norm_class == "LayerNorm" and c.norm_bias
+    return (c.position == "relative_xl" and c.relative_segments and c.norm_placement == "post"
+            and c.norm_class == "LayerNorm" and c.norm_bias
             and c.mlp_class == "MLP" and c.mlp_bias and not c.attn_bias and not c.attn_out_bias
             and c.head_dim * c.n_head == c.n_embd and c.attn_scale in (None, 1 / math.sqrt(c.head_dim))
             and c.activation in ACT_OUT and c.embed_scale is None and not c.final_norm and c.share_layers == "none"

@@ -2,7 +2,8 @@
 
 Transformer-XL (Dai et al. 2019, `causal=True`) reads text in segments. Each layer keeps the hidden
 states it was given for the last `mem_len` tokens (its memory, detached: no gradient flows into the
-past) and the next segment's keys/values are [memory ; segment]. Positions are relative (sinusoids of
+past) and the next segment's keys/values are [memory ; segment]. Post-norm is the paper's layout;
+pre-norm is its `pre_lnorm` option. Positions are relative (sinusoids of
 the distance, blocks/relative_xl.py), so a remembered token keeps its meaning when the window moves.
 
 XLNet (Yang et al. 2019, `causal=False`) is the same core pretrained by permutation language modelling:
@@ -128,8 +129,11 @@ class TransformerXL(TransformerLM):
             kwargs.update(n_query=P, query_mask=mask_g, target_mapping=target_mapping.to(x.dtype))
         remembered = []
         for i, block in enumerate(self.blocks):
-            if cache is not None:  # this layer's input joins its memory for the next call
-                remembered.append(cache.keep(memories[i], x[:, :T]))
+            if cache is not None:  # what this layer's attention reads of the segment joins its memory:
+                # post-norm the layer input, pre-norm its normalised input (Transformer-XL's pre_lnorm
+                # normalises [memory ; segment], the same thing token by token)
+                seen = x[:, :T] if c.norm_placement == "post" else block.norm1(x[:, :T])
+                remembered.append(cache.keep(memories[i], seen))
             x = block(x, memory=memories[i], **kwargs)
         if cache is not None:
             cache.layers = remembered
