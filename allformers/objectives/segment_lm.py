@@ -5,6 +5,8 @@ hidden states of the last mem_len tokens, detached) from one batch to the next; 
 next-token cross-entropy on the segment. With mem_len=0 the same code trains the memory-less baseline."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -60,7 +62,8 @@ class SegmentLM:
 
     name = "segment_lm"
 
-    def __init__(self):
+    def __init__(self, mem_len: Optional[int] = None):
+        self.mem_len = mem_len  # None: the model's config.mem_len (0 reads every segment alone)
         self.memory = {}  # model.training -> XLMemory
 
     def __call__(self, model, batch: dict) -> torch.Tensor:
@@ -68,7 +71,7 @@ class SegmentLM:
         body = getattr(model, "module", model)  # DDP wraps the model
         memory = self.memory.get(body.training)
         if batch.get("reset") or memory is None or memory.batch not in (None, x.shape[0]):
-            memory = self.memory[body.training] = body.new_memory()
+            memory = self.memory[body.training] = body.new_memory(mem_len=self.mem_len)
         logits = model(x, cache=memory)  # (B, T, V); the memory now holds this segment for the next one
         return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
 
