@@ -59,6 +59,11 @@ def tiny_hf(family: str):
         cfg = T.CTRLConfig(n_layer=2, n_head=4, n_embd=32, dff=64, vocab_size=VOCAB, n_positions=128,
                            bos_token_id=0, eos_token_id=0)
         model = T.CTRLLMHeadModel(cfg)
+    elif family == "opt":  # learned positions offset by 2, ReLU, tied head
+        cfg = T.OPTConfig(num_hidden_layers=2, num_attention_heads=4, hidden_size=32, ffn_dim=64, vocab_size=VOCAB,
+                          max_position_embeddings=128, word_embed_proj_dim=32, bos_token_id=2, eos_token_id=2,
+                          pad_token_id=1)
+        model = T.OPTForCausalLM(cfg)
     elif family == "bloom":
         cfg = T.BloomConfig(n_layer=2, n_head=4, hidden_size=32, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)
         model = T.BloomForCausalLM(cfg)
@@ -72,7 +77,7 @@ def tiny_hf(family: str):
     return model.eval()
 
 
-FAMILIES = ["gpt2", "gpt_neox", "llama", "bloom", "gpt_neo", "mixtral", "ctrl"]
+FAMILIES = ["gpt2", "gpt_neox", "llama", "bloom", "gpt_neo", "mixtral", "ctrl", "opt"]
 
 
 @pytest.fixture(params=FAMILIES)

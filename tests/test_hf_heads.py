@@ -48,6 +48,8 @@ CONFIGS = {
     "mixtral": lambda: T.MixtralConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
                                        intermediate_size=48, max_position_embeddings=64, num_local_experts=4,
                                        num_experts_per_tok=2, sliding_window=6, **DEC),
+    "opt": lambda: T.OPTConfig(num_hidden_layers=2, num_attention_heads=4, hidden_size=32, ffn_dim=64,
+                               max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=1, **DEC),
     "ctrl": lambda: T.CTRLConfig(n_layer=2, n_head=4, n_embd=32, dff=64, n_positions=64, **DEC),
     "xlnet": lambda: T.XLNetConfig(vocab_size=V, d_model=32, n_layer=2, n_head=4, d_inner=64),
     "t5": lambda: T.T5Config(vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=3, num_heads=4,
@@ -104,7 +106,10 @@ CASES = [(mt, task, "") for mt, f in FAMILIES.items() for task in _tasks(f)]
 # exported as the DistilBERT it then equals).
 VARIANTS = {("bert", "base", "no-pooler"): dict(init=dict(add_pooling_layer=False)),
             ("xlm", "base", "one-language"): dict(config=dict(n_langs=1), export_as="DistilBertModel"),
-            ("electra", "replaced-token-detection", "gelu"): dict(config=dict(hidden_act="gelu", embedding_size=32))}
+            ("electra", "replaced-token-detection", "gelu"): dict(config=dict(hidden_act="gelu", embedding_size=32)),
+            # OPT-350m's post-norm layers (no final norm); OPT without biases, with an untied head
+            ("opt", "lm", "post-norm"): dict(config=dict(do_layer_norm_before=False)),
+            ("opt", "lm", "no-bias-untied"): dict(config=dict(enable_bias=False, tie_word_embeddings=False))}
 CASES += list(VARIANTS)
 EXPORT_AS = {("mt5", "lm"): "T5ForConditionalGeneration"}  # the same layout; allformers writes mT5 as T5
 

@@ -68,3 +68,16 @@ def test_ctrl_size():
 def test_dense_models_are_fully_active():
     c = Config.from_name("gpt3-125m")
     assert count_active_params(c) == count_params(c)
+
+
+@pytest.mark.parametrize("name", ["opt-125m", "opt-2.7b"])
+def test_opt_sizes_equal_transformers(name):
+    """OPT's zoo entries hold exactly the parameters of transformers' OPTForCausalLM of that size (both on meta)."""
+    import transformers as T
+
+    from allformers.checkpoints.hf import FAMILIES
+
+    c = Config.from_name(name)
+    with torch.device("meta"):
+        hf = T.OPTForCausalLM(T.OPTConfig(**FAMILIES["opt"].config_to_hf(c)))
+    assert count_params(c) == sum(p.numel() for p in hf.parameters())

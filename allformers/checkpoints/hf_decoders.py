@@ -37,8 +37,8 @@ def _gpt2_to_hf(c: Config):
 
 
 def _gpt2_fits(c: Config):
-    return (c.position == "learned" and c.norm_placement == "pre" and not c.parallel_residual and c.causal
-            and c.norm_class == "LayerNorm" and c.mlp_class == "MLP" and c.attn_bias and c.mlp_bias
+    return (c.position == "learned" and c.position_offset == 0 and c.norm_placement == "pre" and not c.parallel_residual
+            and c.causal and c.norm_class == "LayerNorm" and c.mlp_class == "MLP" and c.attn_bias and c.mlp_bias
             and c.n_kv_head == c.n_head and c.tie_embeddings and not c.embedding_norm and not c.type_vocab_size)
 
 
@@ -220,8 +220,8 @@ def _neo_to_hf(c: Config):
 
 
 def _neo_fits(c: Config):
-    return (c.position == "learned" and c.norm_placement == "pre" and not c.parallel_residual and c.causal
-            and c.norm_class == "LayerNorm" and c.mlp_class == "MLP" and not c.attn_bias and c.attn_out_bias
+    return (c.position == "learned" and c.position_offset == 0 and c.norm_placement == "pre" and not c.parallel_residual
+            and c.causal and c.norm_class == "LayerNorm" and c.mlp_class == "MLP" and not c.attn_bias and c.attn_out_bias
             and c.attn_scale == 1.0 and c.mlp_bias and c.n_kv_head == c.n_head and not c.embedding_norm
             and not c.type_vocab_size and not c.lm_head_bias
             and c.norm_bias and c.head_dim * c.n_head == c.n_embd)
@@ -347,3 +347,65 @@ def _ctrl_fits(c: Config):
 
 register_family(Family("ctrl", {"lm": "CTRLLMHeadModel"}, _ctrl_rows, _ctrl_config, _ctrl_to_hf, _ctrl_fits,
                        ignore=("pos_encoding",), tied_hf_key="lm_head.weight", base_prefix="transformer."))
+
+
+# ---------------------------------------------------------------- OPT (Zhang et al. 2022; BLIP-2's default decoder)
+def _linear(ours, hf, bias: bool) -> list:
+    """One Linear's rows: weight, and bias when it has one."""
+    return pair(ours, hf) if bias else [same(f"{ours}.weight", f"{hf}.weight")]
+
+
+def _opt_rows(c: Config):
+    p = "model.decoder.layers.{}."
+    return [same("wte.weight", "model.decoder.embed_tokens.weight"),
+            same("wpe.weight", "model.decoder.embed_positions.weight"),  # max_position_embeddings + 2 rows
+            *(pair("norm", "model.decoder.final_layer_norm") if c.final_norm else []),
+            *separate_qkv("blocks.{}.attn.qkv", *(p + f"self_attn.{x}_proj" for x in "qkv"), bias=c.attn_bias),
+            *_linear("blocks.{}.attn.proj", p + "self_attn.out_proj", c.attn_bias),
+            *pair("blocks.{}.norm1", p + "self_attn_layer_norm"), *pair("blocks.{}.norm2", p + "final_layer_norm"),
+            *_linear("blocks.{}.mlp.fc", p + "fc1", c.mlp_bias), *_linear("blocks.{}.mlp.proj", p + "fc2", c.mlp_bias),
+            *([] if c.tie_embeddings else [same("lm_head.weight", "lm_head.weight")])]
+
+
+def _opt_config(h):
+    from ..errors import CheckpointError
+
+    dim = h["hidden_size"]
+    if (h.get("word_embed_proj_dim") or dim) != dim:
+        raise CheckpointError(f"OPT with word_embed_proj_dim={h['word_embed_proj_dim']} != hidden_size={dim} (opt-350m's "
+                              f"projected embeddings) is not supported yet")
+    if not h.get("layer_norm_elementwise_affine", True):
+        raise CheckpointError("OPT with layer_norm_elementwise_affine=False (norms without weights) is not supported")
+    act = h.get("activation_function", "relu")
+    pre = h.get("do_layer_norm_before", True)
+    bias = h.get("enable_bias", True)
+    return dict(vocab_size=h["vocab_size"], block_size=h["max_position_embeddings"], n_layer=h["num_hidden_layers"],
+                n_head=h["num_attention_heads"], n_embd=dim, intermediate_size=h["ffn_dim"], position="learned",
+                position_offset=2,  # OPT's position table starts at the padding index + 1, as BART's
+                norm_placement="pre" if pre else "post", final_norm=pre and not h.get("_remove_final_layer_norm", False),
+                attn_bias=bias, mlp_bias=bias,
+                activation={"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh", "silu": "silu"}[act],
+                tie_embeddings=h.get("tie_word_embeddings", True))
+
+
+def _opt_to_hf(c: Config):
+    return dict(vocab_size=c.vocab_size, max_position_embeddings=c.block_size, num_hidden_layers=c.n_layer,
+                num_attention_heads=c.n_head, hidden_size=c.n_embd, ffn_dim=c.intermediate_size,
+                word_embed_proj_dim=c.n_embd, do_layer_norm_before=c.norm_placement == "pre",
+                _remove_final_layer_norm=c.norm_placement == "pre" and not c.final_norm, enable_bias=c.attn_bias,
+                activation_function={"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_new", "silu": "silu"}[c.activation],
+                tie_word_embeddings=c.tie_embeddings, dropout=0.0, attention_dropout=0.0, layerdrop=0.0)
+
+
+def _opt_fits(c: Config):
+    # post-norm OPT (opt-350m's layout) has no final norm; the biases of attention and MLP are one switch
+    return (c.position == "learned" and c.position_offset == 2 and not c.parallel_residual and c.causal
+            and c.norm_class == "LayerNorm" and c.norm_bias and c.norm_eps == 1e-5 and c.mlp_class == "MLP"
+            and c.attn_bias == c.attn_out_bias == c.mlp_bias and c.n_kv_head == c.n_head
+            and c.head_dim * c.n_head == c.n_embd and c.attn_scale is None and c.embedding_size == c.n_embd
+            and not c.embedding_norm and not c.type_vocab_size and not c.lm_head_bias and c.embed_scale is None
+            and (c.norm_placement == "pre" or not c.final_norm) and c.activation in ("relu", "gelu", "gelu_tanh", "silu"))
+
+
+register_family(Family("opt", {"lm": "OPTForCausalLM"}, _opt_rows, _opt_config, _opt_to_hf, _opt_fits,
+                       tied_hf_key="lm_head.weight"))

@@ -85,3 +85,13 @@ register(name="ctrl", family="decoder",
          vocab_size=246534, block_size=256, n_layer=48, n_head=16, n_embd=1280, intermediate_size=8192,
          position="sinusoidal", sinusoidal_layout="halves", embed_scale=1280 ** 0.5, activation="relu",
          lm_head_bias=True, norm_eps=1e-6)
+
+# --- OPT (Zhang et al. 2022): GPT-3-shaped pre-LN decoders with ReLU, learned positions offset by 2 (the table
+#     starts after the padding index), tied embeddings, 50,272 tokens, 2,048 context; BLIP-2's default decoder.
+for name, (layers, heads, dim) in [("opt-125m", (12, 12, 768)), ("opt-1.3b", (24, 32, 2048)),
+                                   ("opt-2.7b", (32, 32, 2560)), ("opt-6.7b", (32, 32, 4096)),
+                                   ("opt-13b", (40, 40, 5120)), ("opt-30b", (48, 56, 7168)), ("opt-66b", (64, 72, 9216))]:
+    register(name=name, family="decoder",
+             description=f"OPT {name[4:].upper()}: pre-LN, ReLU, learned positions offset by 2, tied embeddings",
+             vocab_size=50272, block_size=2048, n_layer=layers, n_head=heads, n_embd=dim, intermediate_size=4 * dim,
+             activation="relu", position="learned", position_offset=2)
