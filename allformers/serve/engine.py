@@ -117,6 +117,8 @@ class SlotLayer:
 
     def __init__(self, owner: "SlotCache", k: torch.Tensor, v: torch.Tensor):
         self.owner, self.k, self.v = owner, k, v
+        self.k_slot = [k[i:i + 1] for i in range(len(k))]  # (1, H_kv, max_len, D) views, made once: fewer ops a step
+        self.v_slot = [v[i:i + 1] for i in range(len(v))]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale=None) -> torch.Tensor:
         """q (1, H, N, D), k, v (1, H_kv, N, D) for the step's flat tokens -> (1, H, N, D)."""
@@ -125,9 +127,9 @@ class SlotLayer:
         self.k[plan.slot_idx, :, plan.pos_idx] = k[0, :, :n].transpose(0, 1)  # (n, H_kv, D) into the slots
         self.v[plan.slot_idx, :, plan.pos_idx] = v[0, :, :n].transpose(0, 1)
         gqa = q.shape[1] != k.shape[1]
-        outs = [F.scaled_dot_product_attention(q[:, :, a:b].contiguous(), self.k[slot, :, :end][None],
-                                               self.v[slot, :, :end][None], attn_mask=mask, is_causal=causal,
-                                               scale=scale, enable_gqa=gqa)
+        ks, vs, sdpa = self.k_slot, self.v_slot, F.scaled_dot_product_attention
+        outs = [sdpa(q.narrow(2, a, b - a), ks[slot].narrow(2, 0, end), vs[slot].narrow(2, 0, end), attn_mask=mask,
+                     is_causal=causal, scale=scale, enable_gqa=gqa)
                 for a, b, slot, end, mask, causal in plan.segments]
         if plan.n_pad:  # rows that only pad the matmuls: their attention output is never used
             outs.append(q.new_zeros(1, q.shape[1], plan.n_pad, q.shape[3]))
@@ -280,11 +282,11 @@ class Engine:
 
     def _admit(self):
         with self.cond:
+            for seq in [s for s in self.waiting if s.cancelled]:  # gone before they got a slot
+                self.waiting.remove(seq)
+                self._finish(seq, "cancelled")
             while self.free and self.waiting:
                 seq = self.waiting.popleft()
-                if seq.cancelled:
-                    self._finish(seq, "cancelled")
-                    continue
                 seq.slot = self.free.pop()
                 self.running.append(seq)
 
