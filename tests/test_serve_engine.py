@@ -1,5 +1,6 @@
 """The server's batching engine without HTTP: batch invariance, correctness against a plain
 forward pass, slots, cancellation, the queue bound, and the stop-string hold-back."""
+import contextlib
 import random
 
 import pytest
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 
 from allformers.errors import AllformersError
 from allformers.serve.engine import ROW_MULTIPLE, Engine, QueueFullError, SamplingParams, Seq
+from allformers.serve.matmul import PackedLinears, packing_available
 from allformers.serve.text import TextOut
 from allformers.tokenization import Tokenizer
 
@@ -55,6 +57,13 @@ def test_greedy_output_is_the_same_alone_and_in_a_batch_of_16(family):
     assert len({tuple(a[0]) for a in alone}) > 8  # different prompts, different outputs
 
 
+def test_without_onednn_mkl_padded_to_the_row_multiple_is_batch_invariant_too():
+    model, tok = tiny_chat_model()
+    ps = prompts(tok, n=16, seed=3)
+    alone = [run(model, tok, [p], pack=False)[0] for p in ps]
+    assert run(model, tok, ps, pack=False) == alone == run(model, tok, ps, slots=5, waves=4, pack=False)
+
+
 def test_seeded_sampling_is_batch_invariant_too():
     model, tok = tiny_chat_model()
     ps = prompts(tok, n=8, seed=1)
@@ -79,22 +88,37 @@ def test_engine_matches_a_plain_forward_pass(family):
             assert torch.allclose(row.topk(3).values, torch.tensor(top), atol=1e-4)
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["onednn-packed", "mkl-padded"])
 @pytest.mark.parametrize("threads", [1, 2, 4])
-def test_matmul_rows_do_not_depend_on_the_batch_when_padded_to_the_row_multiple(threads):
-    """The premise of the engine's padding: with M a multiple of ROW_MULTIPLE, a row's bits do
-    not depend on M (MKL's ragged tails and GEMV take other kernels). If this fails on a
+def test_matmul_rows_do_not_depend_on_the_batch(packed, threads):
+    """The premise of batch invariance: a row's bits do not depend on how many rows come with
+    it, for the engine's oneDNN packed matmul (any number of rows), and for MKL's GEMM (its
+    fallback) once the rows are padded to a multiple of ROW_MULTIPLE. If this fails on a
     machine, batch invariance fails there too."""
+    if packed and not packing_available(torch.nn.Linear(2, 2)):
+        pytest.skip("this torch has no oneDNN")
     torch.manual_seed(0)
-    w, x = torch.randn(192, 64), torch.randn(256, 64)
+    lin = torch.nn.Linear(64, 192)
+    x = torch.randn(256, 64)
+    mode = PackedLinears(torch.nn.Sequential(lin)) if packed else contextlib.nullcontext()
     before = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        ref = F.linear(x, w)
-        torch.set_num_threads(threads)
-        for m in range(ROW_MULTIPLE, 257, ROW_MULTIPLE):
-            assert torch.equal(F.linear(x[:m], w), ref[:m]), f"{m} rows, {threads} threads"
+        with torch.inference_mode(), mode:  # as the engine runs (with autograd on, oneDNN's 1-row path differs)
+            torch.set_num_threads(1)
+            ref = lin(x)
+            torch.set_num_threads(threads)
+            for m in range(1, 257) if packed else range(ROW_MULTIPLE, 257, ROW_MULTIPLE):
+                assert torch.equal(lin(x[:m]), ref[:m]), f"{m} rows, {threads} threads"
     finally:
         torch.set_num_threads(before)
+    assert torch.allclose(ref, F.linear(x, lin.weight, lin.bias), atol=1e-5)
+
+
+def test_the_engine_packs_its_matmuls_on_cpu():
+    model, tok = tiny_chat_model()
+    eng = Engine(model, tok, slots=1)
+    assert eng.packed is not None and eng.row_multiple == 1
+    assert eng.packed.n_packed == 2 * 4 + 1  # per layer qkv, its proj, GLU's fused gate+up, its proj; the tied head
 
 
 def test_slots_are_reused_and_cancel_frees_a_slot():

@@ -14,11 +14,10 @@ Batch invariance (fp32 on CPU): a request's tokens do not depend on what else is
 - Attention for a sequence is one call whose shapes depend only on that sequence, and its
   prompt is cut into the same chunks whether it runs alone or not.
 - Norms, activations, rotary and embeddings work row by row.
-- Matmuls: MKL's GEMM computes rows in blocks of 4; a row in a full block gets the same bits
-  whatever the number of rows, but the 1-3 rows of a ragged tail (and a single row, which
-  takes a GEMV path) get another kernel whose sums are ordered differently. So every matmul
-  input is padded to a multiple of ROW_MULTIPLE rows (measured on AVX2 with 1-8 threads and
-  up to 700 rows; tests/test_serve_engine.py checks the premise on the machine it runs on).
+- Matmuls run through oneDNN with packed weights (serve/matmul.py), which gives a row the
+  same bits whatever the number of rows. Without oneDNN (or not fp32), MKL's GEMM is used
+  with inputs padded to a multiple of ROW_MULTIPLE rows: it computes rows in blocks of 4,
+  and only the 1-3 rows of a ragged tail (or a single row: GEMV) sum in another order.
 - Sampling, logprobs and penalties run per sequence, with the sequence's own generator
   when it has a seed, so seeded sampling is batch-invariant too.
 tests/test_serve_engine.py checks that greedy outputs are token-identical alone and in a
@@ -26,6 +25,7 @@ batch of 16 (and that the logits are bit-identical)."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import os
@@ -41,11 +41,12 @@ from ..blocks.attention import Attention
 from ..blocks.relative import AlibiBias
 from ..errors import AllformersError
 from ..generation.generate import process_logits
+from .matmul import PackedLinears, packing_available
 from .text import TextOut
 
 log = logging.getLogger("allformers.serve")
 
-ROW_MULTIPLE = 4  # see the module docstring: the rows of a ragged tail sum in another order
+ROW_MULTIPLE = 4  # MKL's fallback (module docstring): the rows of a ragged tail sum in another order
 
 
 class QueueFullError(AllformersError):
@@ -196,10 +197,12 @@ class Engine:
     slots: sequences decoded together; max_len: tokens per slot (prompt + completion);
     max_queue: sequences that may wait for a slot before submit() raises QueueFullError;
     prefill_chunk: prompt tokens a sequence feeds per step; step_tokens: tokens per step
-    (decodes first, then prompt chunks while they fit; at least one chunk always runs)."""
+    (decodes first, then prompt chunks while they fit; at least one chunk always runs);
+    pack: run the matmuls on oneDNN-packed weights (serve/matmul.py; default: where available)."""
 
     def __init__(self, model, tokenizer, *, slots: int = 16, max_len: Optional[int] = None, max_queue: int = 64,
-                 prefill_chunk: int = 256, step_tokens: int = 512, seed: Optional[int] = None):
+                 prefill_chunk: int = 256, step_tokens: int = 512, seed: Optional[int] = None,
+                 pack: Optional[bool] = None):
         check_servable(model)
         if slots < 1 or max_queue < 0 or prefill_chunk < 1:
             raise AllformersError(f"slots={slots} and prefill_chunk={prefill_chunk} must be >= 1, max_queue >= 0")
@@ -208,6 +211,9 @@ class Engine:
         self.slots, self.max_queue = slots, max_queue
         self.prefill_chunk, self.step_tokens = prefill_chunk, max(step_tokens, prefill_chunk)
         self.cache = SlotCache(model, slots, self.max_len)
+        pack = packing_available(model) if pack is None else pack
+        self.packed = PackedLinears(model) if pack else None
+        self.row_multiple = 1 if self.packed is not None else ROW_MULTIPLE
         self.free = list(range(slots - 1, -1, -1))
         self.waiting: collections.deque = collections.deque()
         self.running: list = []
@@ -323,11 +329,15 @@ class Engine:
         self.step_time += time.perf_counter() - t0
         return sum(len(t) for _, t in feeds)
 
-    def _forward(self, feeds, sample) -> torch.Tensor:
+    def _forward(self, feeds, sample) -> Optional[torch.Tensor]:
+        with self.packed if self.packed is not None else contextlib.nullcontext():
+            return self._run_model(feeds, sample)
+
+    def _run_model(self, feeds, sample) -> Optional[torch.Tensor]:
         model, dev = self.model, self.cache.device
         ids = [t for _, tokens in feeds for t in tokens]
         pos = [s.pos + i for s, tokens in feeds for i in range(len(tokens))]
-        n_pad = -len(ids) % ROW_MULTIPLE
+        n_pad = -len(ids) % self.row_multiple
         self.cache.plan([(s.slot, s.pos, len(t)) for s, t in feeds], n_pad)
         ids_t = torch.tensor(ids + [0] * n_pad, device=dev)[None]  # (1, N)
         pos_t = torch.tensor(pos + [0] * n_pad, device=dev)[None]
@@ -339,11 +349,12 @@ class Engine:
             return None
         ends = list(itertools.accumulate(len(t) for _, t in feeds))
         rows = [ends[i] - 1 for i in sample]
-        rows = rows + [rows[0]] * (-len(rows) % ROW_MULTIPLE)
+        rows = rows + [rows[0]] * (-len(rows) % self.row_multiple)
         h = x[0, rows]  # (R, C): the last position of each sequence that samples
         if model.norm is not None:
             h = model.norm(h)
-        return model.head(h)[:len(sample)].float()
+        logits = self.packed.head(h) if self.packed is not None else model.head(h)
+        return logits[:len(sample)].float()
 
     def _sample(self, seq: Seq, logits: torch.Tensor):
         """logits (V,) raw -> the next token of `seq`, its logprobs, and maybe the end of seq."""
