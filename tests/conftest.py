@@ -77,6 +77,34 @@ def tiny_hf(family: str):
     return model.eval()
 
 
+def padded_logits_diff(hf, model, x, mask) -> float:
+    """Max abs logits difference over the real (mask 1) positions of a left-padded batch; transformers
+    gets the position ids that count real tokens only, as its generate() computes them."""
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        diff = (hf(x, attention_mask=mask, position_ids=pos).logits - model(x, attention_mask=mask)).abs()
+    return (diff * mask[..., None]).max().item()
+
+
+def recompute_greedy(model, ids, n):
+    """n greedy tokens, each from a full forward pass over everything so far (no cache)."""
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+def assert_padded_batch_equals_alone(model, seqs, n):
+    """Prompts of different lengths generated as one left-padded batch give each prompt's own tokens."""
+    from allformers.generation import generate, left_pad
+
+    ids, mask = left_pad(seqs, pad_id=0)
+    batched = generate(model, ids, attention_mask=mask, max_new_tokens=n)
+    for i, s in enumerate(seqs):
+        alone = generate(model, torch.tensor([s]), max_new_tokens=n)
+        assert torch.equal(batched[i, ids.shape[1]:], alone[0, len(s):])
+
+
 FAMILIES = ["gpt2", "gpt_neox", "llama", "bloom", "gpt_neo", "mixtral", "ctrl", "opt"]
 
 

@@ -13,7 +13,7 @@ from allformers.errors import AllformersError
 from allformers.generation import control_prefix, generate_text
 from allformers.tokenization import Tokenizer
 
-from .conftest import VOCAB
+from .conftest import VOCAB, padded_logits_diff
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,11 +48,7 @@ def test_parity_both_ways_with_padding(tie, tmp_path):
     x = torch.randint(0, VOCAB, (3, 31), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(x)
     mask[1, :7] = 0
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        diff = ((hf(x, attention_mask=mask, position_ids=pos).logits - model(x, attention_mask=mask)).abs()
-                * mask[..., None]).max().item()
-    assert diff <= 1e-4
+    assert padded_logits_diff(hf, model, x, mask) <= 1e-4
     model.save(tmp_path / "out", format="hf")
     back = T.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert type(back) is T.CTRLLMHeadModel
@@ -94,3 +90,48 @@ def test_cli_control_code(coded, tmp_path, capsys):
     assert out == "ab" + expected + "\n"
     assert main(["generate", str(folder), "ab", "--control-code", "<Z>"]) == 2
     assert "<Z>" in capsys.readouterr().err
+
+
+def test_tagged_windows_start_with_their_code():
+    from allformers.training.control_codes import TaggedWindows, tagged_corpus
+
+    corpus = tagged_corpus({"<A>": "abcd" * 200, "<B>": "wxyz" * 200})
+    tok = corpus.tokenizer
+    rows = TaggedWindows(corpus.train, tok, 9, seed=0)
+    x, y = rows.sample(16)
+    assert torch.equal(x[:, 1:], y[:, :-1])  # next-token targets; the code itself is never a target
+    for r in range(16):
+        code = tok.decode([int(x[r, 0])], skip_special_tokens=False)
+        text = tok.decode(y[r].tolist())
+        assert code in ("<A>", "<B>") and set(text) <= set("abcd" if code == "<A>" else "wxyz")
+    assert {tok.decode([int(c)], skip_special_tokens=False) for c in x[:, 0]} == {"<A>", "<B>"}
+
+
+def test_ngram_classifier_golden():
+    from allformers.metrics import CharNGramClassifier
+
+    clf = CharNGramClassifier(2).fit({"x": "ab ab ab", "y": "cd cd cd"})
+    assert clf.predict("ab") == "x" and clf.predict("cd cd") == "y"
+    # add-one smoothing: P("ab" | x) = (3 + 1) / (7 + V) with 7 bigrams in "ab ab ab" and V = 6 distinct bigrams
+    assert math.isclose(clf.log_likelihoods("ab")["x"], math.log(4 / 13))
+
+
+def test_a_trained_ctrl_follows_its_code():
+    """Two sources that share no character: after 80 steps, text drawn after each code is that source's."""
+    from allformers.training.control_codes import TaggedWindows, tagged_corpus
+    from allformers.objectives import CausalLM
+    from allformers.training import TrainConfig, Trainer
+
+    corpus = tagged_corpus({"<A>": "abcab cba " * 300, "<B>": "xyzzy yx " * 300})
+    tok = corpus.tokenizer
+    c = Config.from_name("baby-ctrl-char", vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_embd=32, n_head=2,
+                         intermediate_size=64, embed_scale=32 ** 0.5)
+    torch.manual_seed(0)
+    model = TransformerLM(c)
+    cfg = TrainConfig(max_iters=80, batch_size=16, lr=3e-3, warmup_iters=5, eval_interval=0, eval_at_start=False,
+                      checkpoint=False, device="cpu")
+    Trainer(model, CausalLM(), TaggedWindows(corpus.train, tok, 16, seed=0), cfg, progress=False).fit()
+    model.eval()
+    for code, chars in (("<A>", set("abc ")), ("<B>", set("xyz "))):
+        texts = generate_text(model, tok, ["", ""], control_code=code, max_new_tokens=12)
+        assert all(set(t) <= chars for t in texts), (code, texts)

@@ -4,8 +4,10 @@ import torch
 
 from allformers import Config, TransformerLM
 from allformers.config import REGISTRY
-from allformers.generation import generate, left_pad
+from allformers.generation import generate
 from allformers.models import build_model
+
+from .conftest import assert_padded_batch_equals_alone, recompute_greedy
 
 DECODERS = [n for n in REGISTRY if Config.from_name(n).causal and not Config.from_name(n).is_encoder_decoder]
 
@@ -22,13 +24,6 @@ def tiny(name: str) -> TransformerLM:
     with torch.no_grad():  # peaked logits: a near-tie could flip argmax on rounding alone
         model.wte.weight.mul_(20)
     return model
-
-
-def recompute_greedy(model, ids, n):
-    for _ in range(n):
-        logits = model(ids)[:, -1]
-        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
-    return ids
 
 
 @pytest.mark.parametrize("name", DECODERS)
@@ -59,8 +54,4 @@ def test_left_padded_batch_equals_each_prompt_alone(name):
     model = tiny(name)
     g = torch.Generator().manual_seed(2)
     seqs = [torch.randint(0, 101, (n,), generator=g).tolist() for n in (3, 9, 6)]
-    ids, mask = left_pad(seqs, pad_id=0)
-    batched = generate(model, ids, attention_mask=mask, max_new_tokens=20)
-    for i, s in enumerate(seqs):
-        alone = generate(model, torch.tensor([s]), max_new_tokens=20)
-        assert torch.equal(batched[i, ids.shape[1]:], alone[0, len(s):])
+    assert_padded_batch_equals_alone(model, seqs, 20)

@@ -6,7 +6,9 @@ import torch.nn.functional as F
 
 from allformers import Config, ConfigError, TransformerLM
 from allformers.blocks.sparse import WindowKVCache, local_blocked, pattern_allowed, patterned_attention
-from allformers.generation import generate, left_pad
+from allformers.generation import generate
+
+from .conftest import assert_padded_batch_equals_alone, recompute_greedy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -116,11 +118,7 @@ def test_window_limits_what_a_token_sees():
 def test_cached_decoding_equals_recomputation(pattern):
     model = local_model(pattern=pattern)
     prompt = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(1))
-    ids = prompt
-    with torch.no_grad():
-        for _ in range(25):
-            ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(generate(model, prompt, max_new_tokens=25), ids)
+    assert torch.equal(generate(model, prompt, max_new_tokens=25), recompute_greedy(model, prompt, 25))
 
 
 def test_chunked_prefill_with_window_cache_equals_full_forward():
@@ -138,12 +136,7 @@ def test_chunked_prefill_with_window_cache_equals_full_forward():
 def test_left_padded_batch_equals_each_prompt_alone():
     model = local_model()
     g = torch.Generator().manual_seed(3)
-    seqs = [torch.randint(1, 61, (n,), generator=g).tolist() for n in (3, 14, 8)]
-    ids, mask = left_pad(seqs, pad_id=0)
-    batched = generate(model, ids, attention_mask=mask, max_new_tokens=12)
-    for i, s in enumerate(seqs):
-        alone = generate(model, torch.tensor([s]), max_new_tokens=12)
-        assert torch.equal(batched[i, ids.shape[1]:], alone[0, len(s):])
+    assert_padded_batch_equals_alone(model, [torch.randint(1, 61, (n,), generator=g).tolist() for n in (3, 14, 8)], 12)
 
 
 def test_local_with_packed_documents_and_alibi():

@@ -85,6 +85,10 @@ register(name="ctrl", family="decoder",
          vocab_size=246534, block_size=256, n_layer=48, n_head=16, n_embd=1280, intermediate_size=8192,
          position="sinusoidal", sinusoidal_layout="halves", embed_scale=1280 ** 0.5, activation="relu",
          lm_head_bias=True, norm_eps=1e-6)
+register(name="baby-ctrl-char", family="decoder",
+         description="A character-level CTRL for the control-code recipe: CTRL's switches at the baby GPT's size (4 x 128, 128 context)",
+         vocab_size=102, block_size=128, n_layer=4, n_head=4, n_embd=128, intermediate_size=512, position="sinusoidal",
+         sinusoidal_layout="halves", embed_scale=128 ** 0.5, activation="relu", lm_head_bias=True, norm_eps=1e-6)
 
 # --- OPT (Zhang et al. 2022): GPT-3-shaped pre-LN decoders with ReLU, learned positions offset by 2 (the table
 #     starts after the padding index), tied embeddings, 50,272 tokens, 2,048 context; BLIP-2's default decoder.

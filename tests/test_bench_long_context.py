@@ -1,0 +1,24 @@
+"""benchmarks/bench_long_context.py --quick runs every section of this checkout and prints, last, one JSON
+object with the acceptance keys (the numbers themselves come from the full run, not from this test)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_quick_run_prints_the_keys():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_long_context.py"), "--quick",
+                          "--sections", "moe,local,ctrl", "--threads", "1"],
+                         capture_output=True, text=True, env=env, timeout=900, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    for key in ("moe_loss", "dense_loss", "moe_dropped_fraction", "ctrl_code_accuracy"):
+        assert isinstance(result[key], float), key
+    assert set(result["local_attention_prefill_ms"]) == set(result["dense_attention_prefill_ms"]) == {"256", "512"}
+    assert result["moe_params_active"] - result["dense_params"] < 0.01 * result["dense_params"]  # routers only
