@@ -18,7 +18,7 @@ from .control_codes import TaggedWindows, tagged_corpus
 from .data import default_data_root, tiny_shakespeare_path
 from .trainer import TrainConfig, Trainer
 
-FULL = dict(steps=2000, batch_size=16, block=128, n_layer=4, n_embd=128, n_head=4, lr=2e-3,
+FULL = dict(steps=1000, batch_size=16, block=128, n_layer=4, n_embd=128, n_head=4, lr=2e-3,
             samples_per_code=50, sample_chars=120, temperature=0.8)
 QUICK = dict(steps=30, batch_size=8, block=32, n_layer=2, n_embd=32, n_head=2, lr=2e-3,
              samples_per_code=4, sample_chars=24, temperature=0.8)
