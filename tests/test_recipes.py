@@ -25,8 +25,10 @@ SMOLLM2_RLHF = ["--set", "train_prompts=4", "--set", "eval_prompts=4", "--set", 
                 "best_of=2", "--set", "pair_tokens=4", "--set", "eval_tokens=4", "--set", "reward.steps=2", "--set",
                 "dpo.steps=2", "--set", "ppo.iterations=1", "--set", "ppo.rollout_batch=4", "--set",
                 "ppo.minibatch=4", "--set", "ppo.max_new_tokens=4", "--set", "batch_size=4"]
+CTRL = ["--max-steps", "2", "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--block-size", "16", "--batch-size", "2",
+        "--set", "eval_batches=1", "--set", "samples_per_code=1", "--set", "sample_chars=4"]
 SMOKE = {
-    "shakespeare-char-cpu": CHAR, "shakespeare-char-long": CHAR,
+    "shakespeare-char-cpu": CHAR, "shakespeare-char-long": CHAR, "ctrl-sources": CTRL, "ctrl-sources-quick": CTRL,
     "bert-mlm-sotu-tiny": ENCODER, "bert-two-phase-sotu-tiny": ENCODER, "electra-sotu-tiny": ENCODER,
     **{name: SEQ2SEQ for name in ("t5-span-corruption-sotu", "bart-denoising-sotu", "t5-subject-lines",
                                   "t5-pretrained-subject-lines", "bart-subject-lines", "bart-pretrained-subject-lines",
@@ -59,7 +61,7 @@ def test_list_shows_every_recipe_of_every_kind(capsys):
     assert all(name in out for name in RECIPES)
     kinds = {r.kind for r in RECIPES.values()}
     assert kinds == {"char-lm", "encoder-pretraining", "seq2seq", "fine-tuning", "sft", "self-instruct", "rlhf",
-                     "multimodal-cot", "text-to-image"}
+                     "multimodal-cot", "text-to-image", "ctrl"}
     assert all(f"[{k}]" in out for k in kinds)
     assert set(SMOKE) == set(RECIPES)  # a new recipe adds its smoke settings here, so the slow test runs it
 
@@ -117,6 +119,14 @@ def test_train_runs_an_encoder_pretraining_recipe(tmp_path, capsys):
 def test_train_runs_the_fine_tuning_recipe(tmp_path, capsys):
     r = run_cli("spam-minilm", tmp_path, capsys)
     assert r["settings"]["steps"] == 2 and 0.0 <= r["accuracy"] <= 1.0 and r["labels"] == ["ham", "spam"]
+
+
+@needs_data
+def test_train_runs_the_ctrl_recipe(tmp_path, capsys):
+    r = run_cli("ctrl-sources-quick", tmp_path, capsys)
+    assert r["steps"] == 2 and set(r["per_code"]) == {"<shakespeare>", "<sotu>"} and 0.0 <= r["code_accuracy"] <= 1.0
+    assert r["classifier_accuracy_on_real_text"] > 0.5
+    assert main(["generate", r["model_dir"], "", "--control-code", "<sotu>", "--max-new-tokens", "3"]) == 0
 
 
 def test_train_runs_a_multimodal_cot_recipe(tmp_path, capsys):
