@@ -114,7 +114,8 @@ class Attention(nn.Module):
             cos, sin = rope
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if getattr(cache, "ragged", False):  # the server's batch: rows of different lengths (serve/engine.py)
-            y = cache.attend(q, k, v, scale=self.scale)  # (1, H, T, D)
+            pattern = None if self.pattern == "global" else (self.pattern, self.window, self.stride)
+            y = cache.attend(q, k, v, scale=self.scale, pattern=pattern)  # (1, H, T, D)
             return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
         if cache is not None:
             k, v = cache.update(cache_start, k, v)

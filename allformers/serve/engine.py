@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from ..blocks.attention import Attention
 from ..blocks.relative import AlibiBias
+from ..blocks.sparse import pattern_allowed
 from ..errors import AllformersError
 from ..generation.generate import process_logits
 from .matmul import PackedLinears, packing_available
@@ -121,17 +122,24 @@ class SlotLayer:
         self.k_slot = [k[i:i + 1] for i in range(len(k))]  # (1, H_kv, max_len, D) views, made once: fewer ops a step
         self.v_slot = [v[i:i + 1] for i in range(len(v))]
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale=None) -> torch.Tensor:
-        """q (1, H, N, D), k, v (1, H_kv, N, D) for the step's flat tokens -> (1, H, N, D)."""
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale=None, pattern=None) -> torch.Tensor:
+        """q (1, H, N, D), k, v (1, H_kv, N, D) for the step's flat tokens -> (1, H, N, D).
+        pattern: (kind, window, stride) of a local / strided layer (blocks/sparse.py), None for dense."""
         plan = self.owner
         n = q.shape[2] - plan.n_pad
         self.k[plan.slot_idx, :, plan.pos_idx] = k[0, :, :n].transpose(0, 1)  # (n, H_kv, D) into the slots
         self.v[plan.slot_idx, :, plan.pos_idx] = v[0, :, :n].transpose(0, 1)
         gqa = q.shape[1] != k.shape[1]
         ks, vs, sdpa = self.k_slot, self.v_slot, F.scaled_dot_product_attention
-        outs = [sdpa(q.narrow(2, a, b - a), ks[slot].narrow(2, 0, end), vs[slot].narrow(2, 0, end), attn_mask=mask,
-                     is_causal=causal, scale=scale, enable_gqa=gqa)
-                for a, b, slot, end, mask, causal in plan.segments]
+        outs = []
+        for a, b, slot, end, mask, causal in plan.segments:
+            if pattern is not None:  # the layer's band on top of causality (and ALiBi's bias)
+                band = pattern_allowed(pattern[0], torch.arange(end - (b - a), end, device=q.device),
+                                       torch.arange(end, device=q.device), pattern[1], pattern[2])  # (b-a, end)
+                mask = band if mask is None or mask.dtype == torch.bool else mask.masked_fill(~band, float("-inf"))
+                causal = False
+            outs.append(sdpa(q.narrow(2, a, b - a), ks[slot].narrow(2, 0, end), vs[slot].narrow(2, 0, end),
+                             attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa))
         if plan.n_pad:  # rows that only pad the matmuls: their attention output is never used
             outs.append(q.new_zeros(1, q.shape[1], plan.n_pad, q.shape[3]))
         return torch.cat(outs, dim=2)
