@@ -62,3 +62,15 @@ class LiveServer:
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+def engine_greedy(model, tok, prompts, max_tokens: int, **engine_kw):
+    """Greedy completions of `prompts` (token lists) run together through the batching engine."""
+    from allformers.serve.engine import Engine, SamplingParams, Seq
+
+    eng = Engine(model, tok, **{"slots": len(prompts), "prefill_chunk": 8, "step_tokens": 24, **engine_kw})
+    seqs = [Seq(p, SamplingParams(max_tokens=max_tokens, temperature=0.0), tok, lambda e: None) for p in prompts]
+    eng.submit(seqs)
+    while any(s.finish_reason is None for s in seqs):
+        eng.step()
+    return [s.generated for s in seqs]

@@ -165,17 +165,10 @@ def test_pattern_config_errors():
 
 def test_the_server_engine_keeps_the_window():
     """The batching engine (serve/engine.py) attends through each layer's band: its greedy tokens for
-    prompts longer than the window are the cached generate()'s, alone or batched."""
-    from allformers.serve.engine import Engine, SamplingParams, Seq
-
-    from .serve_util import tiny_chat_model
+    prompts longer than the window, batched, are the cached generate()'s for each alone."""
+    from .serve_util import engine_greedy, tiny_chat_model
 
     model, tok = tiny_chat_model("gpt3-125m", window_size=6)  # 2 layers: global, local
     prompts = [tok.encode(t) for t in ("the window is six tokens wide", "ab", "a longer prompt than the window, surely")]
-    eng = Engine(model, tok, slots=3, prefill_chunk=8, step_tokens=24)
-    seqs = [Seq(p, SamplingParams(max_tokens=10, temperature=0.0), tok, lambda e: None) for p in prompts]
-    eng.submit(seqs)
-    while any(s.finish_reason is None for s in seqs):
-        eng.step()
-    for p, s in zip(prompts, seqs):
-        assert s.generated == generate(model, torch.tensor([p]), max_new_tokens=10)[0, len(p):].tolist()
+    for p, got in zip(prompts, engine_greedy(model, tok, prompts, 10)):
+        assert got == generate(model, torch.tensor([p]), max_new_tokens=10)[0, len(p):].tolist()

@@ -233,16 +233,9 @@ def test_load_balancing_loss_equals_transformers():
 def test_the_server_engine_routes_each_token_alone():
     """The batching engine flattens every running sequence into one row (serve/engine.py); with no
     capacity limit in eval, each token's experts are its own, so its greedy tokens are generate()'s."""
-    from allformers.serve.engine import Engine, SamplingParams, Seq
-
-    from .serve_util import tiny_chat_model
+    from .serve_util import engine_greedy, tiny_chat_model
 
     model, tok = tiny_chat_model("mixtral-8x7b", n_kv_head=2, window_size=5, attention_pattern=["local"])
     prompts = [tok.encode(t) for t in ("experts, two of eight", "ab", "every token is routed on its own")]
-    eng = Engine(model, tok, slots=3, prefill_chunk=8, step_tokens=24)
-    seqs = [Seq(p, SamplingParams(max_tokens=8, temperature=0.0), tok, lambda e: None) for p in prompts]
-    eng.submit(seqs)
-    while any(s.finish_reason is None for s in seqs):
-        eng.step()
-    for p, s in zip(prompts, seqs):
-        assert s.generated == generate(model, torch.tensor([p]), max_new_tokens=8)[0, len(p):].tolist()
+    for p, got in zip(prompts, engine_greedy(model, tok, prompts, 8)):
+        assert got == generate(model, torch.tensor([p]), max_new_tokens=8)[0, len(p):].tolist()
