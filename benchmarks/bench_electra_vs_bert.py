@@ -73,10 +73,10 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data_over = {"max_chars": 300_000, "vocab_size": 2000} if args.quick else {}
-    bert_steps = args.bert_steps or (12 if args.quick else get_pretrain_recipe(BERT).train.max_iters)
+    bert_steps = args.bert_steps or (12 if args.quick else get_pretrain_recipe(BERT).train.max_steps)
     ft_records = args.ft_max_records or (200 if args.quick else None)
     ft_len = 64 if args.quick and args.ft_max_length == 128 else args.ft_max_length
-    train_over = {"num_threads": args.threads, **({"eval_interval": 0} if args.quick else {})}
+    train_over = {"threads": args.threads, **({"eval_interval": 0} if args.quick else {})}
     load0, t0 = load_avg(), time.perf_counter()
 
     # 1. the shared tokenizer and rows
@@ -99,7 +99,7 @@ def main(argv=None):
     prepared = (tok, train_rows, val_rows, text_path)
     runs = {}
     for name, steps in ((BERT, bert_steps), (ELECTRA, electra_steps)):
-        runs[name] = run_pretrain_recipe(name, out_dir=out / name, max_steps=steps, prepared=prepared,
+        runs[name] = run_pretrain_recipe(name, out=out / name, max_steps=steps, prepared=prepared,
                                          overrides=over, progress=not args.no_progress)
         r = runs[name]
         print(f"[bench] {name}: {r['steps']} steps, {r['train_flops'] / 1e12:.2f} TFLOP, train "
@@ -115,7 +115,7 @@ def main(argv=None):
         slug = label.split()[0].lower().replace("random", "random-init")
         ft[label] = finetune(folder, args.spam, out / f"spam-{slug}", epochs=args.ft_epochs, lr=args.ft_lr,
                              batch_size=args.ft_batch_size, max_length=ft_len, seed=args.seed,
-                             max_records=ft_records, num_threads=args.threads, progress=not args.no_progress,
+                             max_records=ft_records, threads=args.threads, progress=not args.no_progress,
                              verbose=False)
         ft[label]["bench_wall_s"] = time.perf_counter() - t1
         print(f"[bench] fine-tuned {label}: accuracy {ft[label]['accuracy']:.4f} in {ft[label]['bench_wall_s']:.0f} s",

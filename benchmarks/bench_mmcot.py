@@ -63,7 +63,7 @@ def smollm2_row(args, data, train_q, test_q, vision, train, results):
     steps, lr = args.smollm2_steps, args.smollm2_lr
     cfg = PipelineConfig(two_stage=False, eval_batch_size=32,
                          answer_train=train.replace(batch_size=8, lr=lr, min_lr=lr / 10, weight_decay=0.0,
-                                                    max_iters=steps, warmup_iters=max(1, steps // 20), log_interval=10))
+                                                    max_steps=steps, warmup_steps=max(1, steps // 20), log_interval=10))
     result = run_pipeline(ModelFactory(spec, view, lm=lm, vision_state=state), view, train_q,
                           test_q[:args.smollm2_test], cfg, progress=True)
     return result, cfg, view
@@ -127,16 +127,16 @@ def main(argv=None):
     if args.vision == "vit" and args.no_conv_stem:
         vision["conv_stem"] = False
     train = TrainConfig(batch_size=args.batch_size, lr=args.lr, min_lr=args.lr / 10, weight_decay=0.01,
-                        eval_interval=0, eval_at_start=False, log_interval=50, seed=args.seed, num_threads=args.threads)
+                        eval_interval=0, eval_at_start=False, log_interval=50, seed=args.seed, threads=args.threads)
 
     def pipeline(two_stage, decoder=False):
         rationale_steps = args.decoder_steps if decoder else args.rationale_steps
         answer_steps = args.answer_steps if two_stage else args.one_stage_steps
         answer_steps = args.decoder_steps if decoder else answer_steps
         return PipelineConfig(two_stage=two_stage, stage2_init=args.stage2_init,
-                              rationale_train=train.replace(max_iters=rationale_steps,
-                                                            warmup_iters=max(1, rationale_steps // 20)),
-                              answer_train=train.replace(max_iters=answer_steps, warmup_iters=max(1, answer_steps // 20)))
+                              rationale_train=train.replace(max_steps=rationale_steps,
+                                                            warmup_steps=max(1, rationale_steps // 20)),
+                              answer_train=train.replace(max_steps=answer_steps, warmup_steps=max(1, answer_steps // 20)))
 
     t5 = dict(n_embd=d, head_dim=d // 4, intermediate_size=4 * d)
     specs = {"two-stage-vision": (ModelSpec(vision=vision, size=t5, seed=args.seed), True),

@@ -45,9 +45,9 @@ TARGETS = {"shakespeare-char-cpu": (1.89, 97.0), "shakespeare-char-long": (1.70,
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", action="append", choices=sorted(n for n, r in RECIPES.items() if isinstance(r, CharLMRecipe)), help="run only this recipe (repeatable)")
-    p.add_argument("--data-dir")
+    p.add_argument("--data", help="folder holding tinyshakespeare/input.txt (default: ../shared/data, else a download)")
     p.add_argument("--out-root", default="runs/bench", help="each recipe writes to OUT_ROOT/RECIPE")
-    p.add_argument("--max-iters", type=int, help="override the recipes' step count (quick checks)")
+    p.add_argument("--max-steps", type=int, help="override the recipes' step count (quick checks)")
     p.add_argument("--seed", type=int)
     p.add_argument("--progress", action="store_true", help="show the progress bar")
     p.add_argument("--wait-idle", type=float, default=0, metavar="S",
@@ -59,7 +59,7 @@ def main(argv=None):
         idle = wait_for_idle(args.wait_idle) if args.wait_idle else None
         load_before = os.getloadavg()[0]
         busy0, own0, t0 = *cpu_times(), time.perf_counter()
-        r = run_recipe(name, data=args.data_dir, out=os.path.join(args.out_root, name), max_steps=args.max_iters,
+        r = run_recipe(name, data=args.data, out=os.path.join(args.out_root, name), max_steps=args.max_steps,
                        seed=args.seed, progress=args.progress, overrides={"samples": 1, "full_val": True})
         busy1, own1, t1 = *cpu_times(), time.perf_counter()
         # CPU time other processes used during our run, as a share of the whole machine
@@ -74,7 +74,7 @@ def main(argv=None):
                      and (target_s is None or r["wall_time_s"] <= target_s),
                      "load_avg_before": load_before, "load_avg_after": os.getloadavg()[0],
                      "others_cpu_share": max(0.0, others), "started_idle": idle,
-                     "out_dir": r["out_dir"]})
+                     "out": r["out"]})
         print(f"--- {name} sample:\n{r['samples'][0][:300]}\n", file=sys.stderr)
 
     head = f"{'recipe':<24}{'params':>9}{'steps':>7}{'val':>8}{'val(all)':>10}{'train':>8}{'wall s':>8}" \

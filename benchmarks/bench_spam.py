@@ -49,7 +49,7 @@ def main(argv=None):
 
     load0, t0 = load_avg(), time.perf_counter()
     r = finetune(args.model, args.data, args.out, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                 max_length=args.max_length, seed=args.seed, num_threads=args.threads,
+                 max_length=args.max_length, seed=args.seed, threads=args.threads,
                  progress=not args.no_progress)
     wall = time.perf_counter() - t0
 

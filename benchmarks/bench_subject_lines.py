@@ -47,8 +47,8 @@ def pick_threads(arg: str) -> int:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: 300K chars of sotu, 200 e-mails, 10 + 10 steps")
-    ap.add_argument("--pretrain-iters", type=int, default=None, help="default 150 (quick: 10)")
-    ap.add_argument("--finetune-iters", type=int, default=None, help="default 150 (quick: 10)")
+    ap.add_argument("--pretrain-steps", type=int, default=None, help="default 150 (quick: 10)")
+    ap.add_argument("--finetune-steps", type=int, default=None, help="default 150 (quick: 10)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--vocab-size", type=int, default=4096)
     ap.add_argument("--max-source", type=int, default=128)
@@ -68,10 +68,10 @@ def main(argv=None):
     load0, t0 = load_avg(), time.perf_counter()
     data = S.prepare_data(vocab_size=args.vocab_size, max_source=args.max_source, max_target=args.max_target,
                           max_sotu_chars=300_000 if args.quick else None, max_records=200 if args.quick else None)
-    pre_iters = args.pretrain_iters or (10 if args.quick else S.PRETRAIN.max_iters)
-    ft_iters = args.finetune_iters or (10 if args.quick else S.FINETUNE.max_iters)
-    pre_cfg = S.PRETRAIN.replace(max_iters=pre_iters, batch_size=args.batch_size, seed=args.seed, num_threads=threads)
-    ft_cfg = S.FINETUNE.replace(max_iters=ft_iters, batch_size=args.batch_size, seed=args.seed, num_threads=threads)
+    pre_iters = args.pretrain_steps or (10 if args.quick else S.PRETRAIN.max_steps)
+    ft_iters = args.finetune_steps or (10 if args.quick else S.FINETUNE.max_steps)
+    pre_cfg = S.PRETRAIN.replace(max_steps=pre_iters, batch_size=args.batch_size, seed=args.seed, threads=threads)
+    ft_cfg = S.FINETUNE.replace(max_steps=ft_iters, batch_size=args.batch_size, seed=args.seed, threads=threads)
     baseline = S.baseline_scores(data)
     print(f"data: {json.dumps(data.info)}\nbaseline (no model): {baseline}", flush=True)
 
@@ -124,7 +124,7 @@ def main(argv=None):
           f"load avg {load0} -> {load_avg()}")
     summary = {"bench": "subject_lines", "quick": args.quick, "wall_time_s": round(wall, 1), "threads": threads,
                "load_avg": [load0, load_avg()], "python": platform.python_version(), "torch": torch.__version__,
-               "pretrain_iters": pre_iters, "finetune_iters": ft_iters, "batch_size": args.batch_size,
+               "pretrain_steps": pre_iters, "finetune_steps": ft_iters, "batch_size": args.batch_size,
                "data": {k: v for k, v in data.info.items()}, "baseline": baseline,
                "rows": [{k: v for k, v in r.items() if k != "examples"} for r in rows]}
     print(json.dumps(summary))

@@ -12,7 +12,7 @@ import torch
 STEPS = 20
 
 
-def run_tiny(out_dir=None, grad_accum=1, stop_at=None, resume=False, max_iters=STEPS):
+def run_tiny(out=None, grad_accum=1, stop_at=None, resume=False, max_steps=STEPS):
     """The same tiny run in every process: same init, same data seed, global batch 8."""
     from allformers import Config, TransformerLM
     from allformers.objectives import CausalLM
@@ -23,10 +23,10 @@ def run_tiny(out_dir=None, grad_accum=1, stop_at=None, resume=False, max_iters=S
     data[1::2] = (data[::2] * 7 + 3) % 32  # something to learn
     torch.manual_seed(0)
     model = TransformerLM(Config(name="tiny", vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=32))
-    cfg = TrainConfig(max_iters=max_iters, batch_size=8, grad_accum=grad_accum, warmup_iters=5, lr=3e-3,
+    cfg = TrainConfig(max_steps=max_steps, batch_size=8, grad_accum=grad_accum, warmup_steps=5, lr=3e-3,
                       min_lr=3e-4, log_interval=1, eval_interval=0, eval_at_start=False,
-                      checkpoint_interval=10 if out_dir else 0, num_threads=1)
-    trainer = Trainer(model, CausalLM(), RandomWindows(data, 16, seed=0), cfg, out_dir=out_dir, progress=False)
+                      checkpoint_interval=10 if out else 0, threads=1)
+    trainer = Trainer(model, CausalLM(), RandomWindows(data, 16, seed=0), cfg, out=out, progress=False)
     if resume:
         trainer.load_checkpoint()
     trainer.fit(stop_at=stop_at)
@@ -58,8 +58,8 @@ if __name__ == "__main__":  # one torchrun worker
     out, ckpt = Path(sys.argv[1]), Path(sys.argv[2])
     plain = run_tiny()
     accum = run_tiny(grad_accum=2)
-    run_tiny(out_dir=ckpt, stop_at=10)  # interrupted after the step-10 checkpoint
-    resumed = run_tiny(out_dir=ckpt, resume=True)
+    run_tiny(out=ckpt, stop_at=10)  # interrupted after the step-10 checkpoint
+    resumed = run_tiny(out=ckpt, resume=True)
     if dist.get_rank() == 0:
         out.write_text(json.dumps({"world_size": dist.get_world_size(), "plain": plain.history_train_losses(),
                                    "accum": accum.history_train_losses(),

@@ -188,7 +188,7 @@ def test_dea_training_reduces_the_loss():
     assert ernie_loss.num_tokens(held_out) == 32 * 12
     with torch.no_grad():
         before = ernie_losses(model.eval(), held_out)["dea"].item()
-    cfg = TrainConfig(max_iters=40, batch_size=16, grad_accum=2, lr=3e-3, min_lr=3e-3, warmup_iters=0,
+    cfg = TrainConfig(max_steps=40, batch_size=16, grad_accum=2, lr=3e-3, min_lr=3e-3, warmup_steps=0,
                       eval_interval=0, eval_at_start=False, log_interval=1000, device="cpu", weight_decay=0.0)
     Trainer(model.train(), ernie_loss, _ToyDEA(), cfg, progress=False).fit()
     with torch.no_grad():

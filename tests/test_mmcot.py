@@ -322,7 +322,7 @@ def test_two_stage_pipeline_runs_end_to_end(tmp_path, variant):
     vit = {"kind": "vit", "image_size": 32, "patch_size": 8, "width": 16, "depth": 1, "heads": 2}
     size = dict(n_embd=32, head_dim=16, n_head=2, intermediate_size=64) if variant == "t5" else \
         dict(n_embd=32, n_head=2, n_layer=2, intermediate_size=64)
-    tc = TrainConfig(max_iters=4, batch_size=8, lr=3e-3, warmup_iters=1, eval_interval=0, eval_at_start=False,
+    tc = TrainConfig(max_steps=4, batch_size=8, lr=3e-3, warmup_steps=1, eval_interval=0, eval_at_start=False,
                      log_interval=2)
     cfg = PipelineConfig(rationale_train=tc, answer_train=tc, max_rationale_tokens=12)
     factory = ModelFactory(ModelSpec(variant=variant, vision=vit, size=size), data)
@@ -364,7 +364,7 @@ def test_pretrained_frozen_vision_encoder_moves_between_models():
     model = ModelFactory(spec, other, vision_state=state)()
     assert all(torch.equal(v, state[k]) for k, v in model.vision.state_dict().items())
     assert not any(p.requires_grad for p in model.vision.parameters())
-    tc = TrainConfig(max_iters=2, batch_size=4, lr=1e-2, warmup_iters=1, eval_interval=0, eval_at_start=False,
+    tc = TrainConfig(max_steps=2, batch_size=4, lr=1e-2, warmup_steps=1, eval_interval=0, eval_at_start=False,
                      log_interval=1)
     before = {k: v.clone() for k, v in model.named_parameters()}
     train_stage(model, other, other.splits["train"], "QCM-A", tc, progress=False)
@@ -412,7 +412,7 @@ def test_smollm2_palm_e_lora_saves_only_its_new_weights_and_reloads(tmp_path):
     data.tokenizer = lm.tokenizer
     vit = {"kind": "vit", "image_size": 32, "patch_size": 8, "width": 16, "depth": 1, "heads": 2, "conv_stem": True}
     spec = ModelSpec(variant="decoder", vision=vit, base="smollm2", lora={"rank": 4, "alpha": 8, "top_layers": 2})
-    tc = TrainConfig(max_iters=1, batch_size=2, lr=1e-3, warmup_iters=1, eval_interval=0, eval_at_start=False)
+    tc = TrainConfig(max_steps=1, batch_size=2, lr=1e-3, warmup_steps=1, eval_interval=0, eval_at_start=False)
     cfg = PipelineConfig(two_stage=False, answer_train=tc, max_answer_tokens=4)
     result = run_pipeline(ModelFactory(spec, data, lm=lm), data, data.splits["train"], data.splits["test"], cfg,
                           progress=False)

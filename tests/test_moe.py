@@ -158,8 +158,8 @@ def test_trainer_logs_routing_statistics(tmp_path):
     from allformers.training.data import RandomWindows
 
     data = torch.randint(0, 61, (2000,), generator=torch.Generator().manual_seed(0))
-    cfg = TrainConfig(max_iters=4, batch_size=4, log_interval=2, eval_interval=0, lr=1e-3)
-    trainer = Trainer(glam_tiny(), CausalLM(), RandomWindows(data, 16, seed=0), cfg, out_dir=tmp_path, progress=False)
+    cfg = TrainConfig(max_steps=4, batch_size=4, log_interval=2, eval_interval=0, lr=1e-3)
+    trainer = Trainer(glam_tiny(), CausalLM(), RandomWindows(data, 16, seed=0), cfg, out=tmp_path, progress=False)
     trainer.fit()
     import json
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

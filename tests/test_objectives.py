@@ -190,7 +190,7 @@ def test_mlm_objective_runs_in_the_trainer():
     data = MaskedLMData({"input_ids": ids, "attention_mask": attn},
                         MLMMasker(mask_id=MASK, vocab_size=V, special_ids=SPECIALS), seed=0)
     trainer = Trainer(TransformerLM(enc_config()), MaskedLM(), data,
-                      TrainConfig(max_iters=3, batch_size=4, grad_accum=2, warmup_iters=1, device="cpu"),
+                      TrainConfig(max_steps=3, batch_size=4, grad_accum=2, warmup_steps=1, device="cpu"),
                       progress=False)
     before = trainer.raw_model.wte.weight.detach().clone()
     for _ in range(2):

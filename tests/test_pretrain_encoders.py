@@ -21,7 +21,7 @@ from allformers.recipes import RECIPES, UnknownRecipeError
 
 CHARS, VOCAB, SEQ = 50_000, 500, 32
 TINY = {"max_chars": CHARS, "vocab_size": VOCAB, "seq_len": SEQ, "batch_size": 8, "eval_rows": 16,
-        "log_interval": 2, "eval_interval": 0, "num_threads": 1}
+        "log_interval": 2, "eval_interval": 0, "threads": 1}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
@@ -49,10 +49,10 @@ def rows(tok, text):
 def runs(tmp_path_factory, text):
     """Both recipes, 16 steps each, on the slice (the tokenizer trained by the first, shared)."""
     root = tmp_path_factory.mktemp("pretrain")
-    threads = torch.get_num_threads()  # the Trainer sets num_threads=1 for the process: put it back after
-    bert = run_pretrain_recipe("bert-mlm-sotu-tiny", out_dir=root / "bert", max_steps=16, overrides=TINY,
+    threads = torch.get_num_threads()  # the Trainer sets threads=1 for the process: put it back after
+    bert = run_pretrain_recipe("bert-mlm-sotu-tiny", out=root / "bert", max_steps=16, overrides=TINY,
                                progress=False, verbose=False)
-    electra = run_pretrain_recipe("electra-sotu-tiny", out_dir=root / "electra", max_steps=16, overrides=TINY,
+    electra = run_pretrain_recipe("electra-sotu-tiny", out=root / "electra", max_steps=16, overrides=TINY,
                                   tokenizer=root / "bert" / "encoder", progress=False, verbose=False,
                                   return_model=True)
     torch.set_num_threads(threads)
@@ -115,8 +115,8 @@ def test_equal_flop_steps_and_electra_costs_more_per_step(tok, rows):
 def test_recipes_are_registered():
     assert {"bert-mlm-sotu-tiny", "electra-sotu-tiny"} <= {n for n, r in RECIPES.items() if isinstance(r, PretrainRecipe)}
     bert, electra = get_pretrain_recipe("bert-mlm-sotu-tiny"), get_pretrain_recipe("electra-sotu-tiny")
-    assert electra.train.max_iters == ELECTRA_EQUAL_FLOP_STEPS < bert.train.max_iters
-    assert electra.train.replace(max_iters=0) == bert.train.replace(max_iters=0)  # same optimizer and schedule shape
+    assert electra.train.max_steps == ELECTRA_EQUAL_FLOP_STEPS < bert.train.max_steps
+    assert electra.train.replace(max_steps=0) == bert.train.replace(max_steps=0)  # same optimizer and schedule shape
     assert electra.model_overrides == bert.model_overrides  # discriminator = the BERT's size
     with pytest.raises(UnknownRecipeError, match="Did you mean"):
         get_pretrain_recipe("electra-sotu-tin")
@@ -125,7 +125,7 @@ def test_recipes_are_registered():
 def test_bert_two_phase_recipe_pins_90_10(tmp_path, text, monkeypatch):
     recipe = get_pretrain_recipe("bert-two-phase-sotu-tiny")
     assert recipe.phases == ((0.9, 128), (0.1, 512)) and recipe.objective == "mlm"
-    assert phase_steps(recipe.phases, recipe.train.max_iters) == [720, 80]
+    assert phase_steps(recipe.phases, recipe.train.max_steps) == [720, 80]
     assert phase_steps(recipe.phases, 1_000_000) == [900_000, 100_000]  # the BERT paper's split
     with pytest.raises(Exception, match="sum to 1"):
         check_phases(((0.9, 128), (0.2, 512)))
@@ -135,7 +135,7 @@ def test_bert_two_phase_recipe_pins_90_10(tmp_path, text, monkeypatch):
     seen, sample = [], MaskedLMData.sample
     monkeypatch.setattr(MaskedLMData, "sample", lambda self, n: seen.append(len(self.data["input_ids"][0]))
                         or sample(self, n))
-    out = run_pretrain_recipe("bert-two-phase-sotu-tiny", out_dir=tmp_path, max_steps=20, progress=False,
+    out = run_pretrain_recipe("bert-two-phase-sotu-tiny", out=tmp_path, max_steps=20, progress=False,
                               verbose=False, overrides={**TINY, "phases": ((0.9, SEQ), (0.1, 4 * SEQ))})
     assert seen == [SEQ] * 18 + [4 * SEQ] * 2
     assert out["phases"] == [{"steps": 18, "seq_len": SEQ}, {"steps": 2, "seq_len": 4 * SEQ}]
@@ -174,7 +174,7 @@ def test_electra_generator_and_discriminator_share_embeddings_after_training(run
 def test_electra_checkpoint_resumes_exactly(tmp_path, runs):
     over = {**TINY, "checkpoint_interval": 3}
     tok_dir = runs["root"] / "bert" / "encoder"
-    straight = run_pretrain_recipe("electra-sotu-tiny", out_dir=tmp_path / "a", max_steps=6, overrides=over,
+    straight = run_pretrain_recipe("electra-sotu-tiny", out=tmp_path / "a", max_steps=6, overrides=over,
                                    tokenizer=tok_dir, progress=False, verbose=False, return_model=True)
     # stop after 3 steps (the checkpoint), then resume to 6
     import allformers.recipes.pretrain_encoders as pe
@@ -188,10 +188,10 @@ def test_electra_checkpoint_resumes_exactly(tmp_path, runs):
 
     pe.ElectraTrainer.fit = fit_three
     try:
-        run_pretrain_recipe("electra-sotu-tiny", out_dir=tmp_path / "b", max_steps=6, overrides=over,
+        run_pretrain_recipe("electra-sotu-tiny", out=tmp_path / "b", max_steps=6, overrides=over,
                             tokenizer=tok_dir, progress=False, verbose=False)
         assert (tmp_path / "b" / "checkpoint" / "discriminator" / "model.safetensors").exists()
-        resumed = run_pretrain_recipe("electra-sotu-tiny", out_dir=tmp_path / "b", max_steps=6, overrides=over,
+        resumed = run_pretrain_recipe("electra-sotu-tiny", out=tmp_path / "b", max_steps=6, overrides=over,
                                       tokenizer=tok_dir, progress=False, verbose=False, resume=True,
                                       return_model=True)
     finally:
@@ -225,7 +225,7 @@ def test_pretrain_command_lists_and_runs(tmp_path, capsys):
     assert main(["pretrain", "--list"]) == 0
     assert "electra-sotu-tiny" in capsys.readouterr().out
     code = main(["pretrain", "--recipe", "bert-mlm-sotu-tiny", "--out", str(tmp_path / "cli"), "--max-steps", "2",
-                 "--max-chars", "20000", "--vocab-size", "300", "--batch-size", "4", "--num-threads", "1",
+                 "--max-chars", "20000", "--vocab-size", "300", "--batch-size", "4", "--threads", "1",
                  "--eval-interval", "0", "--no-progress", "--json"])
     assert code == 0
     out = json.loads(capsys.readouterr().out)

@@ -128,7 +128,7 @@ def test_pretraining_loss_decreases_with_trainer(task):
     assert objective.num_tokens(batch) == int(batch["attention_mask"].sum()) == pretraining_loss.num_tokens(batch)
     with torch.no_grad():
         before = pretraining_losses(model, batch)
-    cfg = TrainConfig(max_iters=30, batch_size=16, lr=3e-3, min_lr=3e-3, warmup_iters=0, eval_interval=0,
+    cfg = TrainConfig(max_steps=30, batch_size=16, lr=3e-3, min_lr=3e-3, warmup_steps=0, eval_interval=0,
                       eval_at_start=False, log_interval=1000, device="cpu", weight_decay=0.0)
     Trainer(model, objective, _Fixed(batch), cfg, progress=False).fit()
     with torch.no_grad():

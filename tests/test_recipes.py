@@ -88,8 +88,8 @@ def test_overrides_go_where_the_field_is():
 
 
 def test_max_steps_reaches_every_stage():
-    assert get_recipe("t5-pretrained-subject-lines").with_max_steps(5).finetune.max_iters == 5
-    assert get_recipe("t5-pretrained-subject-lines").with_max_steps(5).pretrain.max_iters == 5
+    assert get_recipe("t5-pretrained-subject-lines").with_max_steps(5).finetune.max_steps == 5
+    assert get_recipe("t5-pretrained-subject-lines").with_max_steps(5).pretrain.max_steps == 5
     mm = get_recipe("mmcot-synthetic-t5-vit").with_max_steps(7)
     assert mm.rationale_steps == mm.answer_steps == 7
     assert get_recipe("spam-minilm").with_max_steps(3).max_steps == 3
@@ -141,3 +141,28 @@ def test_every_recipe_runs_through_train(name, tmp_path, capsys):
     r = run_cli(name, tmp_path, capsys)
     assert r  # each recipe returns its summary; its own tests check what is in it
     assert (tmp_path / name).is_dir()
+
+
+# ---------------------------------------------------------------------- one set of argument names
+def test_old_argument_names_still_work_with_a_deprecation_message(tmp_path, capsys):
+    from allformers.cli.main import build_parser
+    from allformers.training import TrainConfig
+
+    args = build_parser().parse_args(["train", "--out-dir", str(tmp_path), "--max-iters", "3", "--num-threads", "1",
+                                      "--data-dir", "d", "--warmup-iters", "2"])
+    assert (args.out, args.max_steps, args.threads, args.data, args.o_warmup_steps) == (str(tmp_path), 3, 1, "d", 2)
+    err = capsys.readouterr().err
+    assert "--out-dir is deprecated, use --out" in err and "--max-iters is deprecated, use --max-steps" in err
+    args = build_parser().parse_args(["train", "--out", "o", "--max-steps", "4", "--threads", "2", "--data", "x"])
+    assert (args.out, args.max_steps, args.threads, args.data) == ("o", 4, 2, "x") and not capsys.readouterr().err
+    with pytest.warns(DeprecationWarning, match="max_iters= is deprecated, use max_steps="):
+        cfg = TrainConfig(max_iters=7, warmup_iters=2, num_threads=1)
+    assert (cfg.max_steps, cfg.warmup_steps, cfg.threads) == (7, 2, 1)
+    with pytest.warns(DeprecationWarning, match="use .max_steps"):
+        assert cfg.max_iters == 7
+    with pytest.warns(DeprecationWarning):
+        assert TrainConfig.from_dict({"max_iters": 9}).max_steps == 9 and cfg.replace(max_iters=5).max_steps == 5
+    with pytest.warns(DeprecationWarning, match="use max_steps="):
+        assert apply_overrides(get_recipe("shakespeare-char-cpu"), {"max_iters": 11}).train.max_steps == 11
+    with pytest.raises(TypeError, match="pass only max_steps="):
+        TrainConfig(max_iters=1, max_steps=2)

@@ -144,7 +144,7 @@ def test_reward_model_loss_falls_on_separable_pairs(tok, tmp_path):
     lm = tiny_lm(tok)
     pairs = separable_pairs(tok)
     rm, summary = train_reward_model(lm, tok, pairs, RewardConfig(steps=30, batch_size=8, lr=3e-3),
-                                     out_dir=tmp_path, eval_pairs=pairs, progress=False)
+                                     out=tmp_path, eval_pairs=pairs, progress=False)
     losses = [r["loss"] for r in map(__import__("json").loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
               if r["event"] == "train"]
     assert losses[0] == pytest.approx(math.log(2), abs=1e-6)  # the head starts at 0: every reply scores 0
@@ -172,7 +172,7 @@ def test_dpo_raises_chosen_over_rejected(tok, tmp_path):
     pairs = separable_pairs(tok)
     fit = train_dpo(lm, tok, pairs, DPOConfig(steps=30, batch_size=8, lr=1e-2, beta=0.5,
                                                       lora=LoRAConfig(rank=4, alpha=8)),
-                    out_dir=tmp_path, progress=False)
+                    out=tmp_path, progress=False)
     train = [r for r in fit["history"] if r["event"] == "train"]
     assert train[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert train[-1]["loss"] < 0.3 and train[-1]["accuracy"] == 1.0
@@ -188,7 +188,7 @@ def test_ppo_runs_logs_and_moves_toward_reward(tok, tmp_path):
     prompts = [encode_prompt(tok, p) for p in ("help me", "explain saving money", "tell me about cooking")]
     cfg = PPOConfig(iterations=3, rollout_batch=8, minibatch=4, epochs=2, max_new_tokens=4, lr=1e-2, kl_coef=0.01,
                     lora=LoRAConfig(rank=4, alpha=8))
-    fit = train_ppo(lm, tok, score, prompts, cfg, out_dir=tmp_path, progress=False)
+    fit = train_ppo(lm, tok, score, prompts, cfg, out=tmp_path, progress=False)
     train = [r for r in fit["history"] if r["event"] == "train"]
     assert len(train) == cfg.steps == 12
     for key in ("score", "kl", "entropy", "clip_frac", "approx_kl", "value_loss", "policy_loss"):
@@ -257,14 +257,14 @@ def test_cli_reward_ppo_dpo_best_of_n(tok, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("help me\nexplain saving money\n")
     common = ["--no-progress", "--lora-rank", "2", "--top-layers", "1"]
-    assert main(["reward", "--model", str(base), "--pairs", str(pairs), "--out", str(tmp_path / "rm"), "--steps", "3",
+    assert main(["reward", "--model", str(base), "--pairs", str(pairs), "--out", str(tmp_path / "rm"), "--max-steps", "3",
                  "--batch-size", "2", "--eval-fraction", "0.3", *common]) == 0
     assert "reward model: 3 steps" in capsys.readouterr().out
     assert main(["ppo", "--model", str(base), "--reward", str(tmp_path / "rm"), "--prompts", str(prompts),
                  "--out", str(tmp_path / "ppo"), "--iterations", "1", "--rollout-batch", "4", "--minibatch", "2",
                  "--max-new-tokens", "4", *common]) == 0
     assert "ppo: 4 steps" in capsys.readouterr().out
-    assert main(["dpo", "--model", str(base), "--pairs", str(pairs), "--out", str(tmp_path / "dpo"), "--steps", "2",
+    assert main(["dpo", "--model", str(base), "--pairs", str(pairs), "--out", str(tmp_path / "dpo"), "--max-steps", "2",
                  "--batch-size", "2", "--loss", "ipo", *common]) == 0
     assert "ipo: 2 steps" in capsys.readouterr().out
     from allformers import load

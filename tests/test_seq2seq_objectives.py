@@ -226,8 +226,8 @@ def test_seq2seq_loss_decreases_on_tiny_t5(one_thread):
     assert obj.num_tokens(batch) == 16 * 5
     before = seq2seq_loss(model, batch).item()
     assert abs(before - math.log(64)) < 0.5
-    cfg = TrainConfig(max_iters=100, batch_size=8, lr=1e-2, min_lr=1e-3, warmup_iters=5, weight_decay=0.0,
-                      eval_interval=0, eval_at_start=False, log_interval=10, device="cpu", num_threads=1)
+    cfg = TrainConfig(max_steps=100, batch_size=8, lr=1e-2, min_lr=1e-3, warmup_steps=5, weight_decay=0.0,
+                      eval_interval=0, eval_at_start=False, log_interval=10, device="cpu", threads=1)
     Trainer(model, obj, data, cfg, progress=False).fit()
     after = seq2seq_loss(model.eval(), batch).item()
     assert after < 0.6 * before

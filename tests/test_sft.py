@@ -190,7 +190,7 @@ def test_lora_sft_learns_and_merged_model_chats(files, tmp_path, capsys):
     out = tmp_path / "sft"
     rc = main(["sft", "--model", str(base), "--data", str(data), "--template", "chatml", "--out", str(out),
                "--lora-rank", "4", "--lora-alpha", "8", "--merge", "--pack", "--max-length", "96",
-               "--max-iters", "30", "--batch-size", "2", "--lr", "1e-2", "--eval-fraction", "0", "--no-progress",
+               "--max-steps", "30", "--batch-size", "2", "--lr", "1e-2", "--eval-fraction", "0", "--no-progress",
                "--json"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
@@ -209,7 +209,7 @@ def test_lora_sft_learns_and_merged_model_chats(files, tmp_path, capsys):
 def test_adapter_folder_loads_as_the_trained_model(files, tmp_path):
     base, data = files
     result = run_sft(str(base), SINGLE_TURN, tmp_path / "adapters", template="alpaca", lora=LoRAConfig(rank=2, targets=("qkv",)),
-                     max_iters=3, batch_size=2, lr=1e-2, eval_fraction=0.25, progress=False, verbose=False)
+                     max_steps=3, batch_size=2, lr=1e-2, eval_fraction=0.25, progress=False, verbose=False)
     assert result["saved"] == "adapters" and result["heldout_loss_before"] is not None
     assert (tmp_path / "adapters" / "adapter.safetensors").stat().st_size < 20_000
     back = load(tmp_path / "adapters")
@@ -227,7 +227,7 @@ def test_full_finetune_from_a_model_object(tmp_path, tok):
     model = tiny(tok.vocab_size)
     model.tokenizer = tok
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = run_sft(model, SINGLE_TURN, tmp_path / "full", template="alpaca", max_iters=2, batch_size=4, lr=1e-3,
+    result = run_sft(model, SINGLE_TURN, tmp_path / "full", template="alpaca", max_steps=2, batch_size=4, lr=1e-3,
                      eval_fraction=0, progress=False, verbose=False)
     assert result["saved"] == "model" and result["trainable_params"] == result["total_params"]
     changed = [k for k, v in result["trained_model"].state_dict().items() if not torch.equal(v, before[k])]
@@ -273,7 +273,7 @@ def test_lora_sft_on_smollm2_lowers_the_response_loss_and_merges_exactly():
     batch = collate([encode_example(r, tok, "alpaca", 512) for r in REAL], tok.pad_id)
     with torch.no_grad():
         before = sft_loss(model, batch).item()
-    result = run_sft(model, REAL, None, template="alpaca", lora=LoRAConfig(rank=8, alpha=16), max_iters=10,
+    result = run_sft(model, REAL, None, template="alpaca", lora=LoRAConfig(rank=8, alpha=16), max_steps=10,
                      batch_size=4, lr=1e-3, eval_fraction=0, progress=False, verbose=False)
     model = result["trained_model"].eval()
     x = batch["input_ids"]

@@ -1,5 +1,25 @@
 """Pieces shared by the CLI commands."""
+import argparse
 import sys
+
+
+class DeprecatedFlag(argparse.Action):
+    """An old spelling of a flag: stores into the new flag's dest and says so on stderr."""
+
+    def __init__(self, option_strings, dest, new: str = "", **kwargs):
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"allformers: {option_string} is deprecated, use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_old_flag(p, old: str, new: str, dest: str, type=None):
+    """`old` keeps working as `new` (same dest and type), hidden from --help. Every command spells
+    its common flags one way: --out, --data, --max-steps, --threads (issue 11)."""
+    p.add_argument(old, dest=dest, type=type, action=DeprecatedFlag, new=new, help=argparse.SUPPRESS,
+                   default=argparse.SUPPRESS)
 
 
 def add_sampling_args(p):

@@ -3,7 +3,8 @@ GGUF file, streaming tokens; (2) train a small GPT on Tiny Shakespeare from scra
 progress bar, samples and a loss plot."""
 import time
 
-from .common import load_model, write
+from .common import add_old_flag, load_model, write
+from .train import OLD_FLAGS
 
 QUESTIONS = ["What is the capital of France?", "Give me three tips for learning to code."]
 
@@ -13,11 +14,11 @@ def register(sub):
     p.add_argument("--skip-chat", action="store_true")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--recipe", default="shakespeare-char-cpu")
-    p.add_argument("--max-steps", "--max-iters", dest="max_steps", type=int, default=None,
-                   help="shorten training (default: the recipe's)")
-    p.add_argument("--data", "--data-dir", dest="data", default=None,
-                   help="default: ../shared/data when present, else download")
-    p.add_argument("--out", "--out-dir", dest="out", default="runs/demo")
+    p.add_argument("--max-steps", type=int, default=None, help="shorten training (default: the recipe's)")
+    p.add_argument("--data", default=None, help="default: ../shared/data when present, else download")
+    p.add_argument("--out", default="runs/demo")
+    for old, new, dest, typ in OLD_FLAGS[:3]:
+        add_old_flag(p, old, new, dest, typ)
     p.set_defaults(handler=run)
 
 
@@ -40,5 +41,5 @@ def run(args):
         for i, text in enumerate(result.get("samples", [])):
             print(f"\n--- sample {i + 1} ---\n{text}")
         print(f"\nval loss {result['val_loss']:.4f} after {result['wall_time_s']:.0f} s; "
-              f"checkpoint and loss plot in {result['out_dir']} (plot: {result['plot']})")
+              f"checkpoint and loss plot in {result['out']} (plot: {result['plot']})")
     return 0

@@ -24,7 +24,7 @@ def run(args):
     pairs = pairs_from_records(read_pairs(args.pairs), lm.tokenizer, args.seed)
     cfg = DPOConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, beta=args.beta, loss=args.loss,
                     lora=lora_from(args), seed=args.seed)
-    fit = train_dpo(lm, lm.tokenizer, pairs, cfg, out_dir=args.out, progress=not args.no_progress,
+    fit = train_dpo(lm, lm.tokenizer, pairs, cfg, out=args.out, progress=not args.no_progress,
                     threads=args.threads)
     save(merge_lora(lm), args.out, tokenizer=lm.tokenizer)
     last = [r for r in fit["history"] if r["event"] == "train"][-1]

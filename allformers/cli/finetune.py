@@ -44,7 +44,7 @@ def run(args):
                       warmup_fraction=args.warmup_fraction, eval_interval=args.eval_interval,
                       max_records=args.max_records, checkpoint_interval=args.checkpoint_interval,
                       keep_checkpoint=args.keep_checkpoint or args.checkpoint_interval > 0, resume=args.resume,
-                      num_threads=args.threads, device=args.device, progress=not args.no_progress)
+                      threads=args.threads, device=args.device, progress=not args.no_progress)
     if "table" not in result:  # not rank 0 under torchrun
         return 0
     if args.json:

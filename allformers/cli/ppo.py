@@ -55,7 +55,7 @@ def run(args):
     cfg = PPOConfig(iterations=args.iterations, rollout_batch=args.rollout_batch, minibatch=args.minibatch,
                     epochs=args.epochs, max_new_tokens=args.max_new_tokens, kl_coef=args.kl_coef, lr=args.lr,
                     lora=lora_from(args), seed=args.seed)
-    fit = train_ppo(lm, lm.tokenizer, rm_score_fn(rm, lm.tokenizer), prompts, cfg, out_dir=args.out,
+    fit = train_ppo(lm, lm.tokenizer, rm_score_fn(rm, lm.tokenizer), prompts, cfg, out=args.out,
                     progress=not args.no_progress, threads=args.threads)
     save(merge_lora(lm), args.out, tokenizer=lm.tokenizer)
     fit.pop("history")

@@ -10,7 +10,7 @@ OVERRIDES = [
     ("--batch-size", "batch_size", int, "sequences per optimizer step"),
     ("--lr", "lr", float, "peak learning rate"),
     ("--min-lr", "min_lr", float, "learning rate at the end of the cosine"),
-    ("--warmup-iters", "warmup_iters", int, "linear warmup steps"),
+    ("--warmup-steps", "warmup_steps", int, "linear warmup steps"),
     ("--eval-interval", "eval_interval", int, "steps between held-out evaluations (0: at the end)"),
     ("--log-interval", "log_interval", int, "steps between metrics records"),
     ("--checkpoint-interval", "checkpoint_interval", int, "steps between checkpoints (0: only at the end)"),

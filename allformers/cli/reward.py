@@ -22,7 +22,7 @@ def run(args):
     train, held = split_records(read_pairs(args.pairs), args.eval_fraction)
     cfg = RewardConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, lora=lora_from(args), seed=args.seed)
     rm, summary = train_reward_model(lm, lm.tokenizer, pairs_from_records(train, lm.tokenizer, args.seed), cfg,
-                                     out_dir=args.out, progress=not args.no_progress, threads=args.threads,
+                                     out=args.out, progress=not args.no_progress, threads=args.threads,
                                      eval_pairs=pairs_from_records(held, lm.tokenizer) if held else None)
     save(rm, args.out, tokenizer=lm.tokenizer)
     if args.json:

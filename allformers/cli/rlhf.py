@@ -3,7 +3,7 @@
 `allformers train`. Details in allformers/recipes/rlhf.py. Also the shared flags of `reward`, `ppo` and `dpo`."""
 import json
 
-from .common import add_run_args
+from .common import add_old_flag, add_run_args
 
 
 def add_lora_args(p, rank: int = 8, top: int = 8):
@@ -19,7 +19,8 @@ def add_pair_training_args(p, what: str, *, steps: int, lr: float):
     p.add_argument("--model", default="smollm2", help="the LM to start from (folder, .gguf or 'smollm2')")
     p.add_argument("--pairs", required=True, help='JSON-lines file of {"prompt", "chosen", "rejected"} records')
     p.add_argument("--out", required=True, help=f"folder for the {what} (allformers format), metrics, plot")
-    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--max-steps", dest="steps", type=int, default=steps, help="optimizer steps")
+    add_old_flag(p, "--steps", "--max-steps", "steps", int)
     p.add_argument("--batch-size", type=int, default=8, help="pairs per step")
     p.add_argument("--lr", type=float, default=lr)
     p.add_argument("--seed", type=int, default=0)

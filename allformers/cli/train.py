@@ -8,7 +8,7 @@ the recipe or of its nested settings (`--set epochs=2`, `--set ppo.kl_coef=0.5`)
 its place is in allformers/recipes/registry.py."""
 import json
 
-from .common import add_run_args
+from .common import add_old_flag, add_run_args
 
 # flag -> (override key, type, help); None values are left to the recipe
 OVERRIDES = [
@@ -17,8 +17,8 @@ OVERRIDES = [
     ("--grad-accum", "grad_accum", int, "micro-batches per step"),
     ("--lr", "lr", float, "peak learning rate"),
     ("--min-lr", "min_lr", float, "learning rate at the end of the cosine"),
-    ("--warmup-iters", "warmup_iters", int, "linear warmup steps"),
-    ("--lr-decay-iters", "lr_decay_iters", int, "cosine length (default: max steps)"),
+    ("--warmup-steps", "warmup_steps", int, "linear warmup steps"),
+    ("--lr-decay-steps", "lr_decay_steps", int, "cosine length (default: max steps)"),
     ("--weight-decay", "weight_decay", float, "AdamW weight decay on >= 2-D weights"),
     ("--beta2", "beta2", float, "AdamW beta2"),
     ("--grad-clip", "grad_clip", float, "gradient norm clip (0: off)"),
@@ -39,15 +39,22 @@ def add_recipe_args(p, default_recipe=None):
     """The flags every recipe command shares: which recipe, where to, how long, the run flags."""
     p.add_argument("--recipe", default=default_recipe, help="recipe name (see --list)")
     p.add_argument("--list", action="store_true", help="list the recipes and exit")
-    p.add_argument("--data", "--data-dir", dest="data", help="the recipe's data (a file or folder; default: the "
-                   "recipe's own, under ../shared/data)")
-    p.add_argument("--out", "--out-dir", dest="out", help="output folder (default: runs/RECIPE)")
-    p.add_argument("--max-steps", "--max-iters", dest="max_steps", type=int, help="optimizer steps (every stage)")
+    p.add_argument("--data", help="the recipe's data (a file or folder; default: the recipe's own, under "
+                   "../shared/data)")
+    p.add_argument("--out", help="output folder (default: runs/RECIPE)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (every stage)")
     p.add_argument("--seed", type=int, help="seed (init, data order, dropout)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-    p.add_argument("--num-threads", dest="threads", type=int, help="alias of --threads")
     add_run_args(p)
     p.set_defaults(device=None)
+    for old, new, dest, typ in OLD_FLAGS:
+        add_old_flag(p, old, new, dest, typ)
+
+
+OLD_FLAGS = [("--data-dir", "--data", "data", None), ("--out-dir", "--out", "out", None),
+             ("--max-iters", "--max-steps", "max_steps", int), ("--num-threads", "--threads", "threads", int),
+             ("--warmup-iters", "--warmup-steps", "o_warmup_steps", int),
+             ("--lr-decay-iters", "--lr-decay-steps", "o_lr_decay_steps", int)]
 
 
 def register(sub):

@@ -43,7 +43,7 @@ class CharLMRecipe(Recipe):
 
 EVAL_TOKENS_PER_PASS = 8192
 DATASETS = {  # name -> data folder -> Corpus
-    "tinyshakespeare-char": lambda data_dir: char_corpus(tiny_shakespeare_path(data_dir), train_fraction=0.9),
+    "tinyshakespeare-char": lambda data: char_corpus(tiny_shakespeare_path(data), train_fraction=0.9),
 }
 
 
@@ -55,7 +55,7 @@ register(CharLMRecipe(
                                             "attn_bias": False, "mlp_bias": False, "norm_bias": False},
     # nanoGPT's lr for this model is 1e-3 (val 1.896 here); at 2,000 steps 3x that trains faster and
     # stays stable: 2e-3 -> 1.814, 3e-3 -> 1.763 (same seed, same evaluation windows; docs/training.md).
-    train=TrainConfig(max_iters=2000, batch_size=12, lr=3e-3, min_lr=3e-4, warmup_iters=100, weight_decay=0.1,
+    train=TrainConfig(max_steps=2000, batch_size=12, lr=3e-3, min_lr=3e-4, warmup_steps=100, weight_decay=0.1,
                       beta2=0.99, grad_clip=1.0, eval_interval=250, log_interval=10),
     eval_iters=20, target="val loss <= 1.89 in <= 97 s (nanoGPT's own script here: 1.886 in 97 s)"))
 
@@ -66,7 +66,7 @@ register(CharLMRecipe(
     description="baby GPT widths, 128-token context, 32-sequence batches, 1,650 steps (~7 min on 2 quiet cores)",
     model="baby-gpt-char", model_overrides={"block_size": 128, "dropout": 0.0,
                                             "attn_bias": False, "mlp_bias": False, "norm_bias": False},
-    train=TrainConfig(max_iters=1650, batch_size=32, lr=2e-3, min_lr=2e-4, warmup_iters=100, weight_decay=0.1,
+    train=TrainConfig(max_steps=1650, batch_size=32, lr=2e-3, min_lr=2e-4, warmup_steps=100, weight_decay=0.1,
                       beta2=0.99, grad_clip=1.0, eval_interval=250, log_interval=10),
     eval_iters=20, target="val loss <= 1.70 in <= 10 min"))
 
@@ -74,7 +74,7 @@ register(CharLMRecipe(
 # ---------------------------------------------------------------------- running one
 def run_char_lm(recipe: CharLMRecipe, *, out, data=None, progress: bool = True, resume: bool = False) -> dict:
     """Train `recipe` end to end into `out`. Returns a dict with val_loss, train_loss (last evaluation),
-    wall_time_s (data + model + training + evals + checkpoint + plot; samples excluded), out_dir,
+    wall_time_s (data + model + training + evals + checkpoint + plot; samples excluded), out,
     plot, checkpoint, samples and the run's settings. `data`: a folder holding
     tinyshakespeare/input.txt (default: the data root, else a download)."""
     from ..config import Config
@@ -82,11 +82,11 @@ def run_char_lm(recipe: CharLMRecipe, *, out, data=None, progress: bool = True, 
     from ..objectives import CausalLM
 
     t0 = time.perf_counter()
-    cfg, eval_iters, out_dir = recipe.train, recipe.eval_iters, Path(out)
+    cfg, eval_iters, out = recipe.train, recipe.eval_iters, Path(out)
     is_main = int(os.environ.get("RANK", "0")) == 0
     if is_main and not resume:  # a fresh run: stale metrics would be appended to
         for stale in (METRICS_FILE, PLOT_FILE):
-            (out_dir / stale).unlink(missing_ok=True)
+            (out / stale).unlink(missing_ok=True)
 
     corpus = DATASETS[recipe.dataset](data)
     mcfg = Config.from_name(recipe.model, **{**recipe.model_overrides, "vocab_size": corpus.tokenizer.vocab_size})
@@ -101,13 +101,13 @@ def run_char_lm(recipe: CharLMRecipe, *, out, data=None, progress: bool = True, 
     rows = -(-total // n_pass)
     eval_data = {"train": fixed_batches(corpus.train, block, rows, n_pass, seed=cfg.seed + 1),
                  "val": fixed_batches(corpus.val, block, rows, n_pass, seed=cfg.seed + 2)}
-    trainer = Trainer(model, CausalLM(), train_data, cfg, eval_data=eval_data, out_dir=out_dir,
+    trainer = Trainer(model, CausalLM(), train_data, cfg, eval_data=eval_data, out=out,
                       tokenizer=corpus.tokenizer, progress=progress)
     if resume:
-        if (out_dir / CHECKPOINT_DIR).exists():
+        if (out / CHECKPOINT_DIR).exists():
             trainer.load_checkpoint()
         elif trainer.is_main:
-            print(f"no checkpoint in {out_dir / CHECKPOINT_DIR}: starting from step 0")
+            print(f"no checkpoint in {out / CHECKPOINT_DIR}: starting from step 0")
     summary = trainer.fit()
     wall = time.perf_counter() - t0
 
@@ -120,7 +120,7 @@ def run_char_lm(recipe: CharLMRecipe, *, out, data=None, progress: bool = True, 
     if trainer.is_main:
         result["samples"] = [sample_text(model, corpus.tokenizer, max_new_tokens=recipe.sample_tokens, seed=i)
                              for i in range(recipe.samples)]
-        (out_dir / "summary.json").write_text(json.dumps(result, indent=2))
+        (out / "summary.json").write_text(json.dumps(result, indent=2))
     if trainer.world_size > 1:
         import torch.distributed as dist
 

@@ -41,6 +41,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..deprecation import accepts_old_names
 from ..errors import AllformersError
 from ..training.trainer import CHECKPOINT_DIR, METRICS_FILE, PLOT_FILE, TrainConfig, Trainer
 from .registry import Recipe, register, settings_of
@@ -342,12 +343,13 @@ def save_final(model, tokenizer, out: Path) -> None:
 
 
 # ---------------------------------------------------------------------- the whole run
+@accepts_old_names
 def finetune(model="minilm", data=None, out="runs/spam", *, epochs: float = 1.0, lr: float = 1e-4,
              batch_size: int = 16, max_length: int = 128, eval_fraction: float = 0.2, seed: int = 0,
              dropout: Optional[float] = 0.1, weight_decay: float = 0.01, warmup_fraction: float = 0.06,
              eval_interval: int = 0, eval_batch_size: int = 64, grad_accum: int = 1, max_records: Optional[int] = None,
              keep_checkpoint: bool = False, checkpoint_interval: int = 0, resume: bool = False,
-             num_threads: Optional[int] = None, device: str = "auto", progress: bool = True,
+             threads: Optional[int] = None, device: str = "auto", progress: bool = True,
              verbose: bool = True, max_steps: Optional[int] = None) -> dict:
     """Fine-tune `model` (a folder or "minilm") on `data` and save the classifier into `out`.
     Returns the summary also written to out/finetune.json: held-out metrics, confusion matrix,
@@ -355,8 +357,8 @@ def finetune(model="minilm", data=None, out="runs/spam", *, epochs: float = 1.0,
     quick trials; `max_steps` replaces the step count `epochs` gives (smoke runs)."""
     t0 = time.perf_counter()
     log = (lambda *a: print(*a, file=sys.stderr)) if verbose else (lambda *a: None)
-    if num_threads:
-        torch.set_num_threads(num_threads)
+    if threads:
+        torch.set_num_threads(threads)
     if epochs <= 0 or batch_size <= 0 or max_length < 8:
         raise FinetuneError(f"need epochs > 0, batch_size > 0 and max_length >= 8 "
                             f"(got {epochs}, {batch_size}, {max_length})")
@@ -386,17 +388,17 @@ def finetune(model="minilm", data=None, out="runs/spam", *, epochs: float = 1.0,
         f"{(lengths >= max_length).float().mean().item():.0%} reach max_length={max_length}")
 
     steps = max_steps or max(1, math.ceil(epochs * len(train_idx) / batch_size))
-    cfg = TrainConfig(max_iters=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr=lr / 10,
-                      warmup_iters=max(1, int(warmup_fraction * steps)) if warmup_fraction else 0,
+    cfg = TrainConfig(max_steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr=lr / 10,
+                      warmup_steps=max(1, int(warmup_fraction * steps)) if warmup_fraction else 0,
                       weight_decay=weight_decay, beta1=0.9, beta2=0.999, grad_clip=1.0,
                       eval_interval=eval_interval, eval_at_start=False, log_interval=max(1, steps // 500),
-                      checkpoint_interval=checkpoint_interval, seed=seed, device=device, num_threads=num_threads)
+                      checkpoint_interval=checkpoint_interval, seed=seed, device=device, threads=threads)
     out = Path(out)
     if not resume:  # a fresh run: stale metrics would be appended to
         for stale in (METRICS_FILE, PLOT_FILE):
             (out / stale).unlink(missing_ok=True)
     objective = SequenceClassification(labels)
-    trainer = Trainer(clf, objective, train_data, cfg, eval_data=evals, out_dir=out, tokenizer=tok,
+    trainer = Trainer(clf, objective, train_data, cfg, eval_data=evals, out=out, tokenizer=tok,
                       progress=progress, eval_metrics=objective.metrics)
     if resume and (out / CHECKPOINT_DIR).exists():
         trainer.load_checkpoint()
@@ -426,7 +428,7 @@ def finetune(model="minilm", data=None, out="runs/spam", *, epochs: float = 1.0,
         "confusion": confusion,
         "settings": {"epochs": epochs, "steps": steps, "lr": lr, "batch_size": batch_size, "max_length": max_length,
                      "seed": seed, "dropout": clf.config.dropout, "weight_decay": weight_decay,
-                     "warmup_iters": cfg.warmup_iters, "pooling": clf.config.pooling, "threads": torch.get_num_threads()},
+                     "warmup_steps": cfg.warmup_steps, "pooling": clf.config.pooling, "threads": torch.get_num_threads()},
         "newly_initialised": report.initialised, "dropped": dropped,
         "times_s": {"load": t_model - t0, "tokenise": t_data - t_model, "train_and_eval": t_fit - t_data,
                     "train": summary["train_time_s"], "total": time.perf_counter() - t0},
@@ -470,7 +472,7 @@ class FinetuneRecipe(Recipe):
     max_records: Optional[int] = None
     keep_checkpoint: bool = False
     checkpoint_interval: int = 0
-    num_threads: Optional[int] = None
+    threads: Optional[int] = None
     device: str = "auto"
     max_steps: Optional[int] = None
     kind = "fine-tuning"

@@ -337,7 +337,7 @@ def train_stage(model, data: MMCoTData, qids: Sequence, fmt: str, cfg: TrainConf
     examples = (MMDecoderExamples if decoder else MMSeq2SeqExamples)(data, qids, src, tgt, seed=cfg.seed)
     loss = _Loss(decoder_lm_loss if decoder else seq2seq_loss)
     summary = Trainer(model, loss, examples, cfg, progress=progress).fit()
-    summary["epochs"] = cfg.max_iters * cfg.batch_size / len(examples)
+    summary["epochs"] = cfg.max_steps * cfg.batch_size / len(examples)
     return summary
 
 
@@ -414,10 +414,10 @@ class PipelineConfig:
     one_stage_format: str = "QCM-A"  # one-stage baselines: "QCM-A" or "QCM-ALE"
     stage2_init: str = "base"  # "base": stage 2 starts from stage 1's starting weights (reference); "stage1": from stage 1
     rationale_train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        max_iters=3000, batch_size=32, lr=3e-3, min_lr=3e-4, warmup_iters=150, weight_decay=0.01, eval_interval=0,
+        max_steps=3000, batch_size=32, lr=3e-3, min_lr=3e-4, warmup_steps=150, weight_decay=0.01, eval_interval=0,
         eval_at_start=False, log_interval=50))
     answer_train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        max_iters=800, batch_size=32, lr=3e-3, min_lr=3e-4, warmup_iters=40, weight_decay=0.01, eval_interval=0,
+        max_steps=800, batch_size=32, lr=3e-3, min_lr=3e-4, warmup_steps=40, weight_decay=0.01, eval_interval=0,
         eval_at_start=False, log_interval=50))
     max_rationale_tokens: int = 96
     max_answer_tokens: int = 12
@@ -721,11 +721,11 @@ def _vision_spec(r: MMCoTRecipe, data: MMCoTData) -> Optional[dict]:
 def _pipeline_config(r: MMCoTRecipe) -> PipelineConfig:
     lr = r.lr or (2e-4 if r.base else 3e-3)
     train = TrainConfig(batch_size=r.batch_size, lr=lr, min_lr=lr / 10, weight_decay=0.01, eval_interval=0,
-                        eval_at_start=False, log_interval=10, seed=r.seed, num_threads=r.threads)
+                        eval_at_start=False, log_interval=10, seed=r.seed, threads=r.threads)
     return PipelineConfig(two_stage=not r.one_stage, one_stage_format=r.format, stage2_init=r.stage2_init,
-                          rationale_train=train.replace(max_iters=r.rationale_steps,
-                                                        warmup_iters=max(1, r.rationale_steps // 20)),
-                          answer_train=train.replace(max_iters=r.answer_steps, warmup_iters=max(1, r.answer_steps // 20)),
+                          rationale_train=train.replace(max_steps=r.rationale_steps,
+                                                        warmup_steps=max(1, r.rationale_steps // 20)),
+                          answer_train=train.replace(max_steps=r.answer_steps, warmup_steps=max(1, r.answer_steps // 20)),
                           max_rationale_tokens=r.max_rationale_tokens, eval_batch_size=r.eval_batch_size)
 
 

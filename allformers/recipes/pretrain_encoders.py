@@ -49,6 +49,7 @@ from typing import Optional
 
 import torch
 
+from ..deprecation import accepts_old_names
 from ..training.data import DataError, resolve_data_path
 from ..training.trainer import CHECKPOINT_DIR, METRICS_FILE, PLOT_FILE, STATE_FILE, TrainConfig, Trainer, TrainingError
 from .registry import Recipe, apply_overrides, get_recipe, prepare, register
@@ -200,8 +201,8 @@ class PretrainRecipe(Recipe):
 
     def with_max_steps(self, n: int) -> "PretrainRecipe":
         """n steps, warmup cut to 6% of them when that is shorter (an explicit warmup override wins)."""
-        warmup = min(self.train.warmup_iters, max(1, int(0.06 * n)))
-        return dataclasses.replace(self, train=self.train.replace(max_iters=n, warmup_iters=warmup))
+        warmup = min(self.train.warmup_steps, max(1, int(0.06 * n)))
+        return dataclasses.replace(self, train=self.train.replace(max_steps=n, warmup_steps=warmup))
 
     def run(self, *, out: Path, data=None, progress: bool = True, resume: bool = False, verbose: bool = True) -> dict:
         return run_pretrain(self, out=out, data=data, tokenizer=self.tokenizer, resume=resume, progress=progress,
@@ -228,11 +229,11 @@ def check_phases(phases) -> None:
         raise TrainingError(f"phase row lengths {[L for _, L in phases]} must be integers >= 8")
 
 
-def phase_steps(phases, max_iters: int) -> list[int]:
-    """Steps per phase: floor(share * max_iters) for each but the last, which takes the rest
+def phase_steps(phases, max_steps: int) -> list[int]:
+    """Steps per phase: floor(share * max_steps) for each but the last, which takes the rest
     (BERT: 900,000 + 100,000 of 1M; here 720 + 80 of 800)."""
-    counts = [int(share * max_iters) for share, _ in phases[:-1]]
-    return counts + [max_iters - sum(counts)]
+    counts = [int(share * max_steps) for share, _ in phases[:-1]]
+    return counts + [max_steps - sum(counts)]
 
 
 class PhasedData:
@@ -282,7 +283,7 @@ TINY_GENERATOR = dict(n_layer=4, n_head=1, n_embd=32, intermediate_size=128, emb
 # The same optimizer for both: AdamW, peak lr 1e-3 after 6% warmup, cosine to 1e-4, BERT's weight decay.
 # Batch 8 x 128 tokens: in this tiny budget more updates beat bigger batches (measured: at 400 steps, batch 8
 # at lr 1e-3 had left the unigram plateau, held-out MLM 6.28, while batch 16 at lr 2e-3 was still on it, 6.43).
-TINY_TRAIN = TrainConfig(max_iters=800, batch_size=8, lr=1e-3, min_lr=1e-4, warmup_iters=48, weight_decay=0.01,
+TINY_TRAIN = TrainConfig(max_steps=800, batch_size=8, lr=1e-3, min_lr=1e-4, warmup_steps=48, weight_decay=0.01,
                          beta1=0.9, beta2=0.999, eps=1e-6, grad_clip=1.0, eval_interval=200, log_interval=10,
                          seed=1337)
 # ELECTRA's step costs ~9% more FLOPs than BERT's (step_flops, batch 8 x 128): at equal training FLOPs it
@@ -311,7 +312,7 @@ register(PretrainRecipe(
                 "(equal training FLOPs)",
     model="electra-small-discriminator", model_overrides=dict(TINY_ENCODER),
     generator_model="electra-small-generator", generator_overrides=dict(TINY_GENERATOR),
-    train=TINY_TRAIN.replace(max_iters=ELECTRA_EQUAL_FLOP_STEPS),
+    train=TINY_TRAIN.replace(max_steps=ELECTRA_EQUAL_FLOP_STEPS),
     target="beat bert-mlm-sotu-tiny's spam accuracy at equal training FLOPs (docs/electra_vs_bert.md)"))
 
 
@@ -555,7 +556,7 @@ class ElectraTrainer(Trainer):
 
         path = Path(path) if path else self.checkpoint_path
         if path is None:
-            raise TrainingError("no checkpoint path: give the Trainer an out_dir or pass a path")
+            raise TrainingError("no checkpoint path: give the Trainer an out folder or pass a path")
         if self.world_size > 1:
             raise TrainingError("ElectraTrainer checkpoints single-process runs only")
         state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "rng": [torch.get_rng_state()],
@@ -616,14 +617,15 @@ def prepare_data(recipe: PretrainRecipe, data=None, tokenizer=None, *, log=print
     return tok, train_rows, val_rows, path
 
 
-def run_pretrain_recipe(name: str, *, data=None, out_dir=None, max_steps: Optional[int] = None,
+@accepts_old_names
+def run_pretrain_recipe(name: str, *, data=None, out=None, max_steps: Optional[int] = None,
                         tokenizer=None, seed: Optional[int] = None, overrides: Optional[dict] = None,
                         resume: bool = False, progress: bool = True, verbose: bool = True,
                         prepared=None, return_model: bool = False) -> dict:
     """The registered recipe `name` with the caller's changes (registry.prepare), run by run_pretrain
-    into `out_dir` (default runs/NAME)."""
+    into `out` (default runs/NAME)."""
     recipe = prepare(name, max_steps=max_steps, seed=seed, overrides=overrides, kind=PretrainRecipe)
-    out = Path(out_dir) if out_dir is not None else Path("runs") / name
+    out = Path(out) if out is not None else Path("runs") / name
     return run_pretrain(recipe, out=out, data=data, tokenizer=tokenizer if tokenizer is not None else recipe.tokenizer,
                         resume=resume, progress=progress, verbose=verbose, prepared=prepared,
                         return_model=return_model)
@@ -643,7 +645,7 @@ def run_pretrain(recipe: PretrainRecipe, *, out, data=None, tokenizer=None, resu
     log = print if verbose else (lambda *a, **k: None)
     name = recipe.name
     cfg = recipe.train
-    if cfg.eval_interval > cfg.max_iters:
+    if cfg.eval_interval > cfg.max_steps:
         cfg = cfg.replace(eval_interval=0)
     out = Path(out)
     if not resume:
@@ -660,7 +662,7 @@ def run_pretrain(recipe: PretrainRecipe, *, out, data=None, tokenizer=None, resu
                    MaskedLMData(split_rows(encode_rows(tok, text, L), recipe.val_every)[0], masker, dynamic=True,
                                 seed=cfg.seed + i)
                    for i, (_, L) in enumerate(recipe.phases)]
-        train_data = PhasedData(sources, phase_steps(recipe.phases, cfg.max_iters))
+        train_data = PhasedData(sources, phase_steps(recipe.phases, cfg.max_steps))
         log(f"[allformers] phases: " + ", ".join(f"{n} steps x {L} tokens" for n, (_, L) in
                                                zip(train_data.steps, recipe.phases)))
     val = val_rows[: recipe.eval_rows]
@@ -677,13 +679,13 @@ def run_pretrain(recipe: PretrainRecipe, *, out, data=None, tokenizer=None, resu
     flops = step_flops(model, objective, probe)  # the training data's generator is left alone
     objective.recent = []
     trainer_cls = ElectraTrainer if electra else Trainer
-    trainer = trainer_cls(model, objective, train_data, cfg, eval_data=eval_data, out_dir=out, tokenizer=tok,
+    trainer = trainer_cls(model, objective, train_data, cfg, eval_data=eval_data, out=out, tokenizer=tok,
                           progress=progress, eval_metrics=objective.metrics)
     if resume and (out / CHECKPOINT_DIR / STATE_FILE).exists():
         trainer.load_checkpoint()
         log(f"[allformers] resumed from {out / CHECKPOINT_DIR} at step {trainer.step}")
     log(f"[allformers] {name}: {param_counts(model)} params, {flops['total'] / 1e9:.2f} GFLOP per step "
-        f"(batch {cfg.batch_size} x {recipe.seq_len}), {cfg.max_iters} steps = {flops['total'] * cfg.max_iters / 1e12:.2f} TFLOP")
+        f"(batch {cfg.batch_size} x {recipe.seq_len}), {cfg.max_steps} steps = {flops['total'] * cfg.max_steps / 1e12:.2f} TFLOP")
     summary = trainer.fit()
     t_fit = time.perf_counter()
 

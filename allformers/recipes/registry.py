@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Optional
 
+from ..deprecation import renamed_kwargs
 from ..errors import AllformersError
 from ..training.trainer import TrainConfig
 
@@ -64,7 +65,7 @@ class Recipe:
         if not train_configs(self):
             raise RecipeError(f"recipe {self.name!r} ({self.kind}) has no TrainConfig to cut to {n} steps; "
                               f"change its own step settings with --set (see `allformers train --list`)")
-        return set_everywhere(self, {"max_iters": n}, only=TrainConfig)
+        return set_everywhere(self, {"max_steps": n}, only=TrainConfig)
 
     def report(self, result: dict) -> str:
         """A few human lines about a finished run (the CLI prints them; --json prints the result)."""
@@ -157,7 +158,7 @@ def apply_overrides(recipe: Recipe, overrides: Optional[dict]) -> Recipe:
     doc. The changes to one nested object are applied together, so its checks see the final values."""
     own, nested = _field_names(recipe), _nested(recipe)
     top, inner, model = {}, {name: {} for name in nested}, {}
-    for key, value in (overrides or {}).items():
+    for key, value in renamed_kwargs(dict(overrides or {}), f"recipe {recipe.name!r}").items():
         if value is None:
             continue
         head, dot, rest = key.partition(".")
@@ -204,7 +205,7 @@ def prepare(name: str, *, max_steps: Optional[int] = None, seed: Optional[int] =
     if max_steps is not None:
         recipe = recipe.with_max_steps(max_steps)
     recipe = apply_overrides(recipe, {"seed": seed, **(overrides or {})})
-    run_settings = {k: v for k, v in (("num_threads", threads), ("device", device)) if v is not None}
+    run_settings = {k: v for k, v in (("threads", threads), ("device", device)) if v is not None}
     return set_everywhere(recipe, run_settings) if run_settings else recipe
 
 

@@ -28,6 +28,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..deprecation import accepts_old_names
 from ..training.rlhf import (DPOConfig, PairData, PPOConfig, RewardConfig, RLHFError, best_of_n, encode_prompt, evaluate_policy,
                    pad_id_of, rm_score_fn, sample_replies, save_json, train_dpo, train_ppo, train_reward_model)
 from .registry import Recipe, register
@@ -187,7 +188,8 @@ register(dataclasses.replace(quick_recipe(RLHFRecipe()), name="rlhf-smollm2-quic
                              description="rlhf-smollm2 with every stage cut to a few steps: checks that it all runs", target=""))
 
 
-def run_rlhf(lm, tokenizer, out_dir, recipe: RLHFRecipe = RLHFRecipe(), *, progress: bool = True,
+@accepts_old_names
+def run_rlhf(lm, tokenizer, out, recipe: RLHFRecipe = RLHFRecipe(), *, progress: bool = True,
              threads: Optional[int] = None, log: Callable[[str], None] = print) -> dict:
     """Run the recipe from `lm` (left untouched: each stage trains its own copy). Writes
     OUT/summary.json, OUT/pairs.jsonl, OUT/{reward,ppo,dpo}/metrics.jsonl and OUT/rlhf.png."""
@@ -198,7 +200,7 @@ def run_rlhf(lm, tokenizer, out_dir, recipe: RLHFRecipe = RLHFRecipe(), *, progr
     if threads:
         torch.set_num_threads(threads)
     prop = PROPERTIES[recipe.property]
-    out = Path(out_dir)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     times: dict = {}
@@ -243,7 +245,7 @@ def run_rlhf(lm, tokenizer, out_dir, recipe: RLHFRecipe = RLHFRecipe(), *, progr
     # 3. reward model
     t0 = time.perf_counter()
     held_pairs = encode_pairs(held_records, tokenizer, held_done)
-    rm, rm_summary = train_reward_model(lm, tokenizer, pairs, recipe.reward, out_dir=out / "reward",
+    rm, rm_summary = train_reward_model(lm, tokenizer, pairs, recipe.reward, out=out / "reward",
                                         eval_pairs=held_pairs, progress=progress)
     score_fn = rm_score_fn(rm, tokenizer)
     rm.save(out / "reward" / "model", tokenizer=tokenizer)  # for `allformers ppo --reward` / `best-of-n --reward`
@@ -253,7 +255,7 @@ def run_rlhf(lm, tokenizer, out_dir, recipe: RLHFRecipe = RLHFRecipe(), *, progr
     # 4a. PPO
     t0 = time.perf_counter()
     ppo_lm = copy.deepcopy(lm)
-    ppo_fit = train_ppo(ppo_lm, tokenizer, score_fn, train_ids, recipe.ppo, out_dir=out / "ppo", check=check,
+    ppo_fit = train_ppo(ppo_lm, tokenizer, score_fn, train_ids, recipe.ppo, out=out / "ppo", check=check,
                         progress=progress)
     elapsed("ppo", t0)
     t0 = time.perf_counter()
@@ -264,7 +266,7 @@ def run_rlhf(lm, tokenizer, out_dir, recipe: RLHFRecipe = RLHFRecipe(), *, progr
     # 4b. DPO
     t0 = time.perf_counter()
     dpo_lm = copy.deepcopy(lm)
-    dpo_fit = train_dpo(dpo_lm, tokenizer, pairs, recipe.dpo, out_dir=out / "dpo", progress=progress)
+    dpo_fit = train_dpo(dpo_lm, tokenizer, pairs, recipe.dpo, out=out / "dpo", progress=progress)
     elapsed("dpo", t0)
     t0 = time.perf_counter()
     dpo = _drop_texts(evaluate_policy(dpo_lm, tokenizer, held_ids, score_fn=score_fn, **ev))

@@ -29,6 +29,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..deprecation import accepts_old_names
 from ..errors import AllformersError
 from ..metrics.rouge import lcs_length, rouge_l, rouge_tokens  # noqa: F401 (re-exported)
 from ..training.trainer import TrainConfig, Trainer
@@ -70,14 +71,15 @@ class SubjectLineData:
     info: dict = field(default_factory=dict)
 
 
-def load_sources(data_root=None, max_sotu_chars: Optional[int] = None, max_records: Optional[int] = None):
+@accepts_old_names
+def load_sources(data=None, max_sotu_chars: Optional[int] = None, max_records: Optional[int] = None):
     """(sotu text, training records, held-out records), the split by finetune.heldout_split(0.2)."""
     from ..training.data import default_data_root
     from .finetune import heldout_split, read_records, resolve_data, split_key
 
-    root = Path(data_root) if data_root else default_data_root()
+    root = Path(data) if data else default_data_root()
     if root is None or not (root / SOTU).is_file():
-        raise AllformersError(f"no {SOTU} under the data root ({root}); set ALLFORMERS_DATA or pass data_root")
+        raise AllformersError(f"no {SOTU} under the data root ({root}); set ALLFORMERS_DATA or pass data")
     sotu = (root / SOTU).read_text(encoding="utf-8")
     if max_sotu_chars:
         sotu = sotu[:max_sotu_chars]
@@ -90,11 +92,12 @@ def load_sources(data_root=None, max_sotu_chars: Optional[int] = None, max_recor
     return sotu, train, held
 
 
-def prepare_data(data_root=None, vocab_size: int = 4096, max_source: int = 128, max_target: int = 24,
+@accepts_old_names
+def prepare_data(data=None, vocab_size: int = 4096, max_source: int = 128, max_target: int = 24,
                  tokenizer=None, max_sotu_chars: Optional[int] = None, max_records: Optional[int] = None,
                  val_fraction: float = 0.02) -> SubjectLineData:
     t0 = time.perf_counter()
-    sotu, train, held = load_sources(data_root, max_sotu_chars, max_records)
+    sotu, train, held = load_sources(data, max_sotu_chars, max_records)
     docs = [line for line in sotu.split("\n") if line.strip()]
     if tokenizer is None:
         texts = docs + [clean(r.get("subject")) for r in train] + [clean(r["text"]) for r in train]
@@ -206,9 +209,9 @@ def pretrain_data(kind: str, data: SubjectLineData, seed: int = 0, inputs_length
     return make(data.sotu_train, seed), make(data.sotu_val, seed + 1)
 
 
-PRETRAIN = TrainConfig(max_iters=150, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_iters=20, weight_decay=0.01,
+PRETRAIN = TrainConfig(max_steps=150, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=20, weight_decay=0.01,
                        beta2=0.99, grad_clip=1.0, eval_interval=0, log_interval=10)
-FINETUNE = TrainConfig(max_iters=150, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_iters=20, weight_decay=0.01,
+FINETUNE = TrainConfig(max_steps=150, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=20, weight_decay=0.01,
                        beta2=0.99, grad_clip=1.0, eval_interval=0, eval_at_start=False, log_interval=10)
 # Peak learning rate per architecture, picked from {1e-3, 3e-3} by a 150-step from-scratch fine-tune:
 # T5 (pre-norm) 3e-3 (held-out loss 5.80 vs 6.55 at 1e-3); BART (post-LN) 1e-3 (5.72 vs 6.38 at 3e-3).
@@ -220,19 +223,21 @@ def for_kind(cfg: TrainConfig, kind: str) -> TrainConfig:
     return cfg.replace(lr=LR[kind], min_lr=LR[kind] / 10)
 
 
-def pretrain(model, kind: str, data: SubjectLineData, cfg: TrainConfig = PRETRAIN, *, out_dir=None,
+@accepts_old_names
+def pretrain(model, kind: str, data: SubjectLineData, cfg: TrainConfig = PRETRAIN, *, out=None,
              progress: bool = True, eval_batches: int = 4) -> dict:
     """Pretrain in place with the kind's denoising objective; returns the Trainer's summary + times."""
     from ..objectives.seq2seq import Seq2SeqLoss
 
     train, val = pretrain_data(kind, data, seed=cfg.seed)
-    trainer = Trainer(model, Seq2SeqLoss(), train, cfg, out_dir=out_dir, tokenizer=data.tokenizer, progress=progress,
+    trainer = Trainer(model, Seq2SeqLoss(), train, cfg, out=out, tokenizer=data.tokenizer, progress=progress,
                       eval_data={"val": val.fixed_batches(cfg.batch_size, eval_batches, seed=cfg.seed + 7)})
     return trainer.fit()
 
 
 # ---------------------------------------------------------------------- subject lines
-def finetune_subjects(model, data: SubjectLineData, cfg: TrainConfig = FINETUNE, *, out_dir=None,
+@accepts_old_names
+def finetune_subjects(model, data: SubjectLineData, cfg: TrainConfig = FINETUNE, *, out=None,
                       progress: bool = True, label_smoothing: float = 0.0, heldout_loss: bool = True) -> dict:
     """Teacher-forced fine-tuning on (body -> subject) of the training e-mails; the held-out loss at the end."""
     from ..objectives.seq2seq import Seq2SeqExamples, Seq2SeqLoss
@@ -240,10 +245,10 @@ def finetune_subjects(model, data: SubjectLineData, cfg: TrainConfig = FINETUNE,
     tok = data.tokenizer
     train = Seq2SeqExamples(data.train_src, data.train_tgt, tok.pad_id, seed=cfg.seed)
     held = Seq2SeqExamples(data.held_src, data.held_tgt, tok.pad_id).batches(64) if heldout_loss else None
-    trainer = Trainer(model, Seq2SeqLoss(label_smoothing), train, cfg, out_dir=out_dir, tokenizer=tok,
+    trainer = Trainer(model, Seq2SeqLoss(label_smoothing), train, cfg, out=out, tokenizer=tok,
                       progress=progress, eval_data={"val": held} if held else None)
     summary = trainer.fit()
-    summary["epochs"] = cfg.max_iters * cfg.batch_size / len(train)
+    summary["epochs"] = cfg.max_steps * cfg.batch_size / len(train)
     return summary
 
 
@@ -317,7 +322,7 @@ register(Seq2SeqRecipe(
     name="flan-mixture", description="2+2x128 T5 span-corruption-pretrained on sotu.txt, then fine-tuned on a "
     "Flan-style instruction mixture (subject lines, spam/ham, sotu continuation; several templates each); scored on "
     "held-out subject lines asked with the first subject template", arch="t5", pretrain=for_kind(PRETRAIN, "t5"),
-    finetune=for_kind(FINETUNE.replace(max_iters=300), "t5"), task="flan"))
+    finetune=for_kind(FINETUNE.replace(max_steps=300), "t5"), task="flan"))
 
 
 def run_seq2seq(recipe: Seq2SeqRecipe, *, out, data=None, progress: bool = True) -> dict:

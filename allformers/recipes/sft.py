@@ -3,7 +3,7 @@
     from allformers.recipes.sft import run_sft
     from allformers.models import LoRAConfig
     result = run_sft("smollm2", "data/alpaca.jsonl", "runs/sft", template="alpaca",
-                     lora=LoRAConfig(rank=8, alpha=16), merge=True, max_iters=100)
+                     lora=LoRAConfig(rank=8, alpha=16), merge=True, max_steps=100)
     model = result["trained_model"]  # in memory; also saved into runs/sft
 
 Step by step:
@@ -34,6 +34,7 @@ from typing import Optional, Union
 
 import torch
 
+from ..deprecation import accepts_old_names
 from ..models.lora import LoRAConfig, apply_lora, lora_parameters, merge_lora, save_adapter
 from ..objectives.sft import (TEMPLATES, SFTData, SFTError, SFTLoss, check_record, collate, encode_example,
                               template_for_saving)
@@ -114,14 +115,15 @@ def encode_all(records: list[dict], tokenizer, template: str, max_length: int) -
     return examples, skipped, truncated
 
 
+@accepts_old_names
 def run_sft(model: Union[str, Path, torch.nn.Module] = "smollm2", data: Union[str, Path, list] = None,
             out: Optional[Union[str, Path]] = None, *, template: str = "chatml", tokenizer=None,
             lora: Optional[LoRAConfig] = None, merge: bool = False, pack: bool = False, max_length: Optional[int] = None,
-            max_iters: int = 100, batch_size: int = 8, grad_accum: int = 1, lr: Optional[float] = None,
-            min_lr: Optional[float] = None, warmup_iters: Optional[int] = None, weight_decay: float = 0.0,
+            max_steps: int = 100, batch_size: int = 8, grad_accum: int = 1, lr: Optional[float] = None,
+            min_lr: Optional[float] = None, warmup_steps: Optional[int] = None, weight_decay: float = 0.0,
             eval_fraction: float = 0.1, eval_interval: int = 0, eval_batch_size: int = 8,
             max_records: Optional[int] = None, log_interval: int = 1, seed: int = 0,
-            num_threads: Optional[int] = None, device: str = "auto", progress: bool = True,
+            threads: Optional[int] = None, device: str = "auto", progress: bool = True,
             verbose: bool = True) -> dict:
     """Fine-tune `model` on `data` (see the module docstring). Returns a summary (also written to
     out/sft.json) with the held-out response loss before and after, and `trained_model`."""
@@ -133,8 +135,8 @@ def run_sft(model: Union[str, Path, torch.nn.Module] = "smollm2", data: Union[st
         raise SFTError("no data: pass a JSON-lines file (or a list of records)")
     if merge and lora is None:
         raise SFTError("merge only applies to LoRA training (full fine-tuning already changes the weights)")
-    if num_threads:
-        torch.set_num_threads(num_threads)
+    if threads:
+        torch.set_num_threads(threads)
     if isinstance(data, (list, tuple)):
         for i, r in enumerate(data):
             check_record(r, f"record {i}")
@@ -168,12 +170,12 @@ def run_sft(model: Union[str, Path, torch.nn.Module] = "smollm2", data: Union[st
         log(f"[allformers] LoRA rank {lora.rank}, alpha {lora.alpha} on {len(wrapped)} Linears: "
             f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
     lr = lr if lr is not None else (2e-4 if lora is not None else 2e-5)
-    cfg = TrainConfig(max_iters=max_iters, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+    cfg = TrainConfig(max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                       min_lr=min_lr if min_lr is not None else lr / 10,
-                      warmup_iters=warmup_iters if warmup_iters is not None else max_iters // 10,
+                      warmup_steps=warmup_steps if warmup_steps is not None else max_steps // 10,
                       weight_decay=weight_decay, beta1=0.9, beta2=0.999, grad_clip=1.0,
                       eval_interval=eval_interval, eval_at_start=True, log_interval=log_interval,
-                      seed=seed, device=device, num_threads=num_threads)
+                      seed=seed, device=device, threads=threads)
     save_tok = copy.copy(tok)  # saved with a chat template, so `allformers chat OUT` prompts as trained
     save_tok.chat_template = template_for_saving(tok, template)
     out = Path(out) if out is not None else None
@@ -183,7 +185,7 @@ def run_sft(model: Union[str, Path, torch.nn.Module] = "smollm2", data: Union[st
     train_data = SFTData(train_ex, tok.pad_id, pack=pack, block_size=max_length, seed=seed)
     evals = ({"val": [collate(eval_ex[i:i + eval_batch_size], tok.pad_id)
                       for i in range(0, len(eval_ex), eval_batch_size)]} if eval_ex else None)
-    trainer = Trainer(model, SFTLoss(), train_data, cfg, eval_data=evals, out_dir=out, tokenizer=save_tok,
+    trainer = Trainer(model, SFTLoss(), train_data, cfg, eval_data=evals, out=out, tokenizer=save_tok,
                       progress=progress)
     fit = trainer.fit()
 
@@ -223,8 +225,8 @@ def run_sft(model: Union[str, Path, torch.nn.Module] = "smollm2", data: Union[st
         "trainable_params": trainable, "total_params": total,
         "examples": {"train": len(train_ex), "heldout": len(eval_ex), "skipped": skipped, "truncated": truncated,
                      "train_response_tokens": n_resp},
-        "settings": {"max_iters": max_iters, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
-                     "min_lr": cfg.min_lr, "warmup_iters": cfg.warmup_iters, "weight_decay": weight_decay,
+        "settings": {"max_steps": max_steps, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
+                     "min_lr": cfg.min_lr, "warmup_steps": cfg.warmup_steps, "weight_decay": weight_decay,
                      "seed": seed, "threads": torch.get_num_threads()},
         "heldout_loss_before": eval_losses[0] if eval_losses else None,
         "heldout_loss_after": eval_losses[-1] if eval_losses else None,
@@ -253,12 +255,12 @@ class SFTRecipe(Recipe):
     merge: bool = False
     pack: bool = False
     max_length: Optional[int] = None
-    max_iters: int = 100
+    max_steps: int = 100
     batch_size: int = 8
     grad_accum: int = 1
     lr: Optional[float] = None
     min_lr: Optional[float] = None
-    warmup_iters: Optional[int] = None
+    warmup_steps: Optional[int] = None
     weight_decay: float = 0.0
     eval_fraction: float = 0.1
     eval_interval: int = 0
@@ -266,12 +268,12 @@ class SFTRecipe(Recipe):
     max_records: Optional[int] = None
     log_interval: int = 1
     seed: int = 0
-    num_threads: Optional[int] = None
+    threads: Optional[int] = None
     device: str = "auto"
     kind = "sft"
 
     def with_max_steps(self, n: int) -> "SFTRecipe":
-        return dataclasses.replace(self, max_iters=n)
+        return dataclasses.replace(self, max_steps=n)
 
     def run(self, *, out: Path, data=None, progress: bool = True, resume: bool = False, verbose: bool = True) -> dict:
         kw = settings_of(self)
@@ -282,7 +284,7 @@ class SFTRecipe(Recipe):
 
     def report(self, result: dict) -> str:
         fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-        return (f"trained {result['settings']['max_iters']} steps in {result['times_s']['train']:.0f} s "
+        return (f"trained {result['settings']['max_steps']} steps in {result['times_s']['train']:.0f} s "
                 f"({result['trainable_params']:,} of {result['total_params']:,} parameters trained)\n"
                 f"held-out response loss: {fmt(result['heldout_loss_before'])} -> {fmt(result['heldout_loss_after'])}; "
                 f"train loss {fmt(result['first_train_loss'])} -> {fmt(result['final_train_loss'])}\n"
@@ -300,5 +302,5 @@ register(SFTRecipe(
     name="sft-smollm2-lora", description="LoRA (rank 8, alpha 16) SFT of the bundled SmolLM2-135M-Instruct with "
     "Alpaca's prompt, merged into a plain model; default data: the 20 seed tasks shipped with allformers (a smoke "
     "run: pass --data FILE.jsonl, e.g. the self-instruct recipe's output)",
-    data=_seed_tasks(), template="alpaca", lora=LoRAConfig(rank=8, alpha=16), merge=True, max_iters=20,
+    data=_seed_tasks(), template="alpaca", lora=LoRAConfig(rank=8, alpha=16), merge=True, max_steps=20,
     batch_size=4, lr=1e-3, target="the held-out response loss falls; `allformers chat OUT` answers as trained"))

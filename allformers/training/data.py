@@ -3,7 +3,7 @@ nanoGPT-style random-window sampler with its own generator so a resumed run cont
 exactly the same data position.
 
 Where the data comes from, first match wins:
-  1. an explicit `data_dir` (a folder holding `tinyshakespeare/input.txt` or `input.txt`, or the file);
+  1. an explicit `data` (a folder holding `tinyshakespeare/input.txt` or `input.txt`, or the file);
   2. $ALLFORMERS_DATA;
   3. `../shared/data` next to the current directory or next to this repository;
   4. the download cache ($ALLFORMERS_CACHE or ~/.cache/allformers), filled from the canonical URL.
@@ -22,6 +22,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..deprecation import accepts_old_names
 from ..errors import AllformersError
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -90,17 +91,18 @@ def download(url: str, dest: Path) -> Path:
         os.replace(tmp, dest)
     except (urllib.error.URLError, OSError) as e:
         raise DataError(f"could not download {url} ({e}); without network access, put the file at "
-                        f"{dest} or pass --data-dir (a folder holding {TINY_SHAKESPEARE_REL})") from None
+                        f"{dest} or pass --data (a folder holding {TINY_SHAKESPEARE_REL})") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return dest
 
 
-def tiny_shakespeare_path(data_dir=None) -> Path:
+@accepts_old_names
+def tiny_shakespeare_path(data=None) -> Path:
     """Path of Tiny Shakespeare's input.txt, downloading it into the cache as a last resort."""
-    if data_dir is not None:
-        d = Path(data_dir)
+    if data is not None:
+        d = Path(data)
         for candidate in (d, d / TINY_SHAKESPEARE_REL, d / "input.txt"):
             if candidate.is_file():
                 return candidate

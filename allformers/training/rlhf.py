@@ -19,6 +19,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..deprecation import accepts_old_names
 from ..errors import AllformersError
 from ..generation.generate import generate, left_pad
 from ..models.lora import LoRAConfig, apply_lora, lora_disabled
@@ -184,9 +185,9 @@ def _device_of(model) -> str:
 def _pair_train_config(cfg, model, threads: Optional[int]) -> TrainConfig:
     """The Trainer settings of the pair trainings (reward model, DPO): cfg's steps, batch, lr and seed,
     10% warm-up, cosine to lr / 10, no weight decay, every step logged, no checkpoints."""
-    return TrainConfig(max_iters=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, min_lr=cfg.lr / 10,
-                       warmup_iters=max(1, cfg.steps // 10), weight_decay=0.0, eval_interval=0, eval_at_start=False,
-                       log_interval=1, checkpoint=False, seed=cfg.seed, num_threads=threads,
+    return TrainConfig(max_steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, min_lr=cfg.lr / 10,
+                       warmup_steps=max(1, cfg.steps // 10), weight_decay=0.0, eval_interval=0, eval_at_start=False,
+                       log_interval=1, checkpoint=False, seed=cfg.seed, threads=threads,
                        device=_device_of(model))
 
 
@@ -241,7 +242,8 @@ def evaluate_reward_model(rm, pairs: PairData, batch_size: int = 16) -> dict:
     return {"accuracy": right / n, "margin": margin / n, "pairs": n}
 
 
-def train_reward_model(lm, tokenizer, pairs: PairData, cfg: RewardConfig = RewardConfig(), *, out_dir=None,
+@accepts_old_names
+def train_reward_model(lm, tokenizer, pairs: PairData, cfg: RewardConfig = RewardConfig(), *, out=None,
                        eval_pairs: Optional[PairData] = None, progress: bool = True, threads: Optional[int] = None):
     """Reward model from `lm` (copied; `lm` is untouched), trained on pairs. LoRA adapters are merged at
     the end, so the result is a plain TaskModel. Returns (reward model, summary)."""
@@ -251,7 +253,7 @@ def train_reward_model(lm, tokenizer, pairs: PairData, cfg: RewardConfig = Rewar
     if cfg.lora is not None:
         apply_lora(rm.body, cfg.lora)  # freezes the body only: the head stays trainable
     tc = _pair_train_config(cfg, lm, threads)
-    trainer = Trainer(rm, RewardLoss(), pairs, tc, out_dir=out_dir, progress=progress)
+    trainer = Trainer(rm, RewardLoss(), pairs, tc, out=out, progress=progress)
     fit = trainer.fit()
     if cfg.lora is not None:
         merge_lora(rm.body)
@@ -384,8 +386,9 @@ class PPOLoss:
         return int(batch["mask"].sum())
 
 
+@accepts_old_names
 def train_ppo(lm, tokenizer, score_fn: Callable[[list, list], torch.Tensor], prompts: Sequence[list[int]],
-              cfg: PPOConfig = PPOConfig(), *, out_dir=None, check: Optional[Callable[[str], bool]] = None,
+              cfg: PPOConfig = PPOConfig(), *, out=None, check: Optional[Callable[[str], bool]] = None,
               progress: bool = True, threads: Optional[int] = None) -> dict:
     """PPO on `lm` in place (LoRA adapters when cfg.lora; the adapters disabled are the reference).
     score_fn(prompt ids, reply ids) -> (B,) rewards. Returns the Trainer's summary plus the last
@@ -396,11 +399,11 @@ def train_ppo(lm, tokenizer, score_fn: Callable[[list, list], torch.Tensor], pro
     apply_lora(lm, cfg.lora)
     policy = PolicyWithValue(lm)
     rollouts = Rollouts(policy, tokenizer, prompts, score_fn, cfg, check)
-    tc = TrainConfig(max_iters=cfg.steps, batch_size=cfg.minibatch, lr=cfg.lr, min_lr=cfg.lr, warmup_iters=0,
+    tc = TrainConfig(max_steps=cfg.steps, batch_size=cfg.minibatch, lr=cfg.lr, min_lr=cfg.lr, warmup_steps=0,
                      weight_decay=0.0, grad_clip=cfg.grad_clip, eval_interval=0, eval_at_start=False, log_interval=1,
-                     checkpoint=False, seed=cfg.seed, num_threads=threads,
+                     checkpoint=False, seed=cfg.seed, threads=threads,
                      device=_device_of(lm))
-    trainer = Trainer(policy, PPOLoss(rollouts), rollouts, tc, out_dir=out_dir, progress=progress)
+    trainer = Trainer(policy, PPOLoss(rollouts), rollouts, tc, out=out, progress=progress)
     fit = trainer.fit()
     return {**fit, "last_rollout": rollouts.stats, "history": trainer.history}
 
@@ -450,7 +453,8 @@ def reference_logprobs(lm, pairs: PairData, batch_size: int = 16) -> tuple[torch
     return torch.cat(chosen), torch.cat(rejected)
 
 
-def train_dpo(lm, tokenizer, pairs: PairData, cfg: DPOConfig = DPOConfig(), *, out_dir=None, progress: bool = True,
+@accepts_old_names
+def train_dpo(lm, tokenizer, pairs: PairData, cfg: DPOConfig = DPOConfig(), *, out=None, progress: bool = True,
               threads: Optional[int] = None) -> dict:
     """DPO (or IPO) on `lm` in place with LoRA adapters; the adapters disabled are the reference."""
     if cfg.lora is None:
@@ -459,7 +463,7 @@ def train_dpo(lm, tokenizer, pairs: PairData, cfg: DPOConfig = DPOConfig(), *, o
     ref_c, ref_r = reference_logprobs(lm, pairs)
     data = dataclasses.replace(pairs, extra={"ref_chosen": ref_c, "ref_rejected": ref_r}, seed=cfg.seed)
     tc = _pair_train_config(cfg, lm, threads)
-    trainer = Trainer(lm, DPOLoss(cfg.beta, cfg.loss), data, tc, out_dir=out_dir, progress=progress)
+    trainer = Trainer(lm, DPOLoss(cfg.beta, cfg.loss), data, tc, out=out, progress=progress)
     fit = trainer.fit()
     return {**fit, "history": trainer.history}
 

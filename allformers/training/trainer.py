@@ -21,6 +21,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from ..deprecation import accepts_old_names, old_attribute, renamed_kwargs
 from ..errors import AllformersError
 from .mfu import flops_per_token, measured_peak_flops
 
@@ -36,13 +37,13 @@ class TrainingError(AllformersError, ValueError):
 
 @dataclass
 class TrainConfig:
-    max_iters: int = 2000
+    max_steps: int = 2000
     batch_size: int = 12  # sequences per optimizer step, summed over ranks and micro-batches
     grad_accum: int = 1  # micro-batches per step: each is batch_size / (world_size * grad_accum) rows
     lr: float = 1e-3
     min_lr: float = 1e-4
-    warmup_iters: int = 100
-    lr_decay_iters: Optional[int] = None  # None -> max_iters
+    warmup_steps: int = 100
+    lr_decay_steps: Optional[int] = None  # None -> max_steps
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
@@ -55,14 +56,21 @@ class TrainConfig:
     checkpoint: bool = True  # False: never write OUT/checkpoint (metrics and plot still go to OUT)
     seed: int = 1337
     device: str = "auto"  # "auto" -> cuda when available, else cpu
-    num_threads: Optional[int] = None  # None: torch's default (one process) or cores / local ranks (DDP)
+    threads: Optional[int] = None  # None: torch's default (one process) or cores / local ranks (DDP)
     optimizer_impl: str = "auto"  # "foreach", "fused", "for-loop" or "auto"
+
+    # the old spellings, read-only (a DeprecationWarning says the new name)
+    max_iters = old_attribute("max_steps", "max_iters")
+    warmup_iters = old_attribute("warmup_steps", "warmup_iters")
+    lr_decay_iters = old_attribute("lr_decay_steps", "lr_decay_iters")
+    num_threads = old_attribute("threads", "num_threads")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        d = renamed_kwargs(d, "TrainConfig")  # settings written before the names were unified
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -70,18 +78,21 @@ class TrainConfig:
         return cls(**d)
 
     def replace(self, **changes) -> "TrainConfig":
-        return self.from_dict({**self.to_dict(), **changes})
+        return self.from_dict({**self.to_dict(), **renamed_kwargs(changes, "TrainConfig.replace")})
+
+
+TrainConfig.__init__ = accepts_old_names(TrainConfig.__init__)  # TrainConfig(max_iters=...) still works
 
 
 # ---------------------------------------------------------------------- pieces
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """nanoGPT's schedule for the step about to be taken (0-based): linear warmup, cosine to min_lr."""
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters
-    if step < cfg.warmup_iters:
-        return cfg.lr * (step + 1) / (cfg.warmup_iters + 1)
-    if step >= decay_iters:
+    decay_steps = cfg.lr_decay_steps or cfg.max_steps
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+    if step >= decay_steps:
         return cfg.min_lr
-    ratio = (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    ratio = (step - cfg.warmup_steps) / max(1, decay_steps - cfg.warmup_steps)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
 
 
@@ -173,8 +184,9 @@ class Trainer:
     (a RandomWindows). eval_data: {name: list of batches}; the same batches every evaluation.
     Seeds torch's global RNG (dropout) with seed + rank."""
 
+    @accepts_old_names
     def __init__(self, model: torch.nn.Module, loss_fn: Callable, train_data, config: Optional[TrainConfig] = None,
-                 *, eval_data: Optional[dict] = None, out_dir=None, tokenizer=None, progress: bool = True,
+                 *, eval_data: Optional[dict] = None, out=None, tokenizer=None, progress: bool = True,
                  eval_metrics: Optional[Callable[[], dict]] = None):
         self.cfg = cfg = config or TrainConfig()
         want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
@@ -199,7 +211,7 @@ class Trainer:
         self.tokenizer, self.progress = tokenizer, progress
         self.optimizer = build_optimizer(self.raw_model, cfg, self.device)
         self._params = [p for p in self.raw_model.parameters() if p.requires_grad]
-        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.out = Path(out) if out is not None else None
         self.step = 0
         self.history: list[dict] = []  # every logged record (train and eval), on every rank
         self.last_eval: dict = {}
@@ -217,7 +229,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup helpers
     def _set_threads(self):
-        n = self.cfg.num_threads
+        n = self.cfg.threads
         if n is None and self.world_size > 1 and self.device.type == "cpu":
             local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
             n = max(1, (os.cpu_count() or 1) // local)  # ranks share the cores: no oversubscription
@@ -225,7 +237,7 @@ class Trainer:
             torch.set_num_threads(n)
 
     def _check(self, cfg: TrainConfig):
-        for name in ("max_iters", "batch_size", "grad_accum", "log_interval"):
+        for name in ("max_steps", "batch_size", "grad_accum", "log_interval"):
             if getattr(cfg, name) <= 0:
                 raise TrainingError(f"{name} must be positive, got {getattr(cfg, name)}")
         per_step = self.world_size * cfg.grad_accum
@@ -236,13 +248,15 @@ class Trainer:
         if cfg.min_lr > cfg.lr:
             raise TrainingError(f"min_lr={cfg.min_lr} is above lr={cfg.lr}; the cosine decays from lr to min_lr")
 
+    out_dir = old_attribute("out", "out_dir")
+
     @property
     def checkpoint_path(self) -> Optional[Path]:
-        return self.out_dir / CHECKPOINT_DIR if self.out_dir else None
+        return self.out / CHECKPOINT_DIR if self.out else None
 
     @property
     def metrics_path(self) -> Optional[Path]:
-        return self.out_dir / METRICS_FILE if self.out_dir else None
+        return self.out / METRICS_FILE if self.out else None
 
     def _num_tokens(self, batch) -> int:
         counter = getattr(self.loss_fn, "num_tokens", None)
@@ -318,12 +332,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self, stop_at: Optional[int] = None) -> dict:
-        """Train until step == max_iters (or `stop_at`, to pause early). Evaluates, logs and
+        """Train until step == max_steps (or `stop_at`, to pause early). Evaluates, logs and
         checkpoints on the way; returns a summary."""
         from tqdm import tqdm
 
         cfg = self.cfg
-        end = min(cfg.max_iters, stop_at) if stop_at is not None else cfg.max_iters
+        end = min(cfg.max_steps, stop_at) if stop_at is not None else cfg.max_steps
         wall0 = time.perf_counter()
         if self.is_main:
             self._peak = measured_peak_flops(self.device)
@@ -333,7 +347,7 @@ class Trainer:
             self.metrics_path.replace(self.metrics_path.with_name("metrics.prev.jsonl"))
         if self.step == 0 and cfg.eval_at_start and self.eval_data:
             self._eval_and_log()
-        bar = tqdm(total=cfg.max_iters, initial=self.step, disable=not (self.progress and self.is_main),
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (self.progress and self.is_main),
                    dynamic_ncols=True, desc="train")
         window_tokens, window_time, total_tokens, total_time = 0, 0.0, 0, 0.0
         loss = None
@@ -345,7 +359,7 @@ class Trainer:
             window_tokens, window_time = window_tokens + tokens, window_time + dt
             total_tokens, total_time = total_tokens + tokens, total_time + dt
             bar.update(1)
-            done = self.step == cfg.max_iters
+            done = self.step == cfg.max_steps
             if self.step % cfg.log_interval == 0 or done or self.step == end:
                 record = self._log_train(self._mean_over_ranks(loss), window_tokens, window_time, seq)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
@@ -355,15 +369,15 @@ class Trainer:
                 ev = self._eval_and_log()
                 if self.progress and self.is_main:
                     bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-            if self.out_dir and cfg.checkpoint and (
+            if self.out and cfg.checkpoint and (
                     (cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0) or done):
                 self.save_checkpoint()
         bar.close()
         plot = None
-        if self.is_main and self.out_dir and self.history:
+        if self.is_main and self.out and self.history:
             from .plot import plot_losses
 
-            plot = plot_losses(self.metrics_path, self.out_dir / PLOT_FILE, title=f"{self.step} steps")
+            plot = plot_losses(self.metrics_path, self.out / PLOT_FILE, title=f"{self.step} steps")
         fpt = flops_per_token(self.raw_model, seq) if loss is not None and self._mfu_counts else None
         tok_s = total_tokens / total_time if total_time else None
         return {"step": self.step, "loss": self.history_train_losses()[-1] if loss is not None else None,
@@ -371,9 +385,9 @@ class Trainer:
                 "fit_time_s": time.perf_counter() - wall0, "train_time_s": total_time, "tokens_per_s": tok_s,
                 "mfu": fpt * tok_s / (self._peak * self.world_size) if fpt and tok_s and self._peak else None,
                 "peak_flops": self._peak, "world_size": self.world_size,
-                "out_dir": str(self.out_dir) if self.out_dir else None, "plot": str(plot) if plot else None,
-                "checkpoint": str(self.checkpoint_path) if self.out_dir and cfg.checkpoint else None,
-                "metrics": str(self.metrics_path) if self.out_dir else None}
+                "out": str(self.out) if self.out else None, "plot": str(plot) if plot else None,
+                "checkpoint": str(self.checkpoint_path) if self.out and cfg.checkpoint else None,
+                "metrics": str(self.metrics_path) if self.out else None}
 
     def history_train_losses(self) -> list[float]:
         return [r["loss"] for r in self.history if r["event"] == "train"]
@@ -412,7 +426,7 @@ class Trainer:
 
         path = Path(path) if path else self.checkpoint_path
         if path is None:
-            raise TrainingError("no checkpoint path: give the Trainer an out_dir or pass a path")
+            raise TrainingError("no checkpoint path: give the Trainer an out folder or pass a path")
         rng = [torch.get_rng_state()]
         cuda_rng = [torch.cuda.get_rng_state(self.device)] if self.device.type == "cuda" else [None]
         if self.world_size > 1:
