@@ -31,7 +31,7 @@ def tiny(causal, **kw):
 
 
 def _settings(**kw):
-    return TrainConfig(**{**dict(max_iters=40, batch_size=4, warmup_iters=4, lr=3e-3, min_lr=3e-4, log_interval=1,
+    return TrainConfig(**{**dict(max_steps=40, batch_size=4, warmup_steps=4, lr=3e-3, min_lr=3e-4, log_interval=1,
                                  eval_interval=0, eval_at_start=True, checkpoint=False), **kw})
 
 
@@ -68,7 +68,7 @@ def test_permutation_lm_trains_through_the_trainer():
     model = tiny(False, relative_segments=True)
     train = PermutationLMData(RandomWindows(data[:3000], 16, seed=0), num_predict=4, seed=1)
     val = PermutationLMData(RandomWindows(data[3000:], 16, seed=5), num_predict=4, seed=6)
-    trainer = Trainer(model, PermutationLM(), train, _settings(max_iters=60, lr=1e-2, batch_size=8),
+    trainer = Trainer(model, PermutationLM(), train, _settings(max_steps=60, lr=1e-2, batch_size=8),
                       eval_data={"val": [val.sample(8) for _ in range(4)]}, progress=False)
     start = trainer.evaluate()["val"]
     trainer.fit()
