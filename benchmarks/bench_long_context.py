@@ -18,7 +18,7 @@
     python benchmarks/bench_long_context.py --sections moe,local    # the measured run of two sections
     python benchmarks/bench_long_context.py --sections moe --set moe.steps=500   # a shorter variant
 
-Each section is a function `(quick, data_dir, seed, progress) -> dict`; SECTIONS maps its name to it
+Each section is a function `(quick, data, seed, progress) -> dict`; SECTIONS maps its name to it
 (a "module:function" string is imported when the section runs). Prints one line per section, then,
 last, one JSON object with every section's numbers and the machine's load."""
 from __future__ import annotations
@@ -67,13 +67,13 @@ def moe_configs(s: dict, vocab_size: int):
 def _train(config: Config, corpus, s: dict, seed: int, progress: bool, out: Path) -> dict:
     torch.manual_seed(seed)
     model = TransformerLM(config)
-    cfg = TrainConfig(max_iters=s["steps"], batch_size=s["batch_size"], lr=s["lr"], min_lr=s["lr"] / 10,
-                      warmup_iters=max(1, s["steps"] // 20), weight_decay=0.1, beta2=0.99, grad_clip=1.0,
+    cfg = TrainConfig(max_steps=s["steps"], batch_size=s["batch_size"], lr=s["lr"], min_lr=s["lr"] / 10,
+                      warmup_steps=max(1, s["steps"] // 20), weight_decay=0.1, beta2=0.99, grad_clip=1.0,
                       eval_interval=0, eval_at_start=False, log_interval=max(1, s["steps"] // 40),
                       checkpoint=False, seed=seed, device="cpu")
     val = all_windows(corpus.val, s["block"], 64)[: s.get("eval_batches")]  # every window of the validation split
     trainer = Trainer(model, CausalLM(), RandomWindows(corpus.train, s["block"], seed=seed), cfg,
-                      eval_data={"val": val}, out_dir=out, progress=progress)
+                      eval_data={"val": val}, out=out, progress=progress)
     t0 = time.perf_counter()
     trainer.fit()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -90,9 +90,9 @@ def settings(base: dict, overrides: dict) -> dict:
     return {**base, **overrides}
 
 
-def moe_section(quick: bool = False, data_dir=None, seed: int = 0, progress: bool = False, **overrides) -> dict:
+def moe_section(quick: bool = False, data=None, seed: int = 0, progress: bool = False, **overrides) -> dict:
     s = settings(MOE_QUICK if quick else MOE_FULL, overrides)
-    corpus = char_corpus(tiny_shakespeare_path(data_dir), train_fraction=0.9)
+    corpus = char_corpus(tiny_shakespeare_path(data), train_fraction=0.9)
     dense_cfg, moe_cfg = moe_configs(s, corpus.tokenizer.vocab_size)
     with tempfile.TemporaryDirectory() as tmp:
         moe = _train(moe_cfg, corpus, s, seed, progress, Path(tmp) / "moe")
@@ -120,7 +120,7 @@ def _prefill_ms(model, T: int) -> float:
     return 1000 * (time.perf_counter() - t0)
 
 
-def local_section(quick: bool = False, data_dir=None, seed: int = 0, progress: bool = False, **overrides) -> dict:
+def local_section(quick: bool = False, data=None, seed: int = 0, progress: bool = False, **overrides) -> dict:
     s = settings(LOCAL_QUICK if quick else LOCAL_FULL, overrides)
     base = Config(vocab_size=256, block_size=max(s["lengths"]), n_layer=s["n_layer"], n_embd=s["n_embd"],
                   n_head=s["n_head"], position="learned", window_size=s["window"])
@@ -168,7 +168,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sections", help=f"comma-separated, of {list(SECTIONS)} (default: every one this checkout has)")
     p.add_argument("--quick", action="store_true", help="small and short: proves every section runs")
-    p.add_argument("--data-dir", help="the folder holding tinyshakespeare/ and sotu/ (default: ../shared/data)")
+    p.add_argument("--data", help="the folder holding tinyshakespeare/ and sotu/ (default: ../shared/data)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--progress", action="store_true")
@@ -200,7 +200,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     for name in names:
         t = time.perf_counter()
-        out = section_function(name)(quick=args.quick, data_dir=args.data_dir, seed=args.seed, progress=args.progress,
+        out = section_function(name)(quick=args.quick, data=args.data, seed=args.seed, progress=args.progress,
                                      **overrides[name])
         results.update(out)
         shown = {k: v for k, v in out.items() if not isinstance(v, dict)}

@@ -4,7 +4,7 @@ tagged <sotu>. Samples drawn after each code are assigned to a source by a chara
 classifier (add-one smoothing, equal priors) fitted on the first half of each source's held-out split.
 ctrl_code_accuracy is the fraction of samples given to the source their code asked for (target >= 0.9);
 ctrl_classifier_accuracy_on_real_text is the same classifier on real held-out text of the same length.
-Section settings (--set ctrl.KEY=VALUE) are the recipe's (max_iters, batch_size, samples_per_code ...)."""
+Section settings (--set ctrl.KEY=VALUE) are the recipe's (max_steps, batch_size, samples_per_code ...)."""
 from __future__ import annotations
 
 import tempfile
@@ -15,9 +15,9 @@ CLASSIFIER = ("character-trigram multinomial naive Bayes, add-one smoothing, equ
               "of each source's held-out 10%")
 
 
-def ctrl_section(quick: bool = False, data_dir=None, seed: int = 0, progress: bool = False, **overrides) -> dict:
+def ctrl_section(quick: bool = False, data=None, seed: int = 0, progress: bool = False, **overrides) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        r = run_recipe("ctrl-sources-quick" if quick else "ctrl-sources", out=out, data=data_dir, seed=seed,
+        r = run_recipe("ctrl-sources-quick" if quick else "ctrl-sources", out=out, data=data, seed=seed,
                        overrides=overrides, progress=progress, verbose=False)
     return {"ctrl_code_accuracy": r["code_accuracy"], "ctrl_code_accuracy_per_code": r["per_code"],
             "ctrl_classifier_accuracy_on_real_text": r["classifier_accuracy_on_real_text"],

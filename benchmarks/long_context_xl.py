@@ -33,11 +33,11 @@ FULL = dict(steps=1500, batch_size=16, seg_len=32, mem_len=32, eval_segments=60,
 QUICK = dict(steps=30, batch_size=8, seg_len=32, mem_len=32, eval_segments=6, eval_every=10, n_layer=2, n_embd=64, n_head=4)
 
 
-def sotu_path(data_dir=None) -> Path:
-    root = Path(data_dir) if data_dir else default_data_root()
+def sotu_path(data=None) -> Path:
+    root = Path(data) if data else default_data_root()
     path = (root / "sotu" / "sotu.txt") if root else None
     if path is None or not path.exists():
-        raise DataError(f"State of the Union not found at {path}; pass --data-dir (the folder holding sotu/sotu.txt)")
+        raise DataError(f"State of the Union not found at {path}; pass --data (the folder holding sotu/sotu.txt)")
     return path
 
 
@@ -46,8 +46,8 @@ def _train_and_eval(config: Config, corpus, s: dict, seed: int, progress: bool) 
     model = build_model(config)
     val = SegmentStream(corpus.val, s["batch_size"], s["seg_len"]).batches()[: s["eval_segments"]]
     trainer = Trainer(model, SegmentLM(), SegmentStream(corpus.train, s["batch_size"], s["seg_len"]),
-                      TrainConfig(max_iters=s["steps"], batch_size=s["batch_size"], lr=2e-3, min_lr=2e-4,
-                                  warmup_iters=max(1, s["steps"] // 20), weight_decay=0.1, eval_interval=s["eval_every"],
+                      TrainConfig(max_steps=s["steps"], batch_size=s["batch_size"], lr=2e-3, min_lr=2e-4,
+                                  warmup_steps=max(1, s["steps"] // 20), weight_decay=0.1, eval_interval=s["eval_every"],
                                   eval_at_start=False, log_interval=max(1, s["steps"] // 10), checkpoint=False,
                                   seed=seed, device="cpu"),
                       eval_data={"val": val}, progress=progress)
@@ -58,10 +58,10 @@ def _train_and_eval(config: Config, corpus, s: dict, seed: int, progress: bool) 
             "seconds": time.perf_counter() - t0, "model": model, "val": val, "curve": curve}
 
 
-def xl_memory_section(quick: bool = False, data_dir=None, seed: int = 0, progress: bool = False, **overrides) -> dict:
+def xl_memory_section(quick: bool = False, data=None, seed: int = 0, progress: bool = False, **overrides) -> dict:
     """{"xl_memory_loss", "xl_no_memory_loss", ...}: eval losses of the two models (memory must be lower)."""
     s = {**(QUICK if quick else FULL), **overrides}
-    corpus = char_corpus(sotu_path(data_dir))
+    corpus = char_corpus(sotu_path(data))
     base = Config.from_name("baby-xl-char", vocab_size=corpus.tokenizer.vocab_size, n_layer=s["n_layer"],
                             n_embd=s["n_embd"], n_head=s["n_head"], block_size=4 * s["seg_len"])
     with_memory = _train_and_eval(base.replace(mem_len=s["mem_len"]), corpus, s, seed, progress)
@@ -106,7 +106,7 @@ def plot_curves(r: dict, path) -> Path:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny models, a few steps: proves the benchmark runs")
-    p.add_argument("--data-dir", help="the folder holding sotu/sotu.txt (default: ../shared/data)")
+    p.add_argument("--data", help="the folder holding sotu/sotu.txt (default: ../shared/data)")
     p.add_argument("--max-steps", type=int, help="override the number of training steps")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
@@ -117,7 +117,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     extra = {"steps": args.max_steps} if args.max_steps else {}
     load = os.getloadavg()[0]
-    r = xl_memory_section(quick=args.quick, data_dir=args.data_dir, seed=args.seed, progress=args.progress, **extra)
+    r = xl_memory_section(quick=args.quick, data=args.data, seed=args.seed, progress=args.progress, **extra)
     print(f"{'model':<40}{'eval loss':>10}")
     print(f"{'Transformer-XL, mem_len=' + str(r['xl_mem_len']):<40}{r['xl_memory_loss']:>10.4f}")
     print(f"{'same model read without memory':<40}{r['xl_memory_model_without_memory_loss']:>10.4f}")

@@ -128,7 +128,7 @@ def test_a_trained_ctrl_follows_its_code():
                          intermediate_size=64, embed_scale=32 ** 0.5)
     torch.manual_seed(0)
     model = TransformerLM(c)
-    cfg = TrainConfig(max_iters=80, batch_size=16, lr=3e-3, warmup_iters=5, eval_interval=0, eval_at_start=False,
+    cfg = TrainConfig(max_steps=80, batch_size=16, lr=3e-3, warmup_steps=5, eval_interval=0, eval_at_start=False,
                       checkpoint=False, device="cpu")
     Trainer(model, CausalLM(), TaggedWindows(corpus.train, tok, 16, seed=0), cfg, progress=False).fit()
     model.eval()

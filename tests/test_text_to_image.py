@@ -146,7 +146,7 @@ def test_frozen_t5_stays_bit_identical_while_the_unet_trains():
     frozen = {k: v.clone() for k, v in model.text_encoder.state_dict().items()}
     unet = {k: v.clone() for k, v in model.unet.state_dict().items()}
     data = render_shapes(8, "train", 0, sizes=(16,))
-    train_diffusion(model, tok, data, TrainConfig(max_iters=3, batch_size=4, warmup_iters=1, lr=1e-2, log_interval=1,
+    train_diffusion(model, tok, data, TrainConfig(max_steps=3, batch_size=4, warmup_steps=1, lr=1e-2, log_interval=1,
                                                   eval_interval=0, eval_at_start=False, checkpoint=False),
                     progress=False)
     assert all(torch.equal(v, frozen[k]) for k, v in model.text_encoder.state_dict().items())  # bit for bit

@@ -59,7 +59,7 @@ class CTRLRecipe(Recipe):
         return "\n".join(lines)
 
 
-_TRAIN = TrainConfig(max_iters=1000, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_iters=50, weight_decay=0.1, beta2=0.99,
+_TRAIN = TrainConfig(max_steps=1000, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=50, weight_decay=0.1, beta2=0.99,
                      grad_clip=1.0, eval_interval=0, eval_at_start=False, log_interval=20, checkpoint=False, seed=0)
 CTRL_SOURCES = register(CTRLRecipe(
     name="ctrl-sources", model_overrides={"block_size": 128}, train=_TRAIN,
@@ -68,7 +68,7 @@ CTRL_SOURCES = register(CTRLRecipe(
     target="code accuracy >= 0.9 (600 steps: 0.99)"))
 register(replace(CTRL_SOURCES, name="ctrl-sources-quick", description="ctrl-sources in a minute: a 2x32 model, 30 steps",
                  model_overrides={"block_size": 32, "n_layer": 2, "n_embd": 32, "n_head": 2, "intermediate_size": 128},
-                 train=_TRAIN.replace(max_iters=30, batch_size=8, warmup_iters=2, log_interval=5), eval_batches=4,
+                 train=_TRAIN.replace(max_steps=30, batch_size=8, warmup_steps=2, log_interval=5), eval_batches=4,
                  samples_per_code=4, sample_chars=24, target=""))
 
 
@@ -91,7 +91,7 @@ def run_ctrl(recipe: CTRLRecipe, *, out, data=None, progress: bool = True) -> di
     held_out = TaggedWindows(corpus.val, tok, block, seed=cfg.seed + 1)
     val = [held_out.sample(cfg.batch_size) for _ in range(recipe.eval_batches)]
     trainer = Trainer(model, CausalLM(), TaggedWindows(corpus.train, tok, block, seed=cfg.seed), cfg,
-                      eval_data={"val": val}, out_dir=out, tokenizer=tok, progress=progress)
+                      eval_data={"val": val}, out=out, tokenizer=tok, progress=progress)
     summary = trainer.fit()
     model.eval()
     model.save(out / "model", tokenizer=tok)

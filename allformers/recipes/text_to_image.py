@@ -20,7 +20,7 @@ Pieces, usable one by one (benchmarks/bench_text_to_image.py chains them, sharin
 
 The recipes (shapes-judge, dalle-shapes, glide-shapes, ldm-shapes, imagen-shapes) are
 TextToImageRecipe entries of the one registry: every field of T2ISettings (sizes, each stage's
-TrainConfig) is a setting `--set` can change (`--set glide.max_iters=500`, `--set quick=true`)."""
+TrainConfig) is a setting `--set` can change (`--set glide.max_steps=500`, `--set quick=true`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -123,13 +123,13 @@ def caption_ids(tokenizer, captions: list, length: int) -> dict:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def fit(model, loss_fn, data, cfg: TrainConfig, *, eval_data=None, out_dir=None, progress: bool = True,
+def fit(model, loss_fn, data, cfg: TrainConfig, *, eval_data=None, out=None, progress: bool = True,
         tokenizer=None, eval_metrics=None) -> dict:
     """One Trainer run; `loss_fn(model, batch)`. Returns its summary with the images/s it trained at."""
-    trainer = Trainer(model, loss_fn, data, cfg, eval_data=eval_data, out_dir=out_dir, progress=progress,
+    trainer = Trainer(model, loss_fn, data, cfg, eval_data=eval_data, out=out, progress=progress,
                       tokenizer=tokenizer, eval_metrics=eval_metrics)
     summary = trainer.fit()
-    summary["examples_per_s"] = cfg.max_iters * cfg.batch_size / summary["train_time_s"] if summary["train_time_s"] else None
+    summary["examples_per_s"] = cfg.max_steps * cfg.batch_size / summary["train_time_s"] if summary["train_time_s"] else None
     summary.pop("tokens_per_s", None)
     summary.pop("mfu", None)
     return summary
@@ -151,7 +151,7 @@ class ExamplesLoss:
 
 # ---------------------------------------------------------------------- the judge
 JUDGE = JudgeConfig(image_size=32, channels=(16, 32, 64), hidden=256, dropout=0.1)
-JUDGE_TRAIN = TrainConfig(max_iters=900, batch_size=64, lr=2e-3, min_lr=1e-4, warmup_iters=50, weight_decay=0.05,
+JUDGE_TRAIN = TrainConfig(max_steps=900, batch_size=64, lr=2e-3, min_lr=1e-4, warmup_steps=50, weight_decay=0.05,
                           beta2=0.99, grad_clip=1.0, eval_interval=0, eval_at_start=False, log_interval=25,
                           checkpoint=False)
 JUDGE_SEED = 1000  # its own pictures: never the generators' training pictures
@@ -171,7 +171,7 @@ def judge_inputs(images32: torch.Tensor, images16: torch.Tensor, generator: torc
 
 
 def train_judge(n_train: int = 20000, cfg: TrainConfig = JUDGE_TRAIN, *, config: JudgeConfig = JUDGE,
-                seed: int = JUDGE_SEED, n_test: int = 1000, progress: bool = True, out_dir=None) -> tuple:
+                seed: int = JUDGE_SEED, n_test: int = 1000, progress: bool = True, out=None) -> tuple:
     """Train the judge on n_train pictures of every caption; -> (judge, report with its own accuracy
     on n_test new pictures drawn at 32 and at 16 pixels)."""
     t0 = time.perf_counter()
@@ -187,8 +187,8 @@ def train_judge(n_train: int = 20000, cfg: TrainConfig = JUDGE_TRAIN, *, config:
     judge.eval()
     report = {"params": judge.num_params(), "train_s": time.perf_counter() - t0, "fit": summary,
               **judge_on(judge, n_test, seed=seed)}
-    if out_dir is not None:
-        judge.save(out_dir)
+    if out is not None:
+        judge.save(out)
     return judge, report
 
 
@@ -217,7 +217,7 @@ def autoencoder_config(kind: str, **overrides):
     return AutoencoderConfig(**{**base, **overrides})
 
 
-AE_TRAIN = TrainConfig(max_iters=700, batch_size=32, lr=2e-3, min_lr=1e-4, warmup_iters=30, weight_decay=0.0,
+AE_TRAIN = TrainConfig(max_steps=700, batch_size=32, lr=2e-3, min_lr=1e-4, warmup_steps=30, weight_decay=0.0,
                        beta2=0.99, grad_clip=1.0, eval_interval=0, eval_at_start=False, log_interval=25,
                        checkpoint=False)
 KL_WEIGHT = 1e-5  # latent diffusion keeps the KL small: a detailed latent, then rescaled to unit variance
@@ -245,7 +245,7 @@ def _dvae_schedule(step: int, total: int) -> tuple[float, float]:
 
 def train_autoencoder(kind: str, images: torch.Tensor, cfg: TrainConfig = AE_TRAIN, *, config=None,
                       heldout: Optional[torch.Tensor] = None, seed: int = 0, progress: bool = True,
-                      revive_every: int = 100, out_dir=None) -> tuple:
+                      revive_every: int = 100, out=None) -> tuple:
     """Train an autoencoder on uint8 pictures (N, 3, 32, 32) -> (model, {"mse": held-out reconstruction MSE in
     [-1, 1] units, "codes_used": ...}). VQ: dead codes are revived every `revive_every` steps (first half)."""
     from ..models.autoencoders import build_autoencoder
@@ -262,16 +262,16 @@ def train_autoencoder(kind: str, images: torch.Tensor, cfg: TrainConfig = AE_TRA
         if kind == "kl":
             return m.loss(x, kl_weight=KL_WEIGHT)
         if kind == "vq":
-            if m.training and revive_every and state["step"] % revive_every == 0 and state["step"] < cfg.max_iters // 2:
+            if m.training and revive_every and state["step"] % revive_every == 0 and state["step"] < cfg.max_steps // 2:
                 revive_codes(m, x, gen)
             state["step"] += m.training
             return m.loss(x)
-        temperature, kl_weight = _dvae_schedule(state["step"], cfg.max_iters)
+        temperature, kl_weight = _dvae_schedule(state["step"], cfg.max_steps)
         state["step"] += m.training
         return m.loss(x, kl_weight=kl_weight, temperature=temperature)
 
     t0 = time.perf_counter()
-    summary = fit(model, ExamplesLoss(loss_fn), data, cfg.replace(seed=seed), progress=progress, out_dir=out_dir)
+    summary = fit(model, ExamplesLoss(loss_fn), data, cfg.replace(seed=seed), progress=progress, out=out)
     model.eval()
     report = {"kind": kind, "params": model.num_params(), "train_s": time.perf_counter() - t0,
               "examples_per_s": summary["examples_per_s"], "final_loss": summary["loss"]}
@@ -344,7 +344,7 @@ def dalle_config(tokenizer, vq, **overrides):
     return DALLEConfig(**{**base, **overrides})
 
 
-DALLE_TRAIN = TrainConfig(max_iters=2500, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_iters=100, weight_decay=0.05,
+DALLE_TRAIN = TrainConfig(max_steps=2500, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=100, weight_decay=0.05,
                           beta2=0.98, grad_clip=1.0, eval_interval=0, eval_at_start=False, log_interval=50,
                           checkpoint=False)
 
@@ -393,7 +393,7 @@ def unet_config(in_channels: int, width: int, text_dim: int, *, levels: int = 2,
 
 SCHEDULE = {"class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2",
             "prediction_type": "epsilon", "clip_sample": True}
-DIFFUSION_TRAIN = TrainConfig(max_iters=3000, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_iters=100,
+DIFFUSION_TRAIN = TrainConfig(max_steps=3000, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=100,
                               weight_decay=0.0, beta2=0.99, grad_clip=1.0, eval_interval=0, eval_at_start=False,
                               log_interval=50, checkpoint=False)
 
@@ -446,12 +446,12 @@ def train_diffusion(model, tokenizer, data: ShapesData, cfg: TrainConfig = DIFFU
 # pretrained here with span corruption because no T5 weights exist offline, then frozen.
 T5_SIZES = {"t5-s": dict(n_layer=2, n_decoder_layer=2, n_embd=64, n_head=4, head_dim=16, intermediate_size=256),
             "t5-l": dict(n_layer=4, n_decoder_layer=2, n_embd=128, n_head=4, head_dim=32, intermediate_size=512)}
-T5_TRAIN = TrainConfig(max_iters=600, batch_size=32, lr=3e-3, min_lr=3e-4, warmup_iters=40, weight_decay=0.01,
+T5_TRAIN = TrainConfig(max_steps=600, batch_size=32, lr=3e-3, min_lr=3e-4, warmup_steps=40, weight_decay=0.01,
                        beta2=0.99, grad_clip=1.0, eval_interval=0, eval_at_start=False, log_interval=25,
                        checkpoint=False)
 
 
-def t5_corpus(tokenizer=None, *, data_root=None, sotu_chars: int = 2_000_000, caption_repeats: int = 20,
+def t5_corpus(tokenizer=None, *, data=None, sotu_chars: int = 2_000_000, caption_repeats: int = 20,
               vocab_size: int = 2048, seed: int = 0):
     """(tokenizer, token stream): the first `sotu_chars` of State of the Union text with every
     TRAINING caption (never a held-out one) mixed in `caption_repeats` times, shuffled by paragraph.
@@ -459,7 +459,7 @@ def t5_corpus(tokenizer=None, *, data_root=None, sotu_chars: int = 2_000_000, ca
     from ..training.data import default_data_root
     from .seq2seq import SOTU, train_seq2seq_tokenizer
 
-    root = Path(data_root) if data_root else default_data_root()
+    root = Path(data) if data else default_data_root()
     if root is None or not (root / SOTU).is_file():
         raise TextToImageError(f"Imagen's T5 pretrains on {SOTU} under the data root ({root}); set ALLFORMERS_DATA")
     sotu = [p for p in (root / SOTU).read_text(encoding="utf-8")[:sotu_chars].split("\n") if p.strip()]
@@ -611,7 +611,7 @@ class T2ISettings:
 
 def quick_settings(settings: Optional[T2ISettings] = None) -> T2ISettings:
     """A couple of minutes: every part runs, nothing is expected to be good (settings' other fields kept)."""
-    few = lambda n, b=16: dataclasses.replace(DIFFUSION_TRAIN, max_iters=n, batch_size=b, warmup_iters=2,  # noqa: E731
+    few = lambda n, b=16: dataclasses.replace(DIFFUSION_TRAIN, max_steps=n, batch_size=b, warmup_steps=2,  # noqa: E731
                                               log_interval=max(1, n // 2))
     small = dict(n_train=256, n_val=32, n_eval=12, judge_train=512, judge_test=64, judge=few(20, 32), vq=few(6),
                  kl=few(6), dalle=few(10), glide=few(6), ldm=few(6), t5=few(6), imagen=few(4), imagen_large_unet=None,
@@ -624,9 +624,9 @@ class Workbench:
     the caption tokenizer and the autoencoders (each built the first time it is needed)."""
 
     def __init__(self, settings: Optional[T2ISettings] = None, *, seed: int = 0, progress: bool = True,
-                 data_root=None, log: Callable[[str], None] = print):
+                 data=None, log: Callable[[str], None] = print):
         self.s = settings or T2ISettings()
-        self.seed, self.progress, self.data_root, self.log = seed, progress, data_root, log
+        self.seed, self.progress, self.data, self.log = seed, progress, data, log
         self.times: dict = {}
         self._judge = self._vq = self._kl = self._t5_corpus = None
         t0 = time.perf_counter()
@@ -733,7 +733,7 @@ class Workbench:
     # ------------------------------------------------------------------ Imagen
     def t5(self, size: str):
         if self._t5_corpus is None:
-            self._t5_corpus = t5_corpus(data_root=self.data_root, sotu_chars=self.s.sotu_chars, seed=self.seed)
+            self._t5_corpus = t5_corpus(data=self.data, sotu_chars=self.s.sotu_chars, seed=self.seed)
             self._t5 = {}
         if size not in self._t5:
             self.log(f"pretraining Imagen's text encoder {size} (span corruption)")
@@ -821,7 +821,7 @@ class TextToImageRecipe(Recipe, T2ISettings):
 
     def run(self, *, out: Path, data=None, progress: bool = True, resume: bool = False, verbose: bool = True) -> dict:
         """`data`: the data root holding sotu/sotu.txt (Imagen's T5 text; default ../shared/data)."""
-        result = run_t2i(self, out=out, data_root=data, progress=progress, log=print if verbose else (lambda m: None))
+        result = run_t2i(self, out=out, data=data, progress=progress, log=print if verbose else (lambda m: None))
         result.pop("pictures")  # tensors stay out of the summary (the benchmark's grid takes them from run_t2i)
         return result
 
@@ -871,7 +871,7 @@ def public_report(report: dict) -> dict:
     return report
 
 
-def run_t2i(recipe: TextToImageRecipe, *, out=None, progress: bool = True, data_root=None,
+def run_t2i(recipe: TextToImageRecipe, *, out=None, progress: bool = True, data=None,
             bench: Optional[Workbench] = None, log: Callable[[str], None] = print) -> dict:
     """Train `recipe`'s system end to end (with the judge and autoencoder it needs), score it on held-out
     captions, save the model with its tokenizer to `out` (default runs/NAME) and summary.json beside it.
@@ -880,7 +880,7 @@ def run_t2i(recipe: TextToImageRecipe, *, out=None, progress: bool = True, data_
     out = Path(out) if out else default_out(name)
     t0 = time.perf_counter()
     settings = quick_settings(recipe) if recipe.quick else recipe
-    bench = bench or Workbench(settings, seed=recipe.seed, progress=progress, data_root=data_root, log=log)
+    bench = bench or Workbench(settings, seed=recipe.seed, progress=progress, data=data, log=log)
     judge = bench.judge
     if recipe.system == "judge":
         model, report, tokenizer = judge, bench.judge_report, None
