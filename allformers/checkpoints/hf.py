@@ -25,7 +25,9 @@ OTHER_LOADERS = {"clip_vision_model": "allformers.checkpoints.hf_vision:load_hf_
                  "siglip_vision_model": "allformers.checkpoints.hf_vision:load_hf_vision",
                  "dinov2": "allformers.checkpoints.hf_vision:load_hf_vision",
                  **{t: "allformers.checkpoints.hf_clip:load_hf_clip"
-                    for t in ("clip", "siglip", "clip_text_model", "siglip_text_model")}}
+                    for t in ("clip", "siglip", "clip_text_model", "siglip_text_model")},
+                 **{t: "allformers.checkpoints.hf_blip2:load_hf_blip2"
+                    for t in ("blip-2", "blip_2_qformer", "blip_2_vision_model")}}
 
 
 def _family(model_type: str) -> Family:

@@ -29,7 +29,7 @@ from ..blocks.vision import AttentionPool, VisionError, check_images, interpolat
 from ..config import ACTIVATIONS, SavedConfig
 
 POSITIONS = ("learned", "sincos", "none")
-FINAL_NORMS = ("tokens", "pooled", "none")
+FINAL_NORMS = ("tokens", "pooled", "tokens+pooled", "none")
 POOLINGS = ("cls", "map", "mean", "none")
 
 
@@ -55,7 +55,9 @@ class ViTConfig(SavedConfig):
     interpolate_positions: bool = False
     pre_norm: bool = False  # LayerNorm on the embeddings before the first block (CLIP's pre_layrnorm)
     layer_scale: Optional[float] = None  # LayerScale on both residual branches, this initial value (DINOv2)
-    final_norm: str = "tokens"  # LayerNorm over every output token | over the pooled vector only | none
+    # LayerNorm over every output token | over the pooled vector only | over every token and then again over the
+    # pooled one (BLIP-2's vision tower applies its post-LN twice to the class token) | none
+    final_norm: str = "tokens"
     pooling: str = "cls"  # class token | "map" attention-pooling probe (SigLIP) | mean of patch tokens | none
     mask_token: bool = False  # a learned vector that replaces masked patches (DINOv2's bool_masked_pos)
     conv_stem: bool = False  # a small convolution stack instead of one strided convolution
@@ -80,8 +82,8 @@ class ViTConfig(SavedConfig):
             raise VisionError(f"width={self.width} is not divisible by heads={self.heads}")
         if self.pooling == "cls" and not self.class_token:
             raise VisionError("pooling='cls' needs class_token=True; pool by 'mean' or 'map' without a class token")
-        if self.final_norm == "pooled" and self.pooling == "none":
-            raise VisionError("final_norm='pooled' normalises the pooled vector: it needs pooling != 'none'")
+        if self.final_norm in ("pooled", "tokens+pooled") and self.pooling == "none":
+            raise VisionError(f"final_norm={self.final_norm!r} normalises the pooled vector: it needs pooling != 'none'")
         if self.interpolate_positions and self.position != "learned":
             raise VisionError(f"interpolate_positions resizes learned positions; position={self.position!r} has none "
                               f"(sin-cos positions are computed for any grid)")
@@ -217,7 +219,7 @@ class ViT(nn.Module):
             x = self.pre_norm(x)
         for block in self.blocks:
             x = block(x)
-        if c.final_norm == "tokens":
+        if c.final_norm in ("tokens", "tokens+pooled"):
             x = self.norm(x)
         if c.pooling == "cls":
             pooled = x[:, 0]
@@ -227,9 +229,24 @@ class ViT(nn.Module):
             pooled = self.pool(x)[:, 0]
         else:
             pooled = None
-        if c.final_norm == "pooled":
+        if c.final_norm in ("pooled", "tokens+pooled"):
             pooled = self.norm(pooled)
         return VisionOutput(x, pooled)
+
+    def hidden_state(self, pixel_values: torch.Tensor, index: int = -1,
+                     interpolate_pos_encoding: Optional[bool] = None) -> torch.Tensor:
+        """Hugging Face's hidden_states[index] -> (B, N, width): 0 is the embeddings (after the pre-LN), i the output
+        of block i, -1 the last block's, -2 the one before (LLaVA's vision_feature_layer); never the final norm.
+        Only the blocks up to it run."""
+        depth = self.config.depth
+        if not -(depth + 1) <= index <= depth:
+            raise VisionError(f"hidden state {index} of a {depth}-block ViT: pick one in [-{depth + 1}, {depth}]")
+        x = self.embed(pixel_values, None, interpolate_pos_encoding)
+        if self.pre_norm is not None:
+            x = self.pre_norm(x)
+        for block in self.blocks[:index % (depth + 1)]:
+            x = block(x)
+        return x
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "ViT":
