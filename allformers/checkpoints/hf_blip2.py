@@ -10,7 +10,6 @@ Q-Former's ITG head (HF's checkpoints drop BLIP-2's captioning head); a model wi
 heads and a language model, is refused by the export (save format='allformers', or without_stage1())."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ from ..blocks import BlockSpec
 from ..config import Config
 from ..errors import CheckpointError
 from .hf_clip import prefixed
-from .hf_vision import HF_ACT, OUR_ACT, check_leftover, export_state, import_state
+from .hf_vision import HF_ACT, OUR_ACT, check_leftover, export_state, import_state, write_hf_folder
 from .maps import concat, pair, same, separate_qkv
 
 ARCHITECTURES = ("Blip2ForConditionalGeneration", "Blip2Model", "Blip2ForImageTextRetrieval")
@@ -243,10 +242,8 @@ def hf_config(c) -> tuple:
 
 def save_hf_blip2(model, path, tokenizer=None) -> Path:
     """Write a BLIP2 as Blip2ForConditionalGeneration (with a language model) or Blip2ForImageTextRetrieval (stage 1)."""
-    from safetensors.torch import save_file
-
     from .hf import ours_to_hf
-    from .io import CONFIG_FILE, _contiguous, atomic_folder_write
+    from .io import _contiguous
 
     c = model.config
     arch, hf, family = hf_config(c)
@@ -263,13 +260,4 @@ def save_hf_blip2(model, path, tokenizer=None) -> Path:
     hf.update(architectures=[arch], dtype="float32")
     if c.stage1:
         hf[TEMPERATURE] = float(model.temperature.detach())
-    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-
-    def write(tmp: Path):
-        save_file(out, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(hf, indent=2))
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-
-    atomic_folder_write(Path(path), write)
-    return Path(path)
+    return write_hf_folder(path, out, hf, tokenizer if tokenizer is not None else getattr(model, "tokenizer", None))

@@ -55,6 +55,22 @@ def check_leftover(hf_state: dict, used: set, source: str, ignore=("position_ids
         raise CheckpointError(f"{source}: {len(left)} tensor(s) unknown to the allformers model: {shown}")
 
 
+def write_hf_folder(path, state: dict, hf_config: dict, tokenizer=None) -> Path:
+    """model.safetensors + config.json (+ the tokenizer's files), written atomically: every composite HF saver's end."""
+    from safetensors.torch import save_file
+
+    from .io import CONFIG_FILE, atomic_folder_write
+
+    def write(tmp: Path):
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2))
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+
+    atomic_folder_write(Path(path), write)
+    return Path(path)
+
+
 def strip_prefix(hf_state: dict, prefix: str) -> dict:
     """Older transformers saved towers under "vision_model." / "text_model."; newer ones without."""
     if prefix and all(k.startswith(prefix) for k in hf_state):

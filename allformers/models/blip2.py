@@ -38,7 +38,7 @@ from .lm import TransformerLM
 from .qformer import QFormer, QFormerConfig, TextEmbeddings
 from .seq2seq import Seq2SeqLM
 from .vit import ViT, ViTConfig
-from .vlm import generate_from_embeds, left_padded, scatter_image_tokens, with_image_tokens
+from .vlm import FrozenParts, generate_from_embeds, left_padded, scatter_image_tokens, with_image_tokens
 
 STAGES = (1, 2)
 
@@ -152,7 +152,7 @@ class ITGHead(nn.Module):
         return F.linear(self.norm(self.act(self.dense(h))), self.word[0].weight, self.bias)
 
 
-class BLIP2(nn.Module):
+class BLIP2(FrozenParts):
     def __init__(self, config: BLIP2Config):
         super().__init__()
         self.config = c = config
@@ -171,7 +171,6 @@ class BLIP2(nn.Module):
         if c.text is not None:
             self.lm = Seq2SeqLM(c.text) if c.text.is_encoder_decoder else TransformerLM(c.text)
             self.language_projection = nn.Linear(q.width, c.text.n_embd)
-        self.frozen: tuple = ()
 
     # ------------------------------------------------------------------ freezing
     def freeze(self, stage: int) -> "BLIP2":
@@ -181,19 +180,7 @@ class BLIP2(nn.Module):
             raise ConfigError(f"BLIP-2 has stages {list(STAGES)}, not {stage!r}")
         if stage == 2 and self.lm is None:
             raise ConfigError("stage 2 trains the queries into a language model; this BLIP-2 has none (text=None)")
-        names = ("vision",) if stage == 1 else ("vision", "lm")
-        for p in self.parameters():
-            p.requires_grad_(True)
-        for n in names:
-            getattr(self, n).requires_grad_(False)
-        self.frozen = names
-        return self.train(self.training)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        for n in getattr(self, "frozen", ()):
-            getattr(self, n).eval()  # no dropout in a frozen part
-        return self
+        return self.freeze_parts(("vision",) if stage == 1 else ("vision", "lm"))
 
     # ------------------------------------------------------------------ shared pieces
     @property

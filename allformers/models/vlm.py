@@ -15,12 +15,35 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+import torch.nn as nn
 
 from ..errors import AllformersError, ContextLengthError
 
 
 class ImageTokenError(AllformersError, ValueError):
     """The image placeholders in the text do not match the image vectors."""
+
+
+class FrozenParts(nn.Module):
+    """A model some of whose parts are frozen (a pretrained image encoder, a pretrained LM): `freeze_parts(names)`
+    turns their gradients off, so no optimizer step or weight decay reaches them and they stay bit-identical, and
+    keeps them in eval mode (no dropout) whatever train() is called with. The others train."""
+
+    frozen: tuple = ()
+
+    def freeze_parts(self, names: Sequence[str]):
+        for p in self.parameters():
+            p.requires_grad_(True)
+        for n in names:
+            getattr(self, n).requires_grad_(False)
+        self.frozen = tuple(names)
+        return self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for n in self.frozen:
+            getattr(self, n).eval()
+        return self
 
 
 def with_image_tokens(ids: Sequence[int], n: int, image_token_id: int, *, at: int = 0) -> list:
