@@ -1,7 +1,8 @@
 """Serving throughput and latency: SmolLM2-135M-Instruct behind `allformers serve`, driven by the
 real `openai` client at 1, 2, 4, 8, 16 and 32 concurrent streams.
 
-The server runs in its own process (so the client's parsing does not share its interpreter).
+The server runs in its own process (so the client's parsing does not share its interpreter),
+with torch on all cores but one.
 Each level sends `max(16, 4 x streams)` streamed chat requests (272 in all), `streams` at a time.
 Prints a table, then one JSON object (last) with, per level, aggregate tokens/s, p50/p99
 time-to-first-token and inter-token latency, and failed requests.
@@ -110,7 +111,9 @@ def main():
     p.add_argument("--requests", type=int, default=None, help="requests per level (default: max(16, 4 x streams))")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per reply")
     p.add_argument("--max-len", type=int, default=512, help="the server's tokens per slot")
-    p.add_argument("--threads", type=int, default=None, help="the server's torch threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                   help="the server's torch threads (default: all cores but one, which the client and the "
+                        "server's event loop need: a torch thread that loses its core stalls every op)")
     p.add_argument("--quick", action="store_true", help="1, 2, 4 streams, 4 requests each, 16 tokens")
     args = p.parse_args()
     if args.quick:

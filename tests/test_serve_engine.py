@@ -25,9 +25,11 @@ def prompts(tok, n=16, seed=0):
     return [tok.encode("".join(rnd.choice("abcdefgh xyz,.") for _ in range(rnd.randint(1, 60)))) for _ in range(n)]
 
 
-def run(model, tok, batch, *, slots=16, waves=1, max_tokens=12, temperature=0.0, seed=None, logprobs=3, **kw):
+def run(model, tok, batch, *, slots=16, waves=1, max_tokens=12, temperature=0.0, seed=None, logprobs=3, stats=None,
+        **kw):
     """Generate for every prompt in `batch` in one engine; with waves > 1 the prompts arrive in
-    that many groups, a few steps apart, so prefills land among running decodes."""
+    that many groups, a few steps apart, so prefills land among running decodes. `stats` (a
+    dict) receives the engine's counters."""
     eng = Engine(model, tok, slots=slots, prefill_chunk=16, step_tokens=48, **kw)
     events = [[] for _ in batch]
     seqs = [Seq(p, SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed, logprobs=logprobs),
@@ -39,6 +41,8 @@ def run(model, tok, batch, *, slots=16, waves=1, max_tokens=12, temperature=0.0,
             eng.step()
     while any(s.finish_reason is None for s in seqs):
         eng.step()
+    if stats is not None:
+        stats.update(eng.stats)
     return [(s.generated, [(t.logprob, [v for _, _, v in t.top]) for e in ev for t in e.logprobs])
             for s, ev in zip(seqs, events)]
 
@@ -51,7 +55,9 @@ def test_greedy_output_is_the_same_alone_and_in_a_batch_of_16(family):
     ps = prompts(tok)
     alone = [run(model, tok, [p])[0] for p in ps]
     together = run(model, tok, ps)
-    arriving = run(model, tok, ps, slots=5, waves=4)  # joins and leaves at every step, 5 slots reused
+    counters = {}
+    arriving = run(model, tok, ps, slots=5, waves=4, stats=counters)  # joins and leaves at every step, 5 slots reused
+    assert counters["mixed_steps"] > 5  # prompt chunks shared forward passes with decodes
     assert [a[0] for a in alone] == [b[0] for b in together] == [c[0] for c in arriving]
     assert alone == together == arriving
     assert len({tuple(a[0]) for a in alone}) > 8  # different prompts, different outputs
@@ -194,3 +200,33 @@ def test_multibyte_characters_are_never_split():
     assert parts == ["", "é", "", "", "日", "x", ""]
     parts, _ = stream(tok.encode("a日本b"), tok, ["本"])
     assert "".join(parts) == "a日"
+
+
+def test_every_kind_of_source_is_served(tmp_path):
+    """`allformers serve` loads an allformers folder, a Hugging Face folder and a zoo name (the
+    GGUF file is served in the slow test), and an encoder becomes an embedding model."""
+    import argparse
+
+    from allformers.cli.serve import load_served
+    from allformers.zoo.assets import BUNDLED
+
+    from allformers import Config, TransformerLM
+
+    tok = Tokenizer.byte_level()
+    torch.manual_seed(0)
+    model = TransformerLM(Config.from_name("gpt2", n_layer=2, n_embd=64, n_head=4, vocab_size=tok.vocab_size,
+                                           block_size=128)).eval()  # nothing HF's GPT-2 could not hold
+    model.save(tmp_path / "ours", tokenizer=tok)
+    model.save(tmp_path / "hf", format="hf", tokenizer=tok)
+    args = argparse.Namespace(seed=0, device="cpu", dtype="float32", slots=2, max_len=64, max_queue=4, prefill_chunk=16)
+    ids = tok.encode("hello")
+    want = run(model, tok, [ids], max_tokens=6)[0][0]
+    for source in (tmp_path / "ours", tmp_path / "hf"):
+        s = load_served(str(source), args=args, overrides={})
+        assert s.kind == "chat" and s.name == source.name and run(s.model, s.tokenizer, [ids], max_tokens=6)[0][0] == want
+    zoo = load_served("pythia-70m", args=args, overrides={"n_layer": 1, "n_embd": 32, "n_head": 2})
+    assert zoo.kind == "chat" and zoo.model.config.n_layer == 1 and zoo.engine.max_len == 64
+    enc = load_served("bert-base-uncased", args=args, overrides={"n_layer": 1, "n_embd": 32, "n_head": 2,
+                                                                "task": "embedding"})
+    assert enc.kind == "embedding" and enc.engine is None
+    assert "minilm" in BUNDLED  # bundled names win over zoo names of the same spelling (all-minilm-l6-v2)

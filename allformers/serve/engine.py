@@ -227,7 +227,7 @@ class Engine:
         self.running: list = []
         self.cond = threading.Condition()
         self.rng = torch.Generator().manual_seed(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
-        self.stats = collections.Counter()  # steps, prompt_tokens, generated_tokens, finished_<reason>
+        self.stats = collections.Counter()  # steps, mixed_steps, prompt_tokens, generated_tokens, finished_<reason>
         self.step_time = 0.0
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
@@ -324,6 +324,8 @@ class Engine:
                 budget -= len(chunk)
         if not feeds:
             return 0
+        if any(not s.prefilling for s, _ in feeds) and any(s.prefilling for s, _ in feeds):
+            self.stats["mixed_steps"] += 1  # a prompt chunk and decodes in one forward pass
         t0 = time.perf_counter()
         sample = [i for i, (s, t) in enumerate(feeds) if s.pos + len(t) >= len(s.prompt)]
         logits = self._forward(feeds, sample)  # (len(sample), V) float32
