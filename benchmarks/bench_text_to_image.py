@@ -106,7 +106,7 @@ def main():
         grid = Path(args.grid) if args.grid else (out / "text_to_image.png" if args.quick else Path("docs/img/text_to_image.png"))
         n = min(GRID_COLUMNS, len(bench.prompts))
         # the held-out captions of the first columns, as the generator draws them, then each system's picture
-        real = to_unit(torch.stack([torch.from_numpy(s.image(32)).permute(2, 0, 1) for s in bench.prompts[:n]]))
+        real = to_unit(torch.stack([torch.tensor(s.image(32)).permute(2, 0, 1) for s in bench.prompts[:n]]))
         rows = {"drawn": real, **{s: pictures[s][:n] for s in SECTIONS if s in pictures}}
         result["grid"] = str(save_grid(rows, [s.caption for s in bench.prompts[:n]], grid,
                                        title="held-out captions (top: the data's own drawing)"))
