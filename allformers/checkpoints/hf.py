@@ -27,7 +27,8 @@ OTHER_LOADERS = {"clip_vision_model": "allformers.checkpoints.hf_vision:load_hf_
                  **{t: "allformers.checkpoints.hf_clip:load_hf_clip"
                     for t in ("clip", "siglip", "clip_text_model", "siglip_text_model")},
                  **{t: "allformers.checkpoints.hf_blip2:load_hf_blip2"
-                    for t in ("blip-2", "blip_2_qformer", "blip_2_vision_model")}}
+                    for t in ("blip-2", "blip_2_qformer", "blip_2_vision_model")},
+                 "llava": "allformers.checkpoints.hf_llava:load_hf_llava"}
 
 
 def _family(model_type: str) -> Family:

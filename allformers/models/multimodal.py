@@ -7,6 +7,8 @@
   * `MultimodalDecoderLM` (PaLM-E, Driess et al. 2023): image features projected to the word
     embedding size and spliced into the input sequence of a decoder-only LM (e.g. SmolLM2) after
     its first `image_pos` prompt tokens; trained with LoRA on the LM or with the projection alone.
+    ScienceQA's variant of the general image + text decoder (models/vlm.py: VisionLanguageLM, image
+    placeholders anywhere in the text, LLaVA's projector, chat with pictures), whose decoding it shares.
 
 Images reach both as `images` (B, C, H, W) in [0, 1] with `has_image` (B,) when the model owns a
 vision encoder (ViT / DETR), or as precomputed `image_features` (B, N, P) with `image_mask` (B, N)
@@ -236,26 +238,15 @@ class MultimodalDecoderLM(_Vision):
                  temperature: float = 0.0, top_k=None, top_p=None, repetition_penalty: float = 1.0,
                  generator=None, on_token=None, **image) -> torch.Tensor:
         """Prompt ids (B, T) (padded either side) + image -> the new tokens (B, n)."""
-        from ..errors import ContextLengthError
-        from ..generation.generate import decode_loop, eos_tensor
+        from .vlm import generate_from_embeds
 
         dev = self.device
         s = self.splice(input_ids.to(dev), attention_mask.to(dev) if attention_mask is not None else None,
                         side="left", **_to(image, dev))
-        B, T = s["attention_mask"].shape
-        if T + max_new_tokens > self.lm.config.block_size:
-            raise ContextLengthError(f"{T} prompt + image positions and max_new_tokens={max_new_tokens} exceed the "
-                                     f"model's {self.lm.config.block_size}")
-        eos = eos_tensor(eos_id)
-        cache = self.lm.new_cache(B, T + max_new_tokens)
-        logits = self.lm(None, attention_mask=s["attention_mask"].long(), cache=cache, last_only=True,
-                         inputs_embeds=s["inputs_embeds"])[:, -1]
-        step = lambda nxt: self.lm(nxt[:, None], cache=cache, last_only=True)[:, -1]  # noqa: E731
-        out = decode_loop(step, logits, torch.empty(B, 0, dtype=torch.long, device=dev), max_new_tokens=max_new_tokens,
-                          temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                          eos=eos, pad_id=pad_id if pad_id is not None else (int(eos[0]) if len(eos) else 0),
-                          on_token=on_token, generator=generator)
-        return out
+        return generate_from_embeds(self.lm, s["inputs_embeds"], s["attention_mask"], max_new_tokens=max_new_tokens,
+                                    temperature=temperature, top_k=top_k, top_p=top_p,
+                                    repetition_penalty=repetition_penalty, eos_id=eos_id, pad_id=pad_id,
+                                    generator=generator, on_token=on_token)
 
     def save(self, path, tokenizer=None):
         return save_multimodal(self, path, tokenizer)

@@ -232,15 +232,17 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(map(int, ids)), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render a conversation with the model's own Jinja template (as Hugging Face does)."""
-        if not self.chat_template:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            template: Optional[str] = None) -> str:
+        """Render a conversation with the model's own Jinja template (as Hugging Face does), or with `template`."""
+        template = template or self.chat_template
+        if not template:
             raise AllformersError("this tokenizer has no chat template; pass a plain prompt to `generate` instead")
         import jinja2
 
         env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, loader=jinja2.BaseLoader())
         env.globals["raise_exception"] = _raise
-        return env.from_string(self.chat_template).render(
+        return env.from_string(template).render(
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
