@@ -100,7 +100,8 @@ def moe_section(quick: bool = False, data=None, seed: int = 0, progress: bool = 
     return {"moe_loss": moe["val_loss"], "dense_loss": dense["val_loss"], "moe_dropped_fraction": moe["dropped"],
             "moe_wins": moe["val_loss"] < dense["val_loss"],
             "moe_params_total": count_params(moe_cfg), "moe_params_active": count_active_params(moe_cfg),
-            "dense_params": count_params(dense_cfg), "moe_final_expert_share": moe["load"],
+            "dense_params": count_params(dense_cfg), "moe_router_params": s["n_layer"] * s["n_embd"] * s["n_expert"],
+            "moe_final_expert_share": moe["load"],
             "moe_steps": s["steps"], "moe_batch_size": s["batch_size"], "moe_block": s["block"],
             "moe_experts": f"{s['n_expert']} experts, top {s['top_k']}, capacity factor {s['capacity_factor']}",
             "moe_train_seconds": round(moe["seconds"], 1), "dense_train_seconds": round(dense["seconds"], 1)}

@@ -110,9 +110,13 @@ def _bart_rows(c: Config):
 
 def _bart_config(h):
     d = h["d_model"]
-    return dict(is_encoder_decoder=True, vocab_size=h["vocab_size"], n_embd=d, n_head=h["encoder_attention_heads"],
-                n_decoder_head=h["decoder_attention_heads"], intermediate_size=h["encoder_ffn_dim"],
-                decoder_intermediate_size=h["decoder_ffn_dim"], n_layer=h["encoder_layers"],
+    # The decoder's heads and width are left to derive from the encoder's when they are equal, so a zoo
+    # entry resized with from_name(n_head=..., intermediate_size=...) resizes both stacks.
+    heads, ffn = h["encoder_attention_heads"], h["encoder_ffn_dim"]
+    return dict(is_encoder_decoder=True, vocab_size=h["vocab_size"], n_embd=d, n_head=heads,
+                n_decoder_head=None if h["decoder_attention_heads"] == heads else h["decoder_attention_heads"],
+                intermediate_size=ffn, decoder_intermediate_size=None if h["decoder_ffn_dim"] == ffn else h["decoder_ffn_dim"],
+                n_layer=h["encoder_layers"],
                 n_decoder_layer=h["decoder_layers"],
                 block_size=h["max_position_embeddings"], position="learned", position_offset=2,
                 norm_placement="post", embedding_norm=True, final_norm=False,
