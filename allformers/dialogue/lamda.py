@@ -3,7 +3,7 @@ safety with classifier heads on the LM's own hidden states, drop the unsafe ones
 best by LaMDA's ranking (3 x P(sensible) + P(specific)); and tools (tools.py) in the loop.
 
     responder = Responder(model, tokenizer)                   # generation from chat messages
-    heads = SSIHeads.train(model, tokenizer, examples)         # examples: recipes/dialogue.ssi_examples
+    heads = SSIHeads.train_on(model, tokenizer, ssi_examples())  # dialogue/data.py
     best, ranked = lamda_reply(responder, heads, messages, n=4)
     turn = run_with_tools(responder.tool_turn, messages, [calculator_tool()])
 
@@ -138,7 +138,7 @@ class SSIHeads(nn.Module):
 
     @classmethod
     def train_on(cls, model, tokenizer, examples: list, **kw) -> "SSIHeads":
-        """Heads from SSIExample records (recipes/dialogue.ssi_examples)."""
+        """Heads from SSIExample records (dialogue/data.py: ssi_examples)."""
         feats = reply_features(model, tokenizer, [e.prompt for e in examples], [e.reply for e in examples])
         return cls.fit(feats, label_tensor(examples), **kw)
 
