@@ -45,23 +45,35 @@ class Responder:
         self.model, self.tok, self.max_new_tokens = model, tokenizer, max_new_tokens
         self.generator = torch.Generator().manual_seed(seed)
 
-    @torch.no_grad()
     def __call__(self, messages: list, *, n: int = 1, temperature: float = 0.0, top_p: Optional[float] = None,
                  stop: Optional[list] = None, max_new_tokens: Optional[int] = None) -> list[str]:
-        from ..generation.generate import _trim, generate
+        """n replies to one conversation (n samples, or n copies of the greedy one)."""
+        return self.batch([messages] * n, temperature=temperature, top_p=top_p, stop=stop,
+                          max_new_tokens=max_new_tokens)
 
-        ids = render(self.tok, messages)
-        limit = self.model.config.block_size
+    @torch.no_grad()
+    def batch(self, conversations: list, *, temperature: float = 0.0, top_p: Optional[float] = None,
+              stop: Optional[list] = None, max_new_tokens: Optional[int] = None) -> list[str]:
+        """One reply to each conversation, all generated as one left-padded batch."""
+        from ..generation.generate import _trim, generate, left_pad
+
+        if not conversations:
+            return []
         new = max_new_tokens or self.max_new_tokens
-        if len(ids) + new > limit:
-            raise DialogueError(f"the conversation has {len(ids)} tokens; with {new} more it passes the model's "
+        prompts = [render(self.tok, m) for m in conversations]
+        limit = self.model.config.block_size
+        longest = max(len(p) for p in prompts)
+        if longest + new > limit:
+            raise DialogueError(f"the conversation has {longest} tokens; with {new} more it passes the model's "
                                 f"{limit}-token context")
-        x = torch.tensor([ids] * n, device=self.model.device)
-        out = generate(self.model, x, max_new_tokens=new, temperature=temperature, top_p=top_p,
-                       eos_id=self.tok.eos_id, pad_id=self.tok.pad_id if self.tok.pad_id is not None else 0,
-                       stop=stop, tokenizer=self.tok if stop else None, generator=self.generator)
+        pad = self.tok.pad_id if self.tok.pad_id is not None else 0
+        x, mask = left_pad(prompts, pad)  # (B, T)
+        out = generate(self.model, x.to(self.model.device),
+                       attention_mask=mask.to(self.model.device) if len(set(map(len, prompts))) > 1 else None,
+                       max_new_tokens=new, temperature=temperature, top_p=top_p, eos_id=self.tok.eos_id,
+                       pad_id=pad, stop=stop, tokenizer=self.tok if stop else None, generator=self.generator)
         texts = []
-        for row in out[:, len(ids):].tolist():
+        for row in out[:, x.shape[1]:].tolist():
             if self.tok.eos_id in row:
                 row = row[:row.index(self.tok.eos_id)]
             texts.append(_trim(self.tok.decode(row), stop).strip())
