@@ -5,6 +5,9 @@ and measured on held-out pictures against a text-only baseline of the same run. 
          text retrieval on the caption-disjoint test split (new pictures whose captions are combinations never
          seen in training), the candidates being the distinct captions of the test pictures;
          clip_recall_at_1_seen_captions the same on new pictures of training captions (the val split)
+  coca   a tiny CoCa (models/coca.py: contrastive + 2 x captioning loss) on the same data: coca_recall_at_1 as
+         clip's, and coca_caption_exact: greedy captions of the test pictures whose canonical form is exactly
+         the picture's caption
 
 Baselines (reported beside each number): chance (1 / candidates, averaged over pictures) and the caption prior
 (text only: every picture gets the candidate most likely under a word-unigram model of the training captions,
@@ -16,13 +19,14 @@ the best one fixed guess that never looks at the picture can do without peeking 
 
 Each section is a function `(quick, seed, progress, **settings) -> dict` of result keys, prefixed by its
 name; SECTIONS maps the name to it (or to a "module:function" string, imported when the section runs, for a
-section in a sibling file). Helpers every section may use: shapes_data, shapes_tokenizer, pixels,
-retrieval_recall, caption_prior_recall. Prints one line per section on stderr, then, last, one JSON object
+section in a sibling file). Helpers every section may use: shapes_data, shapes_tokenizer (from
+data/synthetic_shapes.py), Pictures, retrieval_recall, caption_prior_recall, train_contrastive. Prints one line per section on stderr, then, last, one JSON object
 with every section's numbers and the machine's load."""
 from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import importlib
 import json
 import math
@@ -40,8 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from allformers import Config  # noqa: E402
 from allformers.data.image_processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # noqa: E402
-from allformers.data.synthetic_shapes import SyntheticShapes, all_captions  # noqa: E402
+from allformers.data.synthetic_shapes import SyntheticShapes, canonical_of, shapes_tokenizer  # noqa: E402
 from allformers.models.clip import CLIP, CLIPConfig, TextTowerConfig  # noqa: E402
+from allformers.models.coca import CoCa, CoCaConfig  # noqa: E402
 from allformers.models.vit import ViTConfig  # noqa: E402
 from allformers.tokenization import Tokenizer  # noqa: E402
 
@@ -50,13 +55,6 @@ TEXT_LENGTH = 16  # the longest caption is 10 words + </s>
 
 
 # ---------------------------------------------------------------------- shared helpers
-def shapes_tokenizer() -> Tokenizer:
-    """One token per caption word: <pad> = 0, </s> = 1 (end of text), <s> = 2 (start, for decoders)."""
-    tok = Tokenizer.word_level(all_captions(canonical=False), special_tokens=("<pad>", "</s>", "<s>"))
-    tok.bos_token = "<s>"
-    return tok
-
-
 def shapes_data(n_train: int, n_test: int, seed: int) -> dict:
     """train: the train split; test: new pictures of held-out captions; seen: new pictures of training captions."""
     return {"train": SyntheticShapes(n_train, "train", seed, IMAGE_SIZE),
@@ -164,14 +162,15 @@ def clip_config(s: dict, tok: Tokenizer) -> CLIPConfig:
 
 
 def train_contrastive(model, forward_loss, pics: Pictures, tok: Tokenizer, s: dict, seed: int, progress: bool) -> dict:
-    """AdamW over batches of distinct captions; forward_loss(model, pixels, ids, mask) -> scalar loss.
-    Shared by the contrastive sections. -> {"seconds", "final_loss"}."""
+    """AdamW over batches of distinct captions; forward_loss(model, pixels, ids, mask) -> scalar loss; the
+    captions are encoded by the model's own text_inputs. Shared by the contrastive sections.
+    -> {"seconds", "final_loss"}."""
     gen = torch.Generator().manual_seed(seed)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     rest = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": s["weight_decay"]}, {"params": rest, "weight_decay": 0}],
                             lr=s["lr"], betas=(0.9, 0.98))
-    ids, mask = tok.encode_padded(pics.captions, TEXT_LENGTH)
+    ids, mask = model.text_inputs(tok, pics.captions)
     batches = unique_caption_batches(pics.captions, s["batch_size"], gen)
     model.train()
     t0, losses = time.perf_counter(), []
@@ -192,9 +191,10 @@ def train_contrastive(model, forward_loss, pics: Pictures, tok: Tokenizer, s: di
 
 
 @torch.no_grad()
-def clip_retrieval(model: CLIP, tok: Tokenizer, pics: Pictures) -> dict:
+def retrieval(model, tok: Tokenizer, pics: Pictures) -> dict:
+    """Image -> text recall@1 of a contrastive model (CLIP, CoCa) among the distinct captions of `pics`."""
     candidates = sorted(set(pics.captions))
-    ids, mask = tok.encode_padded(candidates, TEXT_LENGTH)
+    ids, mask = model.text_inputs(tok, candidates)
     text = F.normalize(model.get_text_features(ids, mask), dim=-1)
     image = torch.cat([F.normalize(model.get_image_features(pics.pixels[i:i + 256]), dim=-1)
                        for i in range(0, len(pics), 256)])
@@ -215,7 +215,7 @@ def clip_section(quick: bool = False, seed: int = 0, progress: bool = False, **o
     torch.manual_seed(seed)
     model = CLIP(clip_config(s, tok))
     run = train_contrastive(model, clip_loss, train, tok, s, seed, progress)
-    r_test, r_seen = clip_retrieval(model, tok, test), clip_retrieval(model, tok, seen)
+    r_test, r_seen = retrieval(model, tok, test), retrieval(model, tok, seen)
     cands = sorted(set(test.captions))
     return {"clip_recall_at_1": r_test["all"],
             "clip_recall_at_1_by_kind": {k: v for k, v in r_test.items() if k not in ("all", "candidates")},
@@ -230,8 +230,77 @@ def clip_section(quick: bool = False, seed: int = 0, progress: bool = False, **o
             "clip_train_seconds": round(run["seconds"], 1)}
 
 
+# ---------------------------------------------------------------------- coca
+COCA_FULL = dict(n_train=20000, n_test=500, steps=2000, batch_size=128, lr=2e-3, weight_decay=0.1, width=64,
+                 depth=2, text_layers=4, heads=4, patch=4, queries=16)
+COCA_QUICK = dict(n_train=400, n_test=64, steps=10, batch_size=32, lr=2e-3, weight_decay=0.1, width=32,
+                  depth=1, text_layers=2, heads=2, patch=8, queries=4)
+
+
+def coca_config(s: dict, tok: Tokenizer) -> CoCaConfig:
+    """coca-tiny-shapes at the section's sizes: half the text layers unimodal, the rest cross-attend."""
+    base = CoCaConfig.from_name("coca-tiny-shapes")
+    text = base.text.replace(vocab_size=tok.vocab_size, block_size=TEXT_LENGTH, n_layer=s["text_layers"],
+                             n_head=s["heads"], n_embd=s["width"])
+    vision = base.vision.replace(patch_size=s["patch"], width=s["width"], depth=s["depth"], heads=s["heads"])
+    return dataclasses.replace(base, text=text, vision=vision, unimodal_layers=None, projection_dim=s["width"],
+                               caption_queries=s["queries"], bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+
+
+def coca_loss(model: CoCa, px, ids, mask):
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, math.log(100))
+    return model(ids, px, mask, return_loss=True).loss
+
+
+@torch.no_grad()
+def caption_exact(model: CoCa, tok: Tokenizer, pics: Pictures) -> dict:
+    """Greedy captions; exact when the caption's canonical form is the picture's ("B below A" counts as
+    "A above B"). -> {"all", per kind, "examples": the first few (truth, caption)}."""
+    said = []
+    for i in range(0, len(pics), 256):
+        said += model.caption(tok, pics.pixels[i:i + 256])
+    hits = [canonical_of(c) == t for c, t in zip(said, pics.captions)]
+    out = {"all": sum(hits) / len(hits)}
+    for kind in sorted(set(pics.kinds)):
+        h = [x for x, k in zip(hits, pics.kinds) if k == kind]
+        out[kind] = sum(h) / len(h)
+    out["examples"] = [[t, c] for t, c in list(zip(pics.captions, said))[:6]]
+    return out
+
+
+def coca_section(quick: bool = False, seed: int = 0, progress: bool = False, **overrides) -> dict:
+    s = settings(COCA_QUICK if quick else COCA_FULL, overrides)
+    tok = shapes_tokenizer()
+    data = shapes_data(s["n_train"], s["n_test"], seed)
+    train, test, seen = Pictures(data["train"]), Pictures(data["test"]), Pictures(data["seen"])
+    torch.manual_seed(seed)
+    model = CoCa(coca_config(s, tok))
+    run = train_contrastive(model, coca_loss, train, tok, s, seed, progress)
+    r_test, r_seen = retrieval(model, tok, test), retrieval(model, tok, seen)
+    c_test, c_seen = caption_exact(model, tok, test), caption_exact(model, tok, seen)
+    cands = sorted(set(test.captions))
+    mode = Counter(train.captions).most_common(1)[0][0]
+    return {"coca_recall_at_1": r_test["all"],
+            "coca_recall_at_1_by_kind": {k: v for k, v in r_test.items() if k not in ("all", "candidates")},
+            "coca_recall_at_1_seen_captions": r_seen["all"],
+            "coca_text_only_recall_at_1": caption_prior_recall(train.captions, cands, test.captions),
+            "coca_chance_recall_at_1": chance_recall(cands),
+            "coca_caption_exact": c_test["all"],
+            "coca_caption_exact_by_kind": {k: v for k, v in c_test.items() if k not in ("all", "examples")},
+            "coca_caption_exact_seen_captions": c_seen["all"],
+            "coca_text_only_caption_exact": sum(t == mode for t in test.captions) / len(test),
+            "coca_caption_examples": c_test["examples"],
+            "coca_baseline": "retrieval as clip's; captions: the text-only captioner's one best caption, the "
+                             "commonest training caption (never right on the caption-disjoint test split)",
+            "coca_candidates": r_test["candidates"], "coca_test_pictures": len(test),
+            "coca_params": model.num_params(), "coca_steps": s["steps"], "coca_batch_size": s["batch_size"],
+            "coca_train_pictures": s["n_train"], "coca_final_loss": round(run["final_loss"], 4),
+            "coca_train_seconds": round(run["seconds"], 1)}
+
+
 # ---------------------------------------------------------------------- sections
-SECTIONS = {"clip": clip_section}
+SECTIONS = {"clip": clip_section, "coca": coca_section}
 
 
 def section_function(name: str):

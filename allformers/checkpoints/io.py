@@ -162,6 +162,7 @@ CONFIG_LOADERS = {"ErnieConfig": "allformers.models.ernie:load_ernie",
                   "AutoencoderConfig": "allformers.models.autoencoders:load_autoencoder",
                   "ViTConfig": "allformers.models.vit:load_vit",
                   "CLIPConfig": "allformers.models.clip:load_clip",  # CLIP and SigLIP
+                  "CoCaConfig": "allformers.models.coca:load_coca",
                   "TextTowerConfig": "allformers.models.clip:load_text_tower",
                   "DALLEConfig": "allformers.models.dalle:load_dalle",
                   "TextToImageConfig": "allformers.models.text_to_image:load_text_to_image",

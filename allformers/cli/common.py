@@ -67,3 +67,27 @@ def write(text: str):
     sys.stdout.flush()
 
 
+
+
+def load_image_model(folder: str, need: str, command: str):
+    """A saved CLIP / SigLIP / CoCa folder (any `allformers.load` source) whose model has the method `need`
+    ("get_image_features": it compares pictures with texts; "caption": it writes captions) and a tokenizer.
+    -> (model, ImageProcessor). A model that cannot do it is refused naming what can."""
+    from pathlib import Path
+
+    from ..data.image_processing import ImageProcessor
+    from ..errors import AllformersError
+
+    model = load_any(folder)
+    what = {"get_image_features": "compare pictures with texts: a CLIP, SigLIP or CoCa folder",
+            "caption": "write captions: a CoCa folder (models/coca.py)"}[need]
+    if not hasattr(model, need) or not hasattr(getattr(model, "config", None), "vision"):
+        raise AllformersError(f"allformers {command}: {folder} holds a {type(model).__name__}, which cannot {what}")
+    if getattr(model, "tokenizer", None) is None:
+        raise AllformersError(f"{folder} has no tokenizer.json; save the model with its tokenizer "
+                              f"(model.save(folder, tokenizer=tok))")
+    hf = Path(folder) / "preprocessor_config.json"
+    if hf.is_file():  # a Hugging Face folder says how its pictures were prepared
+        return model, ImageProcessor.from_hf(hf)
+    size = model.config.vision.image_size  # allformers' own: resized to the tower's size, CLIP's mean / std
+    return model, ImageProcessor.from_name("shapes", size=(size, size))

@@ -126,6 +126,15 @@ def all_captions(kinds: Sequence[str] = KINDS, canonical: bool = True) -> list[s
     return sorted(out)
 
 
+def shapes_tokenizer():
+    """One token per caption word: <pad> = 0, </s> = 1 (end of text), <s> = 2 (start, for decoders)."""
+    from ..tokenization import Tokenizer
+
+    tok = Tokenizer.word_level(all_captions(canonical=False), special_tokens=("<pad>", "</s>", "<s>"))
+    tok.bos_token = "<s>"
+    return tok
+
+
 def is_held_out(caption: str, share: float) -> bool:
     """A fixed hash of the text (zlib.crc32: the same in every process) puts `share` of all captions aside."""
     return zlib.crc32(caption.encode()) % 10_000 < share * 10_000

@@ -235,6 +235,11 @@ class CLIP(nn.Module):
             loss = (sigmoid_loss if self.config.loss == "sigmoid" else contrastive_loss)(per_text)
         return CLIPOutput(per_text.t(), per_text, text, image, loss, txt, vis)
 
+    def text_inputs(self, tokenizer, texts: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Texts -> (ids, mask) as the text tower reads them (ending in its end-of-text token when it pools there)."""
+        c = self.config.text
+        return text_inputs(tokenizer, texts, c.lm.block_size, eos_id=c.eos_token_id if c.pooling == "eos" else None)
+
     @classmethod
     def from_name(cls, name: str, **overrides) -> "CLIP":
         return cls(CLIPConfig.from_name(name, **overrides))
@@ -242,6 +247,43 @@ class CLIP(nn.Module):
     def save(self, path, format: str = "allformers", tokenizer=None):
         """An allformers folder, or format="hf": CLIPModel / SiglipModel (whichever has this layout)."""
         return _save(self, path, format, tokenizer)
+
+
+# ---------------------------------------------------------------------- text in, zero-shot out
+def text_inputs(tokenizer, texts: list, length: int, bos_id: Optional[int] = None, eos_id: Optional[int] = None):
+    """Texts -> (ids, mask), each (B, <= length), right-padded. A tokenizer that adds its own special tokens
+    (CLIP's BPE: <|startoftext|> ... <|endoftext|>) is used as it is; a plain one (the word-level caption
+    vocabulary) gets [bos] + words + [eos] here, cut to `length` with the eos kept."""
+    from ..errors import InputError
+
+    texts = list(texts)
+    if not texts:
+        raise InputError("no texts to encode: pass at least one")
+    if tokenizer.backend.encode("", add_special_tokens=True).ids:
+        batch = tokenizer.batch(texts, max_length=length)
+        return batch["input_ids"], batch["attention_mask"]
+    head, tail = [bos_id] if bos_id is not None else [], [eos_id] if eos_id is not None else []
+    rows = [head + ids[:length - len(head) - len(tail)] + tail for ids in tokenizer.encode_batch(texts)]
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), tokenizer.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r, dtype=torch.long), 1
+    return ids, mask
+
+
+@torch.no_grad()
+def zero_shot(model, tokenizer, pixel_values: torch.Tensor, labels: list, template: str = "{}") -> torch.Tensor:
+    """Zero-shot classification with any contrastive model (CLIP, SigLIP, CoCa): each label written into
+    `template` is a caption; (B, C, H, W) pictures -> (B, labels) probabilities: a softmax over the labels'
+    logits (CLIP, CoCa), or each label's own sigmoid (SigLIP, trained with the sigmoid loss)."""
+    ids, mask = model.text_inputs(tokenizer, [template.format(label) for label in labels])
+    text = F.normalize(model.get_text_features(ids.to(model.device), mask.to(model.device)), dim=-1)
+    image = F.normalize(model.get_image_features(pixel_values.to(model.device)), dim=-1)
+    per_image = model.logits(text, image).t()  # (images, labels)
+    if getattr(model.config, "loss", "softmax") == "sigmoid":
+        return torch.sigmoid(per_image)
+    return per_image.softmax(dim=-1)
 
 
 def _save(model, path, format, tokenizer):
