@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .norms import build_norm
 from .positions import apply_rotary
 from .sparse import patterned_attention
 
@@ -68,7 +69,8 @@ class Attention(nn.Module):
 
     def __init__(self, dim: int, n_head: int, n_kv_head: int, head_dim: int, *, bias: bool = True,
                  out_bias: bool = True, scale: Optional[float] = None, dropout: float = 0.0,
-                 causal: bool = True, cross: bool = False, kv_dim: Optional[int] = None):
+                 causal: bool = True, cross: bool = False, kv_dim: Optional[int] = None,
+                 qk_norm: Optional[str] = None, qk_norm_eps: float = 1e-5):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
         self.scale, self.dropout, self.causal, self.cross = scale, dropout, causal, cross
@@ -79,6 +81,9 @@ class Attention(nn.Module):
         else:  # one matmul for q, k and v: rows are [q; k; v]
             self.qkv = nn.Linear(dim, q_size + 2 * kv_size, bias=bias)
         self.proj = nn.Linear(q_size, dim, bias=out_bias)
+        # "LayerNorm" / "RMSNorm" over each head's queries and keys (Idefics's cross-attention and perceiver)
+        self.q_norm = build_norm(qk_norm, head_dim, qk_norm_eps) if qk_norm else None
+        self.k_norm = build_norm(qk_norm, head_dim, qk_norm_eps) if qk_norm else None
         self.pattern, self.window, self.stride = "global", None, None  # blocks/sparse.py; set by use_pattern
 
     def use_pattern(self, kind: str, window: int, stride: int) -> "Attention":
@@ -104,12 +109,18 @@ class Attention(nn.Module):
             else:
                 k, v = self.kv(context).split(kv_size, dim=-1)
                 k, v = self._heads(k, self.n_kv_head), self._heads(v, self.n_kv_head)
+                if self.k_norm is not None:
+                    k = self.k_norm(k)
                 if cache is not None:
                     cache.k, cache.v = k, v
             cache = None  # nothing more to append
         else:
             q, k, v = self.qkv(x).split((q_size, kv_size, kv_size), dim=-1)
             q, k, v = self._heads(q, self.n_head), self._heads(k, self.n_kv_head), self._heads(v, self.n_kv_head)
+            if self.k_norm is not None:
+                k = self.k_norm(k)
+        if self.q_norm is not None:  # per head, before the rotation
+            q = self.q_norm(q)
         if rope is not None:  # (B, H, T, D) rotated on the first n_elem dims
             cos, sin = rope
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

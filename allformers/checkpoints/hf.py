@@ -28,7 +28,8 @@ OTHER_LOADERS = {"clip_vision_model": "allformers.checkpoints.hf_vision:load_hf_
                     for t in ("clip", "siglip", "clip_text_model", "siglip_text_model")},
                  **{t: "allformers.checkpoints.hf_blip2:load_hf_blip2"
                     for t in ("blip-2", "blip_2_qformer", "blip_2_vision_model")},
-                 "llava": "allformers.checkpoints.hf_llava:load_hf_llava"}
+                 "llava": "allformers.checkpoints.hf_llava:load_hf_llava",
+                 "idefics": "allformers.checkpoints.hf_idefics:load_hf_idefics"}
 
 
 def _family(model_type: str) -> Family:

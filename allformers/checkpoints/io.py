@@ -168,7 +168,8 @@ CONFIG_LOADERS = {"ErnieConfig": "allformers.models.ernie:load_ernie",
                   "TextToImageConfig": "allformers.models.text_to_image:load_text_to_image",
                   "JudgeConfig": "allformers.models.shapes_judge:load_judge",
                   "BLIP2Config": "allformers.models.blip2:load_blip2",
-                  "VLMConfig": "allformers.models.vlm:load_vlm"}
+                  "VLMConfig": "allformers.models.vlm:load_vlm",
+                  "FlamingoConfig": "allformers.models.flamingo:load_flamingo"}
 
 
 def read_config(path: Path, config_cls=Config):

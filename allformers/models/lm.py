@@ -178,7 +178,7 @@ class TransformerLM(nn.Module):
                 last_only: bool = False, return_hidden: bool = False,
                 token_type_ids: Optional[torch.Tensor] = None, context: Optional[torch.Tensor] = None,
                 context_mask: Optional[torch.Tensor] = None, inputs_embeds: Optional[torch.Tensor] = None,
-                document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                document_ids: Optional[torch.Tensor] = None, before_block: Optional[dict] = None) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, vocab) (or (B, 1, vocab) with last_only).
 
         attention_mask (B, T): 1 for real tokens, 0 for padding (left padding for generation).
@@ -187,7 +187,9 @@ class TransformerLM(nn.Module):
         inputs_embeds (B, T, E): vectors used in place of the token table's rows (pass idx=None), e.g.
         projected image features spliced between word embeddings (PaLM-E); scaling and positions still apply.
         document_ids (B, T): packed rows holding several documents (contiguous runs of one id); a
-        token attends only inside its document, and positions restart at 0 in each one."""
+        token attends only inside its document, and positions restart at 0 in each one.
+        before_block {layer index: fn(x (B, T, C)) -> x}: layers of a model around this one run on the residual
+        stream before those blocks (Flamingo's gated cross-attention, models/flamingo.py)."""
         c = self.config
         if (idx is None) == (inputs_embeds is None):
             raise AllformersError("pass exactly one of idx (token ids) and inputs_embeds (B, T, embedding_size)")
@@ -229,6 +231,8 @@ class TransformerLM(nn.Module):
             extra["context"] = context
             extra["context_mask"] = self._context_mask(context_mask, cache)
         for i, block in enumerate(self.blocks):
+            if before_block and i in before_block:
+                x = before_block[i](x)
             if cache is not None and cache.cross is not None:
                 extra["cross_cache"] = cache.cross[i]
             layer_cache = cache.layers[i] if cache else None
