@@ -32,3 +32,7 @@ class ContextLengthError(AllformersError, ValueError):
 
 class InputError(AllformersError, ValueError):
     """An input is out of range: token ids, a prompt the tokenizer cannot encode, a generation setting."""
+
+
+class OutputError(AllformersError, ValueError):
+    """An output folder or file cannot be written (a file in the way, read-only, the input itself)."""

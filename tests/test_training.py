@@ -285,3 +285,110 @@ def test_cli_train_tiny_run(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert result["step"] == 6 and steps == sorted(steps) and steps[-1] == 6
+
+
+# ---------------------------------------------------------------------- an earlier run's records (issue 17)
+def _bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+class CrashAt:
+    """A loss that fails at its n-th call: a run that starts well and dies mid-way."""
+
+    def __init__(self, n):
+        self.calls, self.n, self.loss = 0, n, CausalLM()
+
+    def __call__(self, model, batch):
+        self.calls += 1
+        if self.calls == self.n:
+            raise RuntimeError("out of memory (simulated)")
+        return self.loss(model, batch)
+
+
+def test_a_failed_start_never_deletes_an_earlier_runs_records(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        tiny_trainer(tmp_path, max_steps=4, log_interval=2).fit()  # the earlier run
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "checkpoint").stat().st_mode) == 0o755  # the user's umask, not 0700
+    earlier = _bytes(tmp_path)
+    assert {"metrics.jsonl", "loss.png"} <= set(earlier)
+    # refused settings: nothing in the folder changes
+    for bad in (dict(batch_size=0), dict(lr=-1e-3), dict(eval_interval=-1), dict(device="cuda:99")):
+        with pytest.raises(TrainingError):
+            tiny_trainer(tmp_path, **bad).fit()
+        assert _bytes(tmp_path) == earlier, bad
+    # a run that starts and dies: the earlier records are aside, byte for byte
+    crashing = Trainer(tiny_model(), CrashAt(3), RandomWindows(DATA, T, seed=0),
+                       TrainConfig(max_steps=4, batch_size=4, log_interval=1, eval_interval=0), out=tmp_path,
+                       progress=False)
+    with pytest.raises(RuntimeError, match="simulated"):
+        crashing.fit()
+    now = _bytes(tmp_path)
+    assert now["metrics.prev.jsonl"] == earlier["metrics.jsonl"] and now["loss.prev.png"] == earlier["loss.png"]
+    # the retry: the crashed run's records go aside too, the earlier run's stay where they are
+    tiny_trainer(tmp_path, max_steps=2, log_interval=1).fit()
+    now = _bytes(tmp_path)
+    assert now["metrics.prev.jsonl"] == earlier["metrics.jsonl"] and now["loss.prev.png"] == earlier["loss.png"]
+    assert [json.loads(x)["step"] for x in now["metrics.prev-2.jsonl"].decode().splitlines()] == [1, 2]
+    assert [json.loads(x)["step"] for x in now["metrics.jsonl"].decode().splitlines()] == [1, 2]
+    # a model saved into the run's folder goes beside its records without overwrite=True
+    tiny_model().save(tmp_path)
+
+
+KILL_AT_STEP = """
+import os, signal, sys
+from allformers.training import trainer
+step = trainer.Trainer.train_step
+def killed(self):
+    if self.step == {at}:  # SIGKILL: no cleanup, no flush, as in a crash or an OOM kill
+        os.kill(os.getpid(), signal.SIGKILL)
+    return step(self)
+trainer.Trainer.train_step = killed
+from allformers.cli.main import main
+sys.exit(main({argv!r}))
+"""
+
+
+def test_cli_run_killed_mid_training_resumes_to_the_same_losses(tmp_path):
+    """`allformers train` SIGKILLed at step 5 (its last checkpoint at 4), then `--resume`d, logs the
+    same losses as a run never interrupted; a fresh run later keeps both runs' records aside."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from allformers.cli.main import main
+
+    text = tmp_path / "play.txt"
+    text.write_text("to be or not to be, that is the question. whether tis nobler in the mind to suffer " * 60)
+
+    def argv(out, *more):
+        return ["train", "--out", str(out), "--data", str(text), "--max-steps", "8", "--n-layer", "1", "--n-embd",
+                "16", "--n-head", "2", "--block-size", "16", "--batch-size", "4", "--dropout", "0.1", "--eval-iters",
+                "1", "--eval-interval", "4", "--log-interval", "1", "--checkpoint-interval", "2", "--samples", "0",
+                "--threads", "1", "--no-progress", "--json", *more]
+
+    def losses(out):
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        return [(r["event"], r["step"], r.get("loss"), r.get("val_loss")) for r in rows]
+
+    assert main(argv(tmp_path / "full")) == 0
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(__import__("pathlib").Path(__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-c", KILL_AT_STEP.format(at=5, argv=argv(tmp_path / "cut"))],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert max(s for _, s, _, _ in losses(tmp_path / "cut")) == 5  # step 5 was logged, its checkpoint is step 4
+    assert main(argv(tmp_path / "cut", "--resume")) == 0
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")  # exact, not approximate
+    before = _bytes(tmp_path / "cut")
+    assert main(argv(tmp_path / "cut", "--batch-size", "0")) == 2  # a failed start
+    assert _bytes(tmp_path / "cut") == before
+    assert main(argv(tmp_path / "cut", "--max-steps", "2")) == 0  # a fresh run
+    after = _bytes(tmp_path / "cut")
+    assert after["metrics.prev.jsonl"] == before["metrics.jsonl"] and after["loss.prev.png"] == before["loss.png"]

@@ -60,6 +60,7 @@ OWN_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json",
 # What a training run writes into its output folder (training/trainer.py, the recipes): a model saved
 # into a run's folder goes beside them without overwrite=True (they are never touched either way).
 RUN_RECORDS = ("metrics.jsonl", "metrics.prev.jsonl", "loss.png", "checkpoint", "summary.json")
+ASIDE_RECORDS = re.compile(r"^(metrics|loss)\.prev(-\d+)?\.(jsonl|png)$")  # an earlier run's, kept aside (training/guards.py)
 FAULT_STEPS = ("before-write", "mid-write", "staged", "mid-swap", "swapped")
 
 
@@ -127,7 +128,8 @@ def check_destination(path: Path, overwrite: bool = False) -> None:
         entries = [e for e in os.listdir(path) if not internal(e)]
     except OSError as e:
         raise CheckpointError(f"cannot read {path} ({e.strerror}); save to a folder you can read and write") from None
-    if entries and not overwrite and own_files(path) is None and not set(entries) <= set(RUN_RECORDS):
+    if entries and not overwrite and own_files(path) is None and not all(
+            e in RUN_RECORDS or ASIDE_RECORDS.match(e) for e in entries):
         raise CheckpointError(
             f"{path} is not empty and holds no checkpoint ({_shown(entries)}); save to a new or empty folder, "
             f"or pass overwrite=True (CLI: --overwrite) to add the checkpoint's files beside them "

@@ -24,10 +24,13 @@ def add_old_flag(p, old: str, new: str, dest: str, type=None):
 
 def add_sampling_args(p):
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=0.0, help=">= 0; 0 = greedy")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample among the k most likely tokens (0 or unset = off: every token is a candidate)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample among the most likely tokens holding this share of probability, in (0, 1] "
+                        "(unset or 1 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 0; 1 = off, above 1 discourages repeats")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
 

@@ -7,7 +7,8 @@ def register(sub):
     p.add_argument("model", help="allformers folder, Hugging Face folder, .gguf file, or 'smollm2'")
     p.add_argument("prompts", nargs="+")
     add_sampling_args(p)
-    p.add_argument("--num-beams", type=int, default=1, help="beam search (encoder-decoders)")
+    p.add_argument("--num-beams", type=int, default=1, help="beam search, encoder-decoders only (T5, BART); "
+                   "refused for a decoder-only model")
     p.add_argument("--control-code", help="CTRL: a control code whose token(s) go before every prompt "
                    "(e.g. Wikipedia, or a code the model was trained with)")
     p.set_defaults(handler=run)
@@ -18,10 +19,12 @@ def run(args):
 
     model = load_model(args.model)
     kw = sampling_kwargs(args)
+    if args.num_beams != 1:  # generate_text refuses it for a decoder-only model (it would be ignored)
+        kw["num_beams"] = args.num_beams
     if args.control_code is not None:
         kw["control_code"] = args.control_code
     if model.config.is_encoder_decoder:  # text in, text out: the output does not continue the input
-        for text in generate_text(model, model.tokenizer, args.prompts, num_beams=args.num_beams, **kw):
+        for text in generate_text(model, model.tokenizer, args.prompts, **kw):
             write(text + "\n")
         return 0
     if len(args.prompts) == 1:  # stream a single prompt token by token

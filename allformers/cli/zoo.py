@@ -5,14 +5,21 @@ import json
 def register(sub):
     p = sub.add_parser("zoo", help="list every named model config")
     p.add_argument("--json", action="store_true", help="print the list as JSON")
-    p.add_argument("--family", help="only this family (decoder, encoder, ...)")
+    p.add_argument("--family", help="only this family (decoder, encoder, encoder-decoder, ...; an unknown one is "
+                                    "refused with the list)")
     p.set_defaults(handler=run)
 
 
 def run(args):
     from ..zoo import human, list_models
 
-    rows = [r for r in list_models() if not args.family or r["family"] == args.family]
+    from ..errors import InputError
+
+    every = list_models()
+    families = sorted({r["family"] for r in every})
+    if args.family is not None and args.family not in families:
+        raise InputError(f"unknown family {args.family!r}; use one of {', '.join(families)}")
+    rows = [r for r in every if not args.family or r["family"] == args.family]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

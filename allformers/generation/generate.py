@@ -9,7 +9,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from ..errors import AllformersError, ContextLengthError
+from ..errors import AllformersError, ContextLengthError, InputError
 from .checks import check_generation, check_token_ids
 
 
@@ -176,6 +176,10 @@ def generate_text(model, tokenizer, prompts: Union[str, Sequence[str]], *, strea
         from .seq2seq import seq2seq_text
 
         return seq2seq_text(model, tokenizer, prompts, stream=stream, stop=stop, **kwargs)
+    num_beams = kwargs.pop("num_beams", 1)
+    if num_beams != 1:  # it would be ignored: say so rather than sample as if it were not given
+        raise InputError(f"num_beams={num_beams!r}: beam search is for encoder-decoders (T5, BART); this decoder-only "
+                         f"model decodes greedily or samples: drop num_beams (CLI: --num-beams)")
     stop = check_generation(stop=stop)
     single = isinstance(prompts, str)
     batch = [prompts] if single else list(prompts)

@@ -5,7 +5,6 @@ tokenizer), metrics.jsonl, loss.png and summary.json into its output folder."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,8 +12,9 @@ from pathlib import Path
 import torch
 
 from ..training.data import RandomWindows, all_windows, char_corpus, fixed_batches, tiny_shakespeare_path
-from ..training.trainer import CHECKPOINT_DIR, METRICS_FILE, PLOT_FILE, TrainConfig, Trainer
-from .registry import Recipe, register
+from ..training.guards import check_out
+from ..training.trainer import CHECKPOINT_DIR, TrainConfig, Trainer
+from .registry import Recipe, RecipeError, register
 
 
 @dataclass(kw_only=True)
@@ -28,6 +28,14 @@ class CharLMRecipe(Recipe):
     sample_tokens: int = 300
     full_val: bool = False  # also the loss on every window of the val split
     kind = "char-lm"
+
+    def __post_init__(self):  # made or changed (--eval-iters 0): refused before any work
+        for name, least, flag in (("eval_iters", 1, "--eval-iters"), ("samples", 0, "--samples"),
+                                  ("sample_tokens", 1, "--set sample_tokens=N")):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise RecipeError(f"{name}={v!r} must be a whole number >= {least} ({flag}): "
+                                  f"{'batches per evaluation set' if name == 'eval_iters' else 'texts sampled at the end' if name == 'samples' else 'tokens per sample'}")
 
     def run(self, *, out: Path, data=None, progress: bool = True, resume: bool = False, verbose: bool = True) -> dict:
         return run_char_lm(self, out=out, data=data, progress=progress, resume=resume)
@@ -83,10 +91,7 @@ def run_char_lm(recipe: CharLMRecipe, *, out, data=None, progress: bool = True, 
 
     t0 = time.perf_counter()
     cfg, eval_iters, out = recipe.train, recipe.eval_iters, Path(out)
-    is_main = int(os.environ.get("RANK", "0")) == 0
-    if is_main and not resume:  # a fresh run: stale metrics would be appended to
-        for stale in (METRICS_FILE, PLOT_FILE):
-            (out / stale).unlink(missing_ok=True)
+    check_out(out)  # before the data is read; a fresh run's Trainer keeps the last run's records aside
 
     corpus = DATASETS[recipe.dataset](data)
     mcfg = Config.from_name(recipe.model, **{**recipe.model_overrides, "vocab_size": corpus.tokenizer.vocab_size})

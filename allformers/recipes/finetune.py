@@ -43,7 +43,8 @@ import torch.nn.functional as F
 
 from ..deprecation import accepts_old_names
 from ..errors import AllformersError
-from ..training.trainer import CHECKPOINT_DIR, METRICS_FILE, PLOT_FILE, TrainConfig, Trainer
+from ..training.guards import check_device, check_out
+from ..training.trainer import CHECKPOINT_DIR, TrainConfig, Trainer
 from .registry import Recipe, register, settings_of
 
 SUMMARY_FILE = "finetune.json"  # settings + held-out metrics, beside the weights
@@ -362,6 +363,14 @@ def finetune(model="minilm", data=None, out="runs/spam", *, epochs: float = 1.0,
     if epochs <= 0 or batch_size <= 0 or max_length < 8:
         raise FinetuneError(f"need epochs > 0, batch_size > 0 and max_length >= 8 "
                             f"(got {epochs}, {batch_size}, {max_length})")
+    if not 0 <= warmup_fraction < 1:
+        raise FinetuneError(f"warmup_fraction={warmup_fraction} must be in [0, 1) (the share of steps spent warming up)")
+    # every training setting, the device and the output folder, before the data and the model are read
+    TrainConfig(max_steps=max_steps or 1, batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr=lr / 10,
+                weight_decay=weight_decay, eval_interval=eval_interval, checkpoint_interval=checkpoint_interval,
+                seed=seed, device=device, threads=threads, warmup_steps=0)
+    check_device(device)
+    check_out(out)
     data_path = resolve_data(data)
     records = read_records(data_path)
     if max_records is not None and max_records < len(records):
@@ -393,10 +402,7 @@ def finetune(model="minilm", data=None, out="runs/spam", *, epochs: float = 1.0,
                       weight_decay=weight_decay, beta1=0.9, beta2=0.999, grad_clip=1.0,
                       eval_interval=eval_interval, eval_at_start=False, log_interval=max(1, steps // 500),
                       checkpoint_interval=checkpoint_interval, seed=seed, device=device, threads=threads)
-    out = Path(out)
-    if not resume:  # a fresh run: stale metrics would be appended to
-        for stale in (METRICS_FILE, PLOT_FILE):
-            (out / stale).unlink(missing_ok=True)
+    out = Path(out)  # checked at the start; a fresh run's Trainer keeps the last run's records aside
     objective = SequenceClassification(labels)
     trainer = Trainer(clf, objective, train_data, cfg, eval_data=evals, out=out, tokenizer=tok,
                       progress=progress, eval_metrics=objective.metrics)

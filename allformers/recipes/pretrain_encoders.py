@@ -51,7 +51,8 @@ import torch
 
 from ..deprecation import accepts_old_names
 from ..training.data import DataError, resolve_data_path
-from ..training.trainer import CHECKPOINT_DIR, METRICS_FILE, PLOT_FILE, STATE_FILE, TrainConfig, Trainer, TrainingError
+from ..training.guards import check_out
+from ..training.trainer import CHECKPOINT_DIR, STATE_FILE, TrainConfig, Trainer, TrainingError
 from .registry import Recipe, apply_overrides, get_recipe, prepare, register
 
 DEFAULT_TEXT = Path("sotu") / "sotu.txt"  # under the data root (../shared/data)
@@ -647,10 +648,7 @@ def run_pretrain(recipe: PretrainRecipe, *, out, data=None, tokenizer=None, resu
     cfg = recipe.train
     if cfg.eval_interval > cfg.max_steps:
         cfg = cfg.replace(eval_interval=0)
-    out = Path(out)
-    if not resume:
-        for stale in (METRICS_FILE, PLOT_FILE):
-            (out / stale).unlink(missing_ok=True)
+    out = check_out(out)  # before the data is read; a fresh run's Trainer keeps the last run's records aside
 
     tok, train_rows, val_rows, path = prepared if prepared is not None else prepare_data(recipe, data, tokenizer, log=log)
     t_data = time.perf_counter()

@@ -219,6 +219,12 @@ def run_recipe(name: str, *, out=None, data=None, max_steps: Optional[int] = Non
 
         torch.set_num_threads(threads)
     out = Path(out) if out is not None else Path("runs") / name
+    from ..training.guards import check_device, check_out, check_schedule
+
+    for cfg in train_configs(recipe).values():  # before the recipe reads, builds or writes anything
+        check_schedule(cfg)
+        check_device(cfg.device)
+    check_out(out)
     return recipe.run(out=out, data=data, progress=progress, resume=resume, verbose=verbose)
 
 

@@ -39,7 +39,8 @@ from ..models.lora import LoRAConfig, apply_lora, lora_parameters, merge_lora, s
 from ..objectives.sft import (TEMPLATES, SFTData, SFTError, SFTLoss, check_record, collate, encode_example,
                               template_for_saving)
 from ..training.data import read_jsonl
-from ..training.trainer import CHECKPOINT_DIR, METRICS_FILE, PLOT_FILE, TrainConfig, Trainer
+from ..training.guards import check_device, check_out
+from ..training.trainer import CHECKPOINT_DIR, TrainConfig, Trainer
 from .registry import Recipe, register, settings_of
 
 SUMMARY_FILE = "sft.json"
@@ -135,6 +136,17 @@ def run_sft(model: Union[str, Path, torch.nn.Module] = "smollm2", data: Union[st
         raise SFTError("no data: pass a JSON-lines file (or a list of records)")
     if merge and lora is None:
         raise SFTError("merge only applies to LoRA training (full fine-tuning already changes the weights)")
+    # every setting, the device and the output folder are checked before anything is read or loaded
+    lr = lr if lr is not None else (2e-4 if lora is not None else 2e-5)
+    cfg = TrainConfig(max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+                      min_lr=min_lr if min_lr is not None else lr / 10,
+                      warmup_steps=warmup_steps if warmup_steps is not None else max_steps // 10,
+                      weight_decay=weight_decay, beta1=0.9, beta2=0.999, grad_clip=1.0,
+                      eval_interval=eval_interval, eval_at_start=True, log_interval=log_interval,
+                      seed=seed, device=device, threads=threads)
+    check_device(device)
+    if out is not None:
+        check_out(out)
     if threads:
         torch.set_num_threads(threads)
     if isinstance(data, (list, tuple)):
@@ -169,19 +181,10 @@ def run_sft(model: Union[str, Path, torch.nn.Module] = "smollm2", data: Union[st
     if lora is not None:
         log(f"[allformers] LoRA rank {lora.rank}, alpha {lora.alpha} on {len(wrapped)} Linears: "
             f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
-    lr = lr if lr is not None else (2e-4 if lora is not None else 2e-5)
-    cfg = TrainConfig(max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
-                      min_lr=min_lr if min_lr is not None else lr / 10,
-                      warmup_steps=warmup_steps if warmup_steps is not None else max_steps // 10,
-                      weight_decay=weight_decay, beta1=0.9, beta2=0.999, grad_clip=1.0,
-                      eval_interval=eval_interval, eval_at_start=True, log_interval=log_interval,
-                      seed=seed, device=device, threads=threads)
     save_tok = copy.copy(tok)  # saved with a chat template, so `allformers chat OUT` prompts as trained
     save_tok.chat_template = template_for_saving(tok, template)
     out = Path(out) if out is not None else None
-    if out is not None:
-        for stale in (METRICS_FILE, PLOT_FILE):  # a fresh run: old metrics would be appended to
-            (out / stale).unlink(missing_ok=True)
+    # (out was checked at the start; a fresh run's Trainer keeps the last run's records aside)
     train_data = SFTData(train_ex, tok.pad_id, pack=pack, block_size=max_length, seed=seed)
     evals = ({"val": [collate(eval_ex[i:i + eval_batch_size], tok.pad_id)
                       for i in range(0, len(eval_ex), eval_batch_size)]} if eval_ex else None)

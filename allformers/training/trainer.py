@@ -22,17 +22,13 @@ import torch
 import torch.distributed as dist
 
 from ..deprecation import accepts_old_names, old_attribute, renamed_kwargs
-from ..errors import AllformersError
+from .guards import TrainingError, check_device, check_out, check_schedule, check_train_config, keep_aside
 from .mfu import flops_per_token, measured_peak_flops
 
 STATE_FILE = "trainer_state.pt"
 CHECKPOINT_DIR = "checkpoint"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
-
-
-class TrainingError(AllformersError, ValueError):
-    """A training setting is inconsistent, or a checkpoint cannot be resumed."""
 
 
 @dataclass
@@ -64,6 +60,9 @@ class TrainConfig:
     warmup_iters = old_attribute("warmup_steps", "warmup_iters")
     lr_decay_iters = old_attribute("lr_decay_steps", "lr_decay_iters")
     num_threads = old_attribute("threads", "num_threads")
+
+    def __post_init__(self):  # every field in range when the config is made (training/guards.py)
+        check_train_config(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -189,6 +188,9 @@ class Trainer:
                  *, eval_data: Optional[dict] = None, out=None, tokenizer=None, progress: bool = True,
                  eval_metrics: Optional[Callable[[], dict]] = None):
         self.cfg = cfg = config or TrainConfig()
+        check_device(cfg.device)
+        if out is not None:
+            check_out(out)
         want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
         self.rank, self.world_size, local_rank = init_distributed("cuda" if want_cuda else "cpu")
         self.is_main = self.rank == 0
@@ -237,16 +239,13 @@ class Trainer:
             torch.set_num_threads(n)
 
     def _check(self, cfg: TrainConfig):
-        for name in ("max_steps", "batch_size", "grad_accum", "log_interval"):
-            if getattr(cfg, name) <= 0:
-                raise TrainingError(f"{name} must be positive, got {getattr(cfg, name)}")
+        check_train_config(cfg)  # again: a config changed after it was made (dataclass fields are writable)
+        check_schedule(cfg)
         per_step = self.world_size * cfg.grad_accum
         if cfg.batch_size % per_step:
             raise TrainingError(
                 f"batch_size={cfg.batch_size} does not split into world_size={self.world_size} x "
                 f"grad_accum={cfg.grad_accum} equal micro-batches; use a multiple of {per_step}")
-        if cfg.min_lr > cfg.lr:
-            raise TrainingError(f"min_lr={cfg.min_lr} is above lr={cfg.lr}; the cosine decays from lr to min_lr")
 
     out_dir = old_attribute("out", "out_dir")
 
@@ -342,9 +341,8 @@ class Trainer:
         if self.is_main:
             self._peak = measured_peak_flops(self.device)
         self.raw_model.train()
-        if self.step == 0 and self.is_main and self.metrics_path and self.metrics_path.exists():
-            # a fresh run in a used folder: its curves must not continue the last run's (kept aside)
-            self.metrics_path.replace(self.metrics_path.with_name("metrics.prev.jsonl"))
+        if self.step == 0 and self.is_main and self.out:
+            keep_aside(self.out)  # a fresh run in a used folder: its curves must not continue the last run's
         if self.step == 0 and cfg.eval_at_start and self.eval_data:
             self._eval_and_log()
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (self.progress and self.is_main),
@@ -456,7 +454,13 @@ class Trainer:
         if path is None or not (path / STATE_FILE).exists():
             raise TrainingError(f"no checkpoint to resume at {path} (missing {STATE_FILE}); "
                                 f"train without --resume first, or point at a checkpoint folder")
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+            state["step"], state["optimizer"], state["rng"], state["data"]  # noqa: B018  (all must be there)
+        except Exception as e:  # truncated (RuntimeError, EOFError), not a checkpoint (UnpicklingError, KeyError)
+            raise TrainingError(f"{path / STATE_FILE} is truncated or unreadable ({type(e).__name__}); the run cannot "
+                                f"resume from it: restore the file, or start afresh without --resume (the earlier "
+                                f"run's records are kept aside)") from None
         tied = getattr(getattr(self.raw_model, "config", None), "tie_embeddings", False)
         load_state_dict_into(self.raw_model, read_safetensors(path / "model.safetensors"), str(path),
                              allow_init=("lm_head.weight",) if tied else ())
