@@ -16,6 +16,7 @@ the best one fixed guess that never looks at the picture can do without peeking 
     python benchmarks/bench_vision_language.py --quick                      # every section, small: proves it runs
     python benchmarks/bench_vision_language.py --sections clip --threads 1  # the measured run of one section
     python benchmarks/bench_vision_language.py --sections clip --set clip.steps=500
+    python benchmarks/bench_vision_language.py --sections coca --set "coca.save='runs/coca-shapes'"  # keep the model
 
 Each section is a function `(quick, seed, progress, **settings) -> dict` of result keys, prefixed by its
 name; SECTIONS maps the name to it (or to a "module:function" string, imported when the section runs, for a
@@ -145,9 +146,9 @@ def settings(base: dict, overrides: dict) -> dict:
 
 # ---------------------------------------------------------------------- clip
 CLIP_FULL = dict(n_train=20000, n_test=500, steps=2000, batch_size=128, lr=2e-3, weight_decay=0.1, width=64,
-                 depth=2, text_layers=2, heads=4, patch=4)
+                 depth=2, text_layers=2, heads=4, patch=4, save=None)
 CLIP_QUICK = dict(n_train=400, n_test=64, steps=10, batch_size=32, lr=2e-3, weight_decay=0.1, width=32,
-                  depth=1, text_layers=1, heads=2, patch=8)
+                  depth=1, text_layers=1, heads=2, patch=8, save=None)
 
 
 def clip_config(s: dict, tok: Tokenizer) -> CLIPConfig:
@@ -215,6 +216,8 @@ def clip_section(quick: bool = False, seed: int = 0, progress: bool = False, **o
     torch.manual_seed(seed)
     model = CLIP(clip_config(s, tok))
     run = train_contrastive(model, clip_loss, train, tok, s, seed, progress)
+    if s["save"]:  # a folder for allformers zero-shot
+        model.save(s["save"], tokenizer=tok)
     r_test, r_seen = retrieval(model, tok, test), retrieval(model, tok, seen)
     cands = sorted(set(test.captions))
     return {"clip_recall_at_1": r_test["all"],
@@ -232,9 +235,9 @@ def clip_section(quick: bool = False, seed: int = 0, progress: bool = False, **o
 
 # ---------------------------------------------------------------------- coca
 COCA_FULL = dict(n_train=20000, n_test=500, steps=2000, batch_size=128, lr=2e-3, weight_decay=0.1, width=64,
-                 depth=2, text_layers=4, heads=4, patch=4, queries=16)
+                 depth=2, text_layers=4, heads=4, patch=4, queries=16, save=None)
 COCA_QUICK = dict(n_train=400, n_test=64, steps=10, batch_size=32, lr=2e-3, weight_decay=0.1, width=32,
-                  depth=1, text_layers=2, heads=2, patch=8, queries=4)
+                  depth=1, text_layers=2, heads=2, patch=8, queries=4, save=None)
 
 
 def coca_config(s: dict, tok: Tokenizer) -> CoCaConfig:
@@ -277,6 +280,8 @@ def coca_section(quick: bool = False, seed: int = 0, progress: bool = False, **o
     torch.manual_seed(seed)
     model = CoCa(coca_config(s, tok))
     run = train_contrastive(model, coca_loss, train, tok, s, seed, progress)
+    if s["save"]:  # a folder for allformers caption / zero-shot
+        model.save(s["save"], tokenizer=tok)
     r_test, r_seen = retrieval(model, tok, test), retrieval(model, tok, seen)
     c_test, c_seen = caption_exact(model, tok, test), caption_exact(model, tok, seen)
     cands = sorted(set(test.captions))

@@ -21,16 +21,20 @@ def bench_module():
     return module
 
 
-def test_quick_run_prints_the_keys():
+def test_quick_run_prints_the_keys(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, str(BENCH), "--quick", "--sections", "clip", "--threads", "1"],
+    out = subprocess.run([sys.executable, str(BENCH), "--quick", "--sections", "clip,coca", "--threads", "1",
+                          "--set", f"coca.save={str(tmp_path / 'coca')!r}"],
                          capture_output=True, text=True, env=env, timeout=300, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    for key in ("clip_recall_at_1", "clip_recall_at_1_seen_captions", "clip_text_only_recall_at_1",
-                "clip_chance_recall_at_1"):
-        assert isinstance(result[key], float) and 0 <= result[key] <= 1, key
-    assert set(result["clip_recall_at_1_by_kind"]) <= {"single", "pair", "count"}
-    assert result["clip_chance_recall_at_1"] == 1 / result["clip_candidates"]
+    for name in ("clip", "coca"):
+        for key in ("recall_at_1", "recall_at_1_seen_captions", "text_only_recall_at_1", "chance_recall_at_1"):
+            assert isinstance(result[f"{name}_{key}"], float) and 0 <= result[f"{name}_{key}"] <= 1, key
+        assert set(result[f"{name}_recall_at_1_by_kind"]) <= {"single", "pair", "count"}
+        assert result[f"{name}_chance_recall_at_1"] == 1 / result[f"{name}_candidates"]
+    for key in ("coca_caption_exact", "coca_caption_exact_seen_captions", "coca_text_only_caption_exact"):
+        assert 0 <= result[key] <= 1, key
+    assert (tmp_path / "coca" / "config.json").is_file() and (tmp_path / "coca" / "tokenizer.json").is_file()
 
 
 def test_unknown_section_and_setting_are_refused():
