@@ -11,6 +11,9 @@ def register(sub):
                    "refused for a decoder-only model")
     p.add_argument("--control-code", help="CTRL: a control code whose token(s) go before every prompt "
                    "(e.g. Wikipedia, or a code the model was trained with)")
+    p.add_argument("--speculative", metavar="ngram|PATH", help="speculative decoding, one prompt at a time: "
+                   "'ngram' drafts by prompt lookup (no model), PATH is a smaller draft model of the same vocabulary")
+    p.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted per target pass (--speculative)")
     p.set_defaults(handler=run)
 
 
@@ -23,15 +26,24 @@ def run(args):
         kw["num_beams"] = args.num_beams
     if args.control_code is not None:
         kw["control_code"] = args.control_code
+    if args.speculative is not None:
+        from ..errors import InputError
+        from .common import load_any
+
+        if model.config.is_encoder_decoder:
+            raise InputError("--speculative drafts for decoder-only models; drop it for an encoder-decoder")
+        kw["draft"] = "ngram" if args.speculative in ("ngram", "prompt-lookup") else load_any(args.speculative)
+        kw["draft_tokens"] = args.draft_tokens
     if model.config.is_encoder_decoder:  # text in, text out: the output does not continue the input
         for text in generate_text(model, model.tokenizer, args.prompts, **kw):
             write(text + "\n")
         return 0
-    if len(args.prompts) == 1:  # stream a single prompt token by token
-        write(args.prompts[0])
-        generate_text(model, model.tokenizer, args.prompts[0], stream=write, **kw)
-        write("\n")
-    else:  # one left-padded batch
-        for prompt, text in zip(args.prompts, generate_text(model, model.tokenizer, args.prompts, **kw)):
-            write(f"{prompt}{text}\n---\n")
+    if len(args.prompts) == 1 or "draft" in kw:  # stream each prompt token by token (speculation: batch 1)
+        for prompt in args.prompts:
+            write(prompt)
+            generate_text(model, model.tokenizer, prompt, stream=write, **kw)
+            write("\n" if len(args.prompts) == 1 else "\n---\n")
+        return 0
+    for prompt, text in zip(args.prompts, generate_text(model, model.tokenizer, args.prompts, **kw)):  # one batch
+        write(f"{prompt}{text}\n---\n")
     return 0

@@ -75,12 +75,22 @@ def generate(model, input_ids: torch.Tensor, *, attention_mask: Optional[torch.T
              eos_id: Optional[Union[int, Sequence[int]]] = None, pad_id: Optional[int] = None,
              stop: Optional[Sequence[str]] = None, tokenizer=None,
              on_token: Optional[Callable[[int], None]] = None,
-             generator: Optional[torch.Generator] = None) -> torch.Tensor:
+             generator: Optional[torch.Generator] = None, draft=None, draft_tokens: int = 4,
+             stats: Optional[dict] = None) -> torch.Tensor:
     """input_ids (B, T) -> (B, T + n) with n <= max_new_tokens new tokens.
 
     temperature 0 is greedy. Rows that hit `eos_id` or a `stop` string (needs `tokenizer`)
     are filled with `pad_id` (default: eos) until every row is done. `on_token(id)` is called
-    for each new token of row 0 (streaming)."""
+    for each new token of row 0 (streaming). `draft` ('ngram', a smaller TransformerLM of the
+    same vocabulary, or a drafter) decodes speculatively, `draft_tokens` per target pass, batch 1
+    (speculative.py); `stats` (a dict) then receives its acceptance counts."""
+    if draft is not None:
+        from .speculative import speculative_generate
+
+        return speculative_generate(model, input_ids, draft, draft_tokens=draft_tokens, attention_mask=attention_mask,
+                                    max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                    repetition_penalty=repetition_penalty, eos_id=eos_id, pad_id=pad_id, stop=stop,
+                                    tokenizer=tokenizer, on_token=on_token, generator=generator, stats=stats)
     stop = check_generation(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             repetition_penalty=repetition_penalty, stop=stop)
     if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 1:

@@ -89,6 +89,25 @@ class Cache:
         self.key_mask: Optional[torch.Tensor] = None  # (B, pos) bool, None while all tokens are real
         self.next_position: Optional[torch.Tensor] = None  # (B,) next position id per row
 
+    @property
+    def rewindable(self) -> bool:
+        """A local layer's ring has overwritten the keys a rewind would need again."""
+        return not any(isinstance(layer, WindowKVCache) for layer in self.layers)
+
+    def rewind(self, pos: int):
+        """Forget every position from `pos` on (speculative decoding drops rejected draft tokens).
+        The keys stay in the buffers; the next write at `pos` overwrites them."""
+        if not self.rewindable:
+            raise AllformersError("this model's local attention layers keep only a window ring of keys, which cannot "
+                                  "be rewound; decode without speculation (generate() without draft=)")
+        if not 0 <= pos <= self.pos:
+            raise AllformersError(f"cannot rewind a cache at position {self.pos} to {pos}; pass 0..{self.pos}")
+        if self.next_position is not None:  # the dropped positions were all real tokens
+            self.next_position = self.next_position - (self.pos - pos)
+        if self.key_mask is not None:
+            self.key_mask = self.key_mask[:, :pos]
+        self.pos = pos
+
     def reorder(self, index: torch.Tensor):
         for layer in self.layers + (self.cross or []):
             layer.reorder(index)
