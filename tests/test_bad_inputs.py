@@ -21,7 +21,7 @@ import torch
 
 from allformers import (AllformersError, CheckpointError, Config, ConfigError, InputError, OutputError, TransformerLM,
                         UnknownModelError, load)
-from allformers.cli.main import main
+from allformers.cli.main import COMMANDS, main
 from allformers.generation import generate, generate_text
 from allformers.generation.seq2seq import generate_seq2seq, seq2seq_text
 from allformers.models import build_model
@@ -329,6 +329,13 @@ CLI = [
     Cli("sft --out under a file", lambda e: sft(e, out=e.root / "notes.txt" / "sft"), r"notes.txt is a file"),
     Cli("sft --out on a read-only disk", lambda e: sft(e, out=e.ro / "sft"), r"read-only"),
     Cli("sft --batch-size 0", lambda e: sft(e, "--batch-size", "0"), r"batch_size=0 must be a whole number >= 1"),
+    Cli("sft --max-length 0", lambda e: sft(e, "--max-length", "0"), r"max_length=0 is too short.*use >= 8"),
+    Cli("finetune --max-length 0", lambda e: finetune(e, "--max-length", "0"), r"max_length >= 8 \(got 1.0, 16, 0\)"),
+    Cli("train --batch-size not a number", lambda e: train(e, "--batch-size", "twelve"),
+        r"argument --batch-size: invalid int value: 'twelve'; see `allformers train --help`"),
+    Cli("generate --max-new-tokens 2.5", lambda e: ["generate", str(e.ckpt), "to be", "--max-new-tokens", "2.5"],
+        r"argument --max-new-tokens: invalid int value: '2.5'"),
+    Cli("an unknown command", lambda e: ["trian", "--out", str(e.run)], r"unknown command 'trian'; did you mean train\?"),
     Cli("sft --lr negative", lambda e: sft(e, "--lr=-2e-5"), r"lr=-2e-05 must be a finite number > 0"),
     # ------------------------------------------------------------------ classify
     Cli("classify --output equal to --input", lambda e: classify(e, "--output", str(e.records)),
@@ -415,7 +422,10 @@ def test_cli_bad_input(bad, tmp_path, shared, capsys, monkeypatch):
         argv = bad.argv(env)
         before = tree_hashes(tmp_path)
         with mock.patch("torch.cuda.is_available", return_value=False):  # as on a machine without CUDA
-            code = main(argv)
+            try:
+                code = main(argv)
+            except SystemExit as e:  # argparse's own refusals (a flag it cannot read) exit from parse_args
+                code = e.code
         err = capsys.readouterr().err
         after = tree_hashes(tmp_path)
     finally:
@@ -424,7 +434,8 @@ def test_cli_bad_input(bad, tmp_path, shared, capsys, monkeypatch):
     assert "Traceback" not in err
     # one error line; before it only the progress lines a command prints as it goes ([allformers] ...)
     lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("[allformers]")]
-    assert len(lines) == 1 and lines[0].startswith(f"allformers {argv[0]}: error: "), err
+    command = f"allformers {argv[0]}" if argv[0] in COMMANDS else "allformers"
+    assert len(lines) == 1 and lines[0].startswith(f"{command}: error: "), err
     assert re.search(bad.words, lines[0]), lines[0]
     assert [k for k in before if after.get(k) != before[k]] == []  # every pre-existing file byte-identical
     assert sorted(set(after) - set(before)) == []  # and nothing written

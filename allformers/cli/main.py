@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
+import re
 import sys
 
 from ..errors import AllformersError
@@ -13,8 +15,21 @@ COMMANDS = ["train", "generate", "chat", "embed", "convert", "zoo", "demo", "fin
             "reward", "ppo", "dpo", "rlhf", "best-of-n", "mmcot", "imagine", "serve", "zero-shot", "caption"]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A flag argparse cannot read (--batch-size abc) is one line too, like every other error: the
+    problem and where the usage is, not the whole usage block (exit code 2 as argparse's)."""
+
+    def error(self, message):
+        wrong = re.match(r"argument \{.*\}: invalid choice: '([^']*)'", message)
+        if wrong:  # a mistyped command: the close ones, not argparse's list of every choice twice
+            close = difflib.get_close_matches(wrong[1], COMMANDS, n=3, cutoff=0.7)
+            message = f"unknown command {wrong[1]!r}" + (f"; did you mean {', '.join(close)}?" if close else
+                                                          f"; the commands are {', '.join(COMMANDS)}")
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="allformers", description="The transformer family from one set of blocks.")
+    parser = OneLineParser(prog="allformers", description="The transformer family from one set of blocks.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     for name in COMMANDS:
         importlib.import_module(f"allformers.cli.{name.replace('-', '_')}").register(sub)

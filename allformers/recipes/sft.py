@@ -137,6 +137,9 @@ def run_sft(model: Union[str, Path, torch.nn.Module] = "smollm2", data: Union[st
     if merge and lora is None:
         raise SFTError("merge only applies to LoRA training (full fine-tuning already changes the weights)")
     # every setting, the device and the output folder are checked before anything is read or loaded
+    if max_length is not None and max_length < 8:
+        raise SFTError(f"max_length={max_length} is too short for a prompt and a reply; use >= 8 (or leave it out: "
+                       f"512 or the model's context)")
     lr = lr if lr is not None else (2e-4 if lora is not None else 2e-5)
     cfg = TrainConfig(max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                       min_lr=min_lr if min_lr is not None else lr / 10,
@@ -159,7 +162,7 @@ def run_sft(model: Union[str, Path, torch.nn.Module] = "smollm2", data: Union[st
         records = records[:max_records]
 
     model, tok, source = load_base(model, tokenizer)
-    max_length = max_length or min(512, model.config.block_size)
+    max_length = max_length if max_length is not None else min(512, model.config.block_size)  # 0 is refused below
     if max_length > model.config.block_size:
         raise SFTError(f"max_length={max_length} is longer than the model's block_size={model.config.block_size}")
     if max_length < 8:
