@@ -72,3 +72,17 @@ def test_entry_point_runs_as_a_program(tiny_dir):
                         "--max-new-tokens", "3"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("to")
+
+
+def test_convert_overwrite_adds_the_checkpoint_beside_user_files(tiny_dir, tmp_path, capsys):
+    thesis = tmp_path / "thesis"
+    thesis.mkdir()
+    (thesis / "thesis.tex").write_text("years of work")
+    assert main(["convert", str(tiny_dir), str(thesis)]) == 2  # refused without --overwrite
+    assert "--overwrite" in capsys.readouterr().err and sorted(p.name for p in thesis.iterdir()) == ["thesis.tex"]
+    assert main(["convert", str(tiny_dir), str(thesis), "--to", "hf", "--overwrite"]) == 0
+    assert (thesis / "thesis.tex").read_text() == "years of work"  # kept, untouched
+    x = torch.randint(0, 10, (1, 9))
+    assert torch.allclose(load(tiny_dir)(x), load(thesis)(x), atol=1e-6)
+    assert main(["convert", str(tiny_dir), str(thesis)]) == 0  # now a checkpoint folder: replaced without --overwrite
+    assert (thesis / "thesis.tex").read_text() == "years of work"
