@@ -9,9 +9,11 @@ generic code asks which model it is building.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
@@ -27,6 +29,12 @@ SHARING = ("none", "all", "attention", "ffn")
 TASKS = ("lm", "sequence-classification", "token-classification", "question-answering", "embedding", "pretraining",
          "base", "replaced-token-detection")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "quick_gelu")
+# The attention class follows from the position scheme: the two relative schemes that change how
+# scores are computed bring their own attention (blocks/disentangled.py, blocks/relative_xl.py,
+# which register these names); every other position uses the plain Attention.
+ATTENTION_FOR_POSITION = {"disentangled": "DisentangledAttention", "relative_xl": "RelativeXLAttention"}
+ATTENTION_CLASSES = ("Attention", *ATTENTION_FOR_POSITION.values())
+ATTENTION_PATTERNS = ("global", "local", "strided")  # per-layer patterns (blocks/sparse.py)
 
 
 
@@ -107,7 +115,7 @@ class Config:
     head_dim: Optional[int] = None  # None -> n_embd // n_head
     intermediate_size: Optional[int] = None  # None -> 4 * n_embd (MLP) or LLaMA's 8/3 rule (GLU)
     # attention
-    attention_class: str = "Attention"  # a name in blocks.ATTENTION_CLASSES (DeBERTa registers its own)
+    attention_class: Optional[str] = None  # None -> ATTENTION_FOR_POSITION[position], else "Attention"
     causal: bool = True
     attn_bias: bool = True  # bias on q, k, v projections
     attn_out_bias: Optional[bool] = None  # None -> attn_bias
@@ -216,6 +224,8 @@ class Config:
             self.head_dim = self.n_embd // self.n_head
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
+        if self.attention_class is None:
+            self.attention_class = ATTENTION_FOR_POSITION.get(self.position, "Attention")
         if self.attn_out_bias is None:
             self.attn_out_bias = self.attn_bias
         if self.embedding_size is None:
@@ -262,8 +272,6 @@ class Config:
         choice("head_activation", ACTIVATIONS)
         choice("share_layers", SHARING)
         choice("task", TASKS)
-        from .blocks.attention import ATTENTION_CLASSES
-
         choice("attention_class", ATTENTION_CLASSES)
         choice("pooling", ("first", "last", "mean"))
         choice("classifier_activation", ACTIVATIONS + ("tanh",))
@@ -341,8 +349,8 @@ class Config:
         if (self.position == "disentangled") != (self.attention_class == "DisentangledAttention"):
             raise ConfigError(
                 f"position={self.position!r} with attention_class={self.attention_class!r}: DeBERTa's disentangled "
-                f"positions and attention go together; set both position='disentangled' and "
-                f"attention_class='DisentangledAttention', or neither")
+                f"positions and attention go together; leave attention_class unset (it follows from position) or "
+                f"set both position='disentangled' and attention_class='DisentangledAttention'")
         if self.position == "disentangled":
             if self.position_buckets < 0 or self.max_relative_positions < 1:
                 raise ConfigError(f"position_buckets={self.position_buckets} must be >= 0 (0 = no buckets) and "
@@ -367,11 +375,9 @@ class Config:
             raise ConfigError("shared_parallel_norm=True only makes sense with parallel_residual=True")
 
     def _validate_pattern(self):
-        from .blocks.sparse import PATTERNS
-
         pattern = self.attention_pattern
-        if not isinstance(pattern, (list, tuple)) or not pattern or any(p not in PATTERNS for p in pattern):
-            raise ConfigError(f"attention_pattern={pattern!r} must be a non-empty list of {list(PATTERNS)}, "
+        if not isinstance(pattern, (list, tuple)) or not pattern or any(p not in ATTENTION_PATTERNS for p in pattern):
+            raise ConfigError(f"attention_pattern={pattern!r} must be a non-empty list of {list(ATTENTION_PATTERNS)}, "
                               f"cycled over the layers (e.g. ['global', 'local'])")
         if set(pattern) != {"global"} and (not self.causal or self.attention_class != "Attention"):
             raise ConfigError(f"attention_pattern={list(pattern)} needs causal=True and attention_class='Attention' "
@@ -400,8 +406,8 @@ class Config:
         if xl != (self.attention_class == "RelativeXLAttention"):
             raise ConfigError(
                 f"position={self.position!r} with attention_class={self.attention_class!r}: Transformer-XL's relative "
-                f"positions and attention go together; set both position='relative_xl' and "
-                f"attention_class='RelativeXLAttention', or neither")
+                f"positions and attention go together; leave attention_class unset (it follows from position) or "
+                f"set both position='relative_xl' and attention_class='RelativeXLAttention'")
         switches = {"mem_len": 0, "reuse_len": 0, "clamp_len": 0, "same_length": False, "bi_data": False,
                     "relative_segments": False}
         if not xl:
@@ -499,8 +505,8 @@ class Config:
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "Config":
-        from . import zoo  # noqa: F401  (fills the registry)
-
+        # REGISTRY is filled by allformers/zoo, which allformers/__init__.py imports before any
+        # submodule runs: config stays below the zoo (no import back up, tests/test_imports.py).
         if name not in REGISTRY:
             raise UnknownModelError(name, REGISTRY)
         d = dict(REGISTRY[name])
@@ -511,7 +517,7 @@ class Config:
 # Names -> dict of Config fields. The zoo modules fill it with `register(...)`.
 REGISTRY: dict[str, dict[str, Any]] = {}
 # Fields that __post_init__ fills when they are None.
-_DERIVED = ("head_dim", "n_kv_head", "attn_out_bias", "final_norm", "intermediate_size", "embedding_size",
+_DERIVED = ("head_dim", "n_kv_head", "attention_class", "attn_out_bias", "final_norm", "intermediate_size", "embedding_size",
             "head_activation", "lm_head", "n_decoder_layer", "moe_mlp_class", "n_decoder_head",
             "decoder_intermediate_size")
 
@@ -544,12 +550,20 @@ def _divisors(n: int) -> list[int]:
 
 
 class SavedConfig:
-    """Mixin for the config dataclasses of models that are not a `Config` (the image models): JSON
-    with their class name as "config_class", so `allformers.load` finds the loader
-    (checkpoints/io.py's CONFIG_LOADERS). Lists come back as tuples; unknown fields are refused."""
+    """Mixin for the config dataclasses of models that are not one `Config` (the image models, the
+    composites): JSON with their class name as "config_class", so `allformers.load` finds the loader
+    (checkpoints/composite.py). The one way nested configs are written and read: a field annotated
+    with Config or a SavedConfig class (Optional or not) is written as its own dict and read back
+    through that class's from_dict. Other lists come back as tuples; unknown fields are refused."""
 
     def to_dict(self) -> dict:
-        return {"config_class": type(self).__name__, **dataclasses.asdict(self)}
+        d = {"config_class": type(self).__name__}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (Config, SavedConfig)):
+                value = {k: v for k, v in value.to_dict().items() if k != "config_class"}
+            d[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+        return d
 
     def to_json(self, path=None) -> str:
         return config_json(self.to_dict(), path)
@@ -564,8 +578,21 @@ class SavedConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        nested = nested_config_fields(cls)
+        return cls(**{k: nested[k].from_dict(v) if k in nested and isinstance(v, dict)
+                      else tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     @classmethod
     def from_json(cls, path):
         return cls.from_dict(read_config_file(path))
+
+
+def nested_config_fields(cls) -> dict:
+    """Field name -> the config class it holds (Config or a SavedConfig), read from the annotations."""
+    hints = typing.get_type_hints(cls)  # resolves the string annotations in the class's module
+    out = {}
+    for f in fields(cls):
+        for t in (hints.get(f.name), *typing.get_args(hints.get(f.name))):
+            if isinstance(t, type) and issubclass(t, (Config, SavedConfig)):
+                out[f.name] = t
+    return out

@@ -35,7 +35,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("allformers.checkpoints.io.save_file", boom)
+    monkeypatch.setattr("allformers.checkpoints.files.save_file", boom)  # the one folder writer
     with pytest.raises(CheckpointError, match="disk is full"):
         small(dropout=0.1).save(tmp_path / "m")
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == before

@@ -143,8 +143,10 @@ def test_relative_embeddings_are_one_table_shared_by_every_layer():
 
 
 def test_config_switches_go_together():
+    # the attention class follows from the position scheme (issue 11); a contradicting one is refused
+    assert Config(position="disentangled", causal=False).attention_class == "DisentangledAttention"
     with pytest.raises(ConfigError, match="attention_class"):
-        Config(position="disentangled", causal=False)
+        Config(position="disentangled", attention_class="Attention", causal=False)
     with pytest.raises(ConfigError, match="position"):
         Config(attention_class="DisentangledAttention", causal=False)
     with pytest.raises(ConfigError, match="pos_att_type"):

@@ -6,7 +6,8 @@ import torch
 from allformers.config import Config
 from allformers.errors import ConfigError
 from allformers.models import TransformerLM
-from allformers.models.ernie import ErnieConfig, ErnieModel, add_dea, ernie_loss, ernie_losses, load_ernie
+from allformers.checkpoints.composite import load_saved
+from allformers.models.ernie import ErnieConfig, ErnieModel, add_dea, ernie_loss, ernie_losses
 from allformers.objectives import NO_ENTITY, ObjectiveError
 
 VOCAB, N_ENT = 40, 12
@@ -219,7 +220,7 @@ def test_ernie_save_load_round_trip(tmp_path):
     model.load_entity_embeddings(torch.randn(N_ENT, 8))
     ids, ents, mask = _inputs()
     model.save(tmp_path / "ernie")
-    back = load_ernie(tmp_path / "ernie")
+    back = load_saved(tmp_path / "ernie")
     assert back.config == model.config and not back.load_report.missing
     assert not back.entities.weight.requires_grad
     cands = torch.tensor([3, 5, 7])

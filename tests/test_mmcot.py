@@ -14,8 +14,8 @@ from allformers.data import scienceqa as sqa
 from allformers.data.synthetic_science import WITH_IMAGE, generate, load_image
 from allformers.models import TransformerLM
 from allformers.models.vit import ViTEncoder
-from allformers.models.multimodal import (MultimodalConfig, MultimodalDecoderLM, MultimodalSeq2Seq, load_multimodal,
-                                          save_multimodal)
+from allformers.checkpoints.composite import load_multimodal, save_multimodal
+from allformers.models.multimodal import MultimodalConfig, MultimodalDecoderLM, MultimodalSeq2Seq
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

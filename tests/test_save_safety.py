@@ -161,7 +161,7 @@ def test_disk_full_at_each_step(tmp_path, monkeypatch, step):
             raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(atomic, "fault", full)
-    monkeypatch.setattr("allformers.checkpoints.io.fault", full)
+    monkeypatch.setattr("allformers.checkpoints.files.fault", full)  # the one folder writer
     with pytest.raises(CheckpointError) as e:
         tiny(1).save(path)
     monkeypatch.undo()

@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import config
+from ..errors import ConfigError
 from .norms import build_norm
 from .positions import apply_rotary
 from .sparse import patterned_attention
@@ -52,10 +54,13 @@ class CrossKV:
             self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
 
 
-ATTENTION_CLASSES: dict = {}  # Config.attention_class -> class (DeBERTa adds its own)
+ATTENTION_CLASSES: dict = {}  # Config.attention_class -> class (config.ATTENTION_CLASSES names them all)
 
 
 def register_attention(cls):
+    if cls.__name__ not in config.ATTENTION_CLASSES:
+        raise ConfigError(f"attention class {cls.__name__} is not named in config.ATTENTION_CLASSES; add it there "
+                          f"(and to ATTENTION_FOR_POSITION with its position scheme)")
     ATTENTION_CLASSES[cls.__name__] = cls
     return cls
 

@@ -18,8 +18,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-PATTERNS = ("global", "local", "strided")
-
 
 def pattern_allowed(kind: str, q_idx: torch.Tensor, k_idx: torch.Tensor, window: int, stride: int) -> torch.Tensor:
     """(T,) query and (S,) key absolute indices -> (T, S) bool: which keys each query may see."""

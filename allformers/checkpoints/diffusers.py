@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from .io import CONFIG_FILE, _contiguous, atomic_folder_write, load_state_dict_into, read_safetensors
+from .files import CONFIG_FILE, contiguous_state, atomic_folder_write, load_state_dict_into, read_safetensors
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_VERSION = "0.42.1"  # the version the export was checked against (recorded in config.json, as diffusers does)
@@ -402,7 +402,7 @@ def save_diffusers(model, path) -> Path:
     else:
         raise CheckpointError(f"{type(model).__name__} has no diffusers format; U-Nets and the 'kl' / 'vq' "
                               f"autoencoders do")
-    state = to_diffusers_state(_contiguous(model.state_dict()))
+    state = to_diffusers_state(contiguous_state(model.state_dict()))
 
     def write(tmp: Path):
         save_file(state, str(tmp / DIFFUSERS_WEIGHTS), metadata={"format": "pt"})

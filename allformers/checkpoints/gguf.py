@@ -14,7 +14,7 @@ from ..config import Config
 from ..errors import CheckpointError
 from ..tokenization.gguf import metadata, tokenizer_from_gguf
 from .hf import FAMILIES, hf_to_ours
-from .io import load_state_dict_into
+from .files import load_state_dict_into
 
 SUPPORTED = ("llama",)
 

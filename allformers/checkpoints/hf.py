@@ -14,28 +14,15 @@ import torch
 from ..config import Config
 from ..errors import AllformersError, CheckpointError
 from . import hf_decoders, hf_encoders, hf_seq2seq, hf_deberta, hf_xlnet  # noqa: F401  (register the tables)
-from .io import (CONFIG_FILE, _contiguous, atomic_folder_write, cast_state, load_state_dict_into, read_config_json,
-                 read_safetensors)
+from .files import (CONFIG_FILE, atomic_folder_write, cast_state, contiguous_state, load_state_dict_into,
+                    read_config_json, read_safetensors)
 from .maps import FAMILIES, Family
-
-
-# Models that are not one TransformerLM: model_type -> "module:function" taking (folder, its config dict) and
-# returning (model, LoadReport). Imported only when such a folder is loaded.
-OTHER_LOADERS = {"clip_vision_model": "allformers.checkpoints.hf_vision:load_hf_vision",
-                 "siglip_vision_model": "allformers.checkpoints.hf_vision:load_hf_vision",
-                 "dinov2": "allformers.checkpoints.hf_vision:load_hf_vision",
-                 **{t: "allformers.checkpoints.hf_clip:load_hf_clip"
-                    for t in ("clip", "siglip", "clip_text_model", "siglip_text_model")},
-                 **{t: "allformers.checkpoints.hf_blip2:load_hf_blip2"
-                    for t in ("blip-2", "blip_2_qformer", "blip_2_vision_model")},
-                 "llava": "allformers.checkpoints.hf_llava:load_hf_llava",
-                 "idefics": "allformers.checkpoints.hf_idefics:load_hf_idefics"}
 
 
 def _family(model_type: str) -> Family:
     if model_type not in FAMILIES:
         raise CheckpointError(f"Hugging Face model_type {model_type!r} is not supported yet; "
-                              f"supported: {sorted([*FAMILIES, *OTHER_LOADERS])}")
+                              f"supported: {sorted(FAMILIES)} (and the composites of io.py's OTHER_HF_LOADERS)")
     return FAMILIES[model_type]
 
 
@@ -207,11 +194,6 @@ def load_hf(path):
 
     path = Path(path)
     hf = read_config_json(path / CONFIG_FILE)
-    if hf.get("model_type") in OTHER_LOADERS:
-        import importlib
-
-        module, fn = OTHER_LOADERS[hf["model_type"]].split(":")
-        return getattr(importlib.import_module(module), fn)(path, hf)
     family = _family(hf.get("model_type"))
     config = config_from_hf(hf, path)
     hf_state = canonical_hf_state(read_hf_weights(path), family, config)
@@ -245,7 +227,7 @@ def save_hf(model, path, tokenizer=None, dtype=None, overwrite: bool = False):
             f"config {config.name!r} (task={config.task}{pooler}) has no Hugging Face equivalent among "
             f"{sorted(FAMILIES)} (position={config.position}, norm={config.norm_class}, mlp={config.mlp_class}); "
             f"save it with format='allformers'")
-    state = cast_state(ours_to_hf(_contiguous(model.state_dict()), config, family), dtype)
+    state = cast_state(ours_to_hf(contiguous_state(model.state_dict()), config, family), dtype)
     if config.tie_embeddings and family.tied_hf_key:
         state.pop(family.tied_hf_key, None)
     hf_config = {"model_type": family.model_type, "architectures": [architecture(family, config)],

@@ -177,7 +177,7 @@ def _architecture(hf: dict, path) -> str:
 
 def _import(model, state: dict, parts, path, lm_family=None, extra=None):
     from .hf import hf_to_ours
-    from .io import load_state_dict_into
+    from .files import load_state_dict_into
 
     ours, used = dict(extra or {}), set()
     for rows, spec, n in parts:
@@ -243,11 +243,11 @@ def hf_config(c) -> tuple:
 def save_hf_blip2(model, path, tokenizer=None) -> Path:
     """Write a BLIP2 as Blip2ForConditionalGeneration (with a language model) or Blip2ForImageTextRetrieval (stage 1)."""
     from .hf import ours_to_hf
-    from .io import _contiguous
+    from .files import contiguous_state
 
     c = model.config
     arch, hf, family = hf_config(c)
-    state = _contiguous(model.state_dict())
+    state = contiguous_state(model.state_dict())
     out = {}
     for rows, spec, n in _parts(c):
         out.update(export_state(state, rows, spec, n))

@@ -139,7 +139,7 @@ def load_hf_clip(path, hf: dict):
     """A Hugging Face CLIPModel / SiglipModel / CLIPTextModel / SiglipTextModel folder -> (model, LoadReport)."""
     from ..models.clip import CLIP, TextTower
     from .hf import read_hf_weights
-    from .io import load_state_dict_into
+    from .files import load_state_dict_into
 
     path, mt = Path(path), hf["model_type"]
     state = read_hf_weights(path)
@@ -167,10 +167,10 @@ def save_hf_clip(model, path, tokenizer=None) -> Path:
     from safetensors.torch import save_file
 
     from ..models.clip import TextTower
-    from .io import CONFIG_FILE, _contiguous, atomic_folder_write
+    from .files import CONFIG_FILE, contiguous_state, atomic_folder_write
 
     c = model.config
-    state = _contiguous(model.state_dict())
+    state = contiguous_state(model.state_dict())
     if isinstance(model, TextTower):
         mt = text_layout(c)
         hf = text_config_to_hf(c, mt == "siglip_text_model")

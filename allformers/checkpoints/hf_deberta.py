@@ -94,7 +94,7 @@ def config_from_hf(h: dict) -> dict:
              classifier_activation=ACT_IN[h.get("pooler_hidden_act", "gelu")])
     if relative:
         max_rel = h.get("max_relative_positions", -1)
-        d.update(position="disentangled", attention_class="DisentangledAttention",
+        d.update(position="disentangled",
                  position_buckets=max(h.get("position_buckets", -1), 0),
                  max_relative_positions=max_rel if max_rel >= 1 else h["max_position_embeddings"],
                  pos_att_type="|".join(terms))

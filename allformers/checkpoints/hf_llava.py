@@ -57,7 +57,7 @@ def load_hf_llava(path, hf: dict):
     """A Hugging Face LlavaForConditionalGeneration folder -> (VisionLanguageLM, LoadReport)."""
     from ..models.vlm import VisionLanguageLM
     from .hf import _family, hf_to_ours, read_hf_weights
-    from .io import load_state_dict_into
+    from .files import load_state_dict_into
 
     path = Path(path)
     arch = (hf.get("architectures") or ["LlavaForConditionalGeneration"])[0]
@@ -83,7 +83,7 @@ def load_hf_llava(path, hf: dict):
 def save_hf_llava(model, path, tokenizer=None) -> Path:
     """Write a VisionLanguageLM as LlavaForConditionalGeneration (a CLIP or SigLIP tower, the 2-layer projector)."""
     from .hf import ours_to_hf
-    from .io import _contiguous
+    from .files import contiguous_state
 
     c = model.config
     if c.projector != "mlp":
@@ -94,7 +94,7 @@ def save_hf_llava(model, path, tokenizer=None) -> Path:
                               "normed output (None); save format='allformers'")
     tower = hf_layout(c.vision)
     family, text = lm_config_to_hf(c.text)
-    state = _contiguous(model.state_dict())
+    state = contiguous_state(model.state_dict())
     out = {}
     for rows, spec, n in _parts(c, tower):
         out.update(export_state(state, rows, spec, n))

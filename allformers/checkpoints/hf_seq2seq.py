@@ -38,7 +38,7 @@ def _t5_rows(c: Config):
     return rows
 
 
-def _t5_config(h):
+def t5_config(h):
     proj = h.get("feed_forward_proj", "relu")
     gated = proj.startswith("gated-")
     act = {"relu": "relu", "gelu": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "silu": "silu"}[
@@ -78,13 +78,13 @@ def _t5_fits(c: Config):
 
 
 _T5_IGNORE = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
-register_family(Family("t5", {"lm": "T5ForConditionalGeneration"}, _t5_rows, _t5_config, _t5_to_hf, _t5_fits,
+register_family(Family("t5", {"lm": "T5ForConditionalGeneration"}, _t5_rows, t5_config, _t5_to_hf, _t5_fits,
                        ignore=_T5_IGNORE, tied_hf_key="lm_head.weight"))
-def _mt5_config(h):
-    return {**_t5_config(h), "head_input_scale": None}  # mT5 never scales its decoder output
+def mt5_config(h):
+    return {**t5_config(h), "head_input_scale": None}  # mT5 never scales its decoder output
 
 
-register_family(Family("mt5", {"lm": "MT5ForConditionalGeneration"}, _t5_rows, _mt5_config, _t5_to_hf,
+register_family(Family("mt5", {"lm": "MT5ForConditionalGeneration"}, _t5_rows, mt5_config, _t5_to_hf,
                        lambda c: False,  # exports go out as "t5" (same layout); mT5 folders still import
                        ignore=_T5_IGNORE, tied_hf_key="lm_head.weight"))
 
@@ -108,7 +108,7 @@ def _bart_rows(c: Config):
     return rows
 
 
-def _bart_config(h):
+def bart_config(h):
     d = h["d_model"]
     # The decoder's heads and width are left to derive from the encoder's when they are equal, so a zoo
     # entry resized with from_name(n_head=..., intermediate_size=...) resizes both stacks.
@@ -144,6 +144,6 @@ def _bart_fits(c: Config):
             and c.n_embd % c.n_decoder_head == 0)
 
 
-register_family(Family("bart", {"lm": "BartForConditionalGeneration"}, _bart_rows, _bart_config, _bart_to_hf, _bart_fits,
+register_family(Family("bart", {"lm": "BartForConditionalGeneration"}, _bart_rows, bart_config, _bart_to_hf, _bart_fits,
                        ignore=("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight"),
                        tied_hf_key="lm_head.weight"))

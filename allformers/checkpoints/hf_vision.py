@@ -59,7 +59,7 @@ def write_hf_folder(path, state: dict, hf_config: dict, tokenizer=None) -> Path:
     """model.safetensors + config.json (+ the tokenizer's files), written atomically: every composite HF saver's end."""
     from safetensors.torch import save_file
 
-    from .io import CONFIG_FILE, atomic_folder_write
+    from .files import CONFIG_FILE, atomic_folder_write
 
     def write(tmp: Path):
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -202,7 +202,7 @@ def vit_config_to_hf(c, model_type: str) -> dict:
 def load_hf_vision(path, hf: dict):
     """A Hugging Face CLIPVisionModel / SiglipVisionModel / Dinov2Model folder -> (ViT, LoadReport)."""
     from .hf import read_hf_weights
-    from .io import load_state_dict_into
+    from .files import load_state_dict_into
     from ..models.vit import ViT
 
     path = Path(path)
@@ -219,11 +219,11 @@ def save_hf_vision(model, path) -> Path:
     """Write the ViT as the Hugging Face vision tower with its layout (transformers' AutoModel loads it)."""
     from safetensors.torch import save_file
 
-    from .io import CONFIG_FILE, _contiguous, atomic_folder_write
+    from .files import CONFIG_FILE, contiguous_state, atomic_folder_write
 
     c = model.config
     mt = hf_layout(c)
-    state = export_state(_contiguous(model.state_dict()), vision_rows(mt, c), c.block_spec(), c.depth)
+    state = export_state(contiguous_state(model.state_dict()), vision_rows(mt, c), c.block_spec(), c.depth)
     hf = {**vit_config_to_hf(c, mt), "architectures": [ARCHITECTURES[mt]], "dtype": "float32"}
 
     def write(tmp: Path):

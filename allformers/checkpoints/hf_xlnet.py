@@ -68,7 +68,7 @@ def config_from_hf(h: dict) -> dict:
                 n_embd=h["d_model"], head_dim=h.get("d_head") or h["d_model"] // h["n_head"],
                 intermediate_size=h["d_inner"], activation=ACT_IN[h.get("ff_activation", "gelu")],
                 norm_eps=h.get("layer_norm_eps", 1e-12), causal=attn == "uni", norm_placement="post",
-                position="relative_xl", attention_class="RelativeXLAttention", relative_segments=True,
+                position="relative_xl", relative_segments=True,
                 attn_bias=False, mlp_bias=True, tie_embeddings=h.get("tie_word_embeddings", True), lm_head_bias=True,
                 mem_len=h.get("mem_len") or 0, reuse_len=h.get("reuse_len") or 0,
                 clamp_len=max(h.get("clamp_len", -1), 0), same_length=bool(h.get("same_length", False)),

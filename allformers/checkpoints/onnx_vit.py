@@ -165,7 +165,7 @@ def vit_from_onnx(path, prefix: str = "backbone.", name: str = ""):
     """A DINOv2-style ViT in an ONNX file -> the allformers ViT with its weights (model.load_report says which
     tensors were read; every one the ViT needs must be found)."""
     from ..models.vit import ViT, ViTConfig
-    from .io import load_state_dict_into
+    from .files import load_state_dict_into
 
     hf, sizes = onnx_dinov2_state(path, prefix)
     config = ViTConfig(name=name or Path(path).stem, description=f"imported from the ONNX graph {Path(path).name}",

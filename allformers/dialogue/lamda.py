@@ -55,7 +55,7 @@ class Responder:
     def batch(self, conversations: list, *, temperature: float = 0.0, top_p: Optional[float] = None,
               stop: Optional[list] = None, max_new_tokens: Optional[int] = None) -> list[str]:
         """One reply to each conversation, all generated as one left-padded batch."""
-        from ..generation.generate import _trim, generate, left_pad
+        from ..generation import generate, left_pad, trim_at_stop
 
         if not conversations:
             return []
@@ -76,7 +76,7 @@ class Responder:
         for row in out[:, x.shape[1]:].tolist():
             if self.tok.eos_id in row:
                 row = row[:row.index(self.tok.eos_id)]
-            texts.append(_trim(self.tok.decode(row), stop).strip())
+            texts.append(trim_at_stop(self.tok.decode(row), stop).strip())
         return texts
 
     def tool_turn(self, messages: list) -> str:

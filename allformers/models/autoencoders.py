@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
@@ -388,9 +387,3 @@ MODELS = {"kl": AutoencoderKL, "vq": VQAutoencoder, "dvae": DiscreteVAE}
 
 def build_autoencoder(config: AutoencoderConfig) -> _Autoencoder:
     return MODELS[config.kind](config)
-
-
-def load_autoencoder(path):
-    from ..checkpoints.io import load_saved_config_model
-
-    return load_saved_config_model(Path(path), AutoencoderConfig, build_autoencoder)

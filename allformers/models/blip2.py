@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -78,19 +77,6 @@ class BLIP2Config(SavedConfig):
     @property
     def num_query_tokens(self) -> int:
         return self.qformer.num_query_tokens
-
-    def to_dict(self) -> dict:
-        d = super().to_dict()
-        d["text"] = self.text.to_dict() if self.text is not None else None
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "BLIP2Config":
-        d = dict(d)
-        vision, qformer = ViTConfig.from_dict(d.pop("vision")), QFormerConfig.from_dict(d.pop("qformer"))
-        text = d.pop("text", None)
-        return super().from_dict({**d, "vision": vision, "qformer": qformer,
-                                  "text": Config.from_dict(text) if text is not None else None})
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "BLIP2Config":
@@ -365,11 +351,3 @@ class BLIP2(FrozenParts):
         from ..checkpoints import save
 
         return save(self, path, format=format, tokenizer=tokenizer)
-
-
-def load_blip2(path) -> BLIP2:
-    from ..checkpoints.io import load_saved_config_model
-
-    return load_saved_config_model(Path(path), BLIP2Config, BLIP2)
-
-

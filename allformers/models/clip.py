@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -56,12 +55,6 @@ class TextTowerConfig(SavedConfig):
     def width(self) -> int:
         return self.head_size or self.lm.n_embd
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "TextTowerConfig":
-        d = dict(d)
-        lm = Config.from_dict(d.pop("lm"))
-        return super().from_dict({**d, "lm": lm})
-
 
 @dataclass
 class CLIPConfig(SavedConfig):
@@ -82,12 +75,6 @@ class CLIPConfig(SavedConfig):
                               f"image {self.vision.width}; set projection_dim or the text tower's head_size")
         if self.vision.pooling == "none":
             raise ConfigError("the image tower must pool (vision.pooling 'cls', 'map' or 'mean') to be compared")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CLIPConfig":
-        d = dict(d)
-        text, vision = TextTowerConfig.from_dict(d.pop("text")), ViTConfig.from_dict(d.pop("vision"))
-        return super().from_dict({**d, "text": text, "vision": vision})
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "CLIPConfig":
@@ -294,15 +281,3 @@ def _save(model, path, format, tokenizer):
     from ..checkpoints import save
 
     return save(model, path, format=format, tokenizer=tokenizer)
-
-
-def load_clip(path) -> CLIP:
-    from ..checkpoints.io import load_saved_config_model
-
-    return load_saved_config_model(Path(path), CLIPConfig, CLIP)
-
-
-def load_text_tower(path) -> TextTower:
-    from ..checkpoints.io import load_saved_config_model
-
-    return load_saved_config_model(Path(path), TextTowerConfig, TextTower)

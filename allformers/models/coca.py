@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -84,12 +83,6 @@ class CoCaConfig(SavedConfig):
     @property
     def multimodal_layers(self) -> int:
         return self.text.n_layer - self.unimodal_layers
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CoCaConfig":
-        d = dict(d)
-        text, vision = Config.from_dict(d.pop("text")), ViTConfig.from_dict(d.pop("vision"))
-        return super().from_dict({**d, "text": text, "vision": vision})
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "CoCaConfig":
@@ -267,9 +260,3 @@ class CoCa(nn.Module):
         from ..checkpoints import save
 
         return save(self, path, format=format, tokenizer=tokenizer)
-
-
-def load_coca(path) -> CoCa:
-    from ..checkpoints.io import load_saved_config_model
-
-    return load_saved_config_model(Path(path), CoCaConfig, CoCa)

@@ -17,7 +17,6 @@ cache, and the autoencoder decodes the grid to pixels."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -192,9 +191,3 @@ class DALLE(nn.Module):
         from ..checkpoints.io import save
 
         return save(self, path, tokenizer=tokenizer)
-
-
-def load_dalle(path) -> DALLE:
-    from ..checkpoints.io import load_saved_config_model
-
-    return load_saved_config_model(Path(path), DALLEConfig, DALLE)

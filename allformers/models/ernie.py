@@ -29,15 +29,14 @@ The entity embeddings (TransE vectors in the paper, kept fixed there) are an nn.
 own dimension; `load_entity_embeddings(tensor)` puts pretrained vectors in.
 
 ErnieConfig nests the text encoder's Config and serialises to one JSON object ("config_class":
-"ErnieConfig"); `model.save(path)` writes our checkpoint format, `load_ernie(path)` reads it.
+"ErnieConfig"); `model.save(path)` writes our checkpoint format, `allformers.load(path)` reads it
+(checkpoints/composite.py).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from dataclasses import dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
 import torch
@@ -45,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..blocks import ATTENTION_CLASSES, Attention, build_feedforward, build_norm
-from ..config import Config, config_json
+from ..config import Config, SavedConfig
 from ..errors import ConfigError
 from ..objectives.ernie import NO_ENTITY, dea_loss, dea_noise
 from ..objectives.mlm import ObjectiveError, masked_cross_entropy
@@ -57,7 +56,7 @@ FUSION_OUTPUTS = ("residual", "activation")
 
 # ---------------------------------------------------------------------- config
 @dataclass
-class ErnieConfig:
+class ErnieConfig(SavedConfig):  # saved as JSON with its text Config nested (config.SavedConfig)
     text: Config = field(default_factory=lambda: Config(  # BERT-like T-Encoder, N = 6 layers
         causal=False, norm_placement="post", embedding_norm=True, head_transform=True, lm_head_bias=True,
         type_vocab_size=2, n_layer=6, norm_eps=1e-12, vocab_size=30522, block_size=512))
@@ -133,33 +132,6 @@ class ErnieConfig:
     @property
     def block_size(self) -> int:
         return self.text.block_size
-
-    # ------------------------------------------------------------------ (de)serialisation
-    def to_dict(self) -> dict:
-        d = {"config_class": "ErnieConfig"}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            d[f.name] = value.to_dict() if isinstance(value, Config) else value
-        return d
-
-    def to_json(self, path=None) -> str:
-        return config_json(self.to_dict(), path)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ErnieConfig":
-        d = dict(d)
-        kind = d.pop("config_class", "ErnieConfig")
-        if kind != "ErnieConfig":
-            raise ConfigError(f"config_class={kind!r} is not an ErnieConfig")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown ErnieConfig field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**d)
-
-    @classmethod
-    def from_json(cls, path) -> "ErnieConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
     def replace(self, **changes) -> "ErnieConfig":
         return dataclasses.replace(self, **changes)
@@ -375,26 +347,6 @@ class ErnieModel(nn.Module):
         return save(self, path, format=format, **kwargs)
 
 
-def load_ernie(path, map_location="cpu") -> ErnieModel:
-    """Read an ERNIE saved with model.save(path) (config.json with config_class "ErnieConfig" + model.safetensors)."""
-    from ..checkpoints.io import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load_state_dict_into, read_safetensors
-    from ..errors import CheckpointError
-
-    path = Path(path)
-    try:
-        config = ErnieConfig.from_json(path / CONFIG_FILE)
-    except (OSError, json.JSONDecodeError, ConfigError, TypeError) as e:
-        raise CheckpointError(f"{path / CONFIG_FILE} is not an ERNIE config: {e}") from None
-    model = ErnieModel(config)
-    model.load_report = load_state_dict_into(model, read_safetensors(path / WEIGHTS_FILE), str(path))
-    model.entities.weight.requires_grad_(not config.freeze_entities)
-    if (path / TOKENIZER_FILE).exists():
-        from ..tokenization import Tokenizer
-
-        model.tokenizer = Tokenizer.from_file(path / TOKENIZER_FILE)
-    return model.to(map_location).eval()
-
-
 # ---------------------------------------------------------------------- pretraining objective
 def add_dea(batch: dict, entity_ids: torch.Tensor, *, candidates: Optional[torch.Tensor] = None,
             generator: Optional[torch.Generator] = None, **rates) -> dict:
@@ -451,5 +403,5 @@ def _num_tokens(batch) -> int:
 ernie_loss.num_tokens = _num_tokens
 
 
-__all__ = ["ErnieConfig", "ErnieModel", "ErnieOutput", "Aggregator", "load_ernie", "add_dea", "ernie_loss",
+__all__ = ["ErnieConfig", "ErnieModel", "ErnieOutput", "Aggregator", "add_dea", "ernie_loss",
            "ernie_losses", "FUSION_OUTPUTS"]

@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -105,15 +104,6 @@ class FlamingoConfig(SavedConfig):
     @property
     def tokens_per_image(self) -> int:
         return self.n_latents if self.use_resampler else self.vision.num_tokens
-
-    def to_dict(self) -> dict:
-        return {**super().to_dict(), "text": self.text.to_dict()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "FlamingoConfig":
-        d = dict(d)
-        text, vision = Config.from_dict(d.pop("text")), ViTConfig.from_dict(d.pop("vision"))
-        return super().from_dict({**d, "text": text, "vision": vision})
 
     def replace(self, **changes) -> "FlamingoConfig":
         return dataclasses.replace(self, **changes)
@@ -359,9 +349,3 @@ def few_shot_prompt(tokenizer, shots: Sequence, query, image_token_id: int, end_
         parts += [image, text] + ([end_of_chunk_id] if end_of_chunk_id is not None else [])
     parts += [query[0], query[1]]
     return interleave(parts, tokenizer, image_token_id)
-
-
-def load_flamingo(path) -> Flamingo:
-    from ..checkpoints.io import load_saved_config_model
-
-    return load_saved_config_model(Path(path), FlamingoConfig, Flamingo)

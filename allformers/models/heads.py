@@ -129,16 +129,3 @@ class TaskModel(nn.Module):
         from ..checkpoints import save
 
         return save(self, path, format=format, **kwargs)
-
-
-def build_model(config: Config) -> nn.Module:
-    """The right class for a config: a plain LM, an encoder-decoder, or a body with a task head."""
-    if config.is_encoder_decoder:
-        from .seq2seq import Seq2SeqLM
-
-        return Seq2SeqLM(config)
-    if config.task == "pretraining":  # MLM + sentence-pair heads on one body
-        from .pretraining import PretrainingModel
-
-        return PretrainingModel(config)
-    return lm_class(config)(config) if config.task == "lm" else TaskModel(config)

@@ -17,7 +17,7 @@ from ..blocks.sparse import WindowKVCache
 from ..config import Config
 from ..blocks.feedforward import ACTIVATIONS
 from ..errors import AllformersError, ContextLengthError
-from .inputs import check_token_ids
+from ..generation.checks import check_token_ids
 
 
 def block_spec(c: Config) -> BlockSpec:

@@ -15,7 +15,6 @@ separate adapters, and it merges into the fused weight exactly. Target names are
 component of the module path: "qkv", "q", "kv", "proj" (attention output and MLP down), "fc"."""
 from __future__ import annotations
 
-import dataclasses
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -242,56 +241,3 @@ def load_lora_state_dict(model: nn.Module, state: dict) -> None:
             if own[k].shape != v.shape:
                 raise LoRAError(f"{k}: saved {tuple(v.shape)} vs model {tuple(own[k].shape)} (different rank?)")
             own[k].copy_(v)
-
-
-# ---------------------------------------------------------------------- adapter folders
-ADAPTER_FILE = "adapter.safetensors"
-
-
-def save_adapter(model: nn.Module, path, cfg: LoRAConfig, base: str, tokenizer=None):
-    """Write a small folder: the adapters, the LoRA config and the path of the base model they
-    sit on (config.json, config_class "LoRAAdapter"), plus the tokenizer. `allformers.load(path)`
-    loads the base, applies LoRA and puts the adapters in: chat and generate work on it as is."""
-    import json
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
-    from ..checkpoints.io import CONFIG_FILE, atomic_folder_write
-
-    state = {k: v.detach().contiguous().cpu() for k, v in lora_state_dict(model).items()}
-    if not state:
-        raise LoRAError("the model has no LoRA adapters to save")
-    meta = {"config_class": "LoRAAdapter", "base": str(base), "lora": dataclasses.asdict(cfg)}
-
-    def write(tmp: Path):
-        save_file(state, str(tmp / ADAPTER_FILE), metadata={"format": "pt", "library": "allformers"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-
-    atomic_folder_write(Path(path), write)
-    return Path(path)
-
-
-def load_adapter(path, map_location="cpu") -> nn.Module:
-    """Read a folder written by save_adapter: the base model with the adapters applied."""
-    import json
-    from pathlib import Path
-
-    from ..checkpoints.io import CONFIG_FILE, LoadReport, load, read_safetensors
-    from ..errors import CheckpointError
-
-    path = Path(path)
-    meta = json.loads((path / CONFIG_FILE).read_text())
-    base = Path(meta.get("base", ""))
-    if not base.exists():
-        raise CheckpointError(f"{path} holds LoRA adapters for the base model {str(base)!r}, which does not exist "
-                              f"here; put the base there (or edit 'base' in {path / CONFIG_FILE})")
-    model = load(base)
-    cfg = LoRAConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["lora"].items()})
-    apply_lora(model, cfg)
-    state = read_safetensors(path / ADAPTER_FILE)
-    load_lora_state_dict(model, state)
-    model.load_report = LoadReport(source=str(path), loaded=sorted(state))
-    return model.to(map_location).eval()

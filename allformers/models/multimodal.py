@@ -15,10 +15,7 @@ vision encoder (ViT / DETR), or as precomputed `image_features` (B, N, P) with `
 (feature files, kind "features"). A question without an image simply has has_image False."""
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -27,8 +24,7 @@ import torch.nn.functional as F
 
 from ..blocks.fusion import GatedFusion
 from ..blocks.vision import ConvBackbone, DETREncoder, VisionError
-from ..config import Config, config_json
-from ..errors import CheckpointError
+from ..config import Config, SavedConfig
 from .lm import TransformerLM
 from .seq2seq import Seq2SeqLM
 from .vit import ViTEncoder
@@ -37,7 +33,7 @@ IGNORE_INDEX = -100
 
 
 @dataclass
-class MultimodalConfig:
+class MultimodalConfig(SavedConfig):  # saved with its text Config nested
     text: Config  # the T5 (is_encoder_decoder=True) or decoder-only LM
     # {"kind": "vit", ViTEncoder kwargs} | {"kind": "detr", "backbone": {"kind": "cnn"|"vit", ...}, DETREncoder
     # kwargs} | {"kind": "features", "patch_dim": P} (precomputed, no encoder) | None: text only (no fusion)
@@ -45,30 +41,12 @@ class MultimodalConfig:
     image_pos: int = 0  # decoder-only: prompt tokens before the image tokens (e.g. the chat header)
     base: Optional[str] = None  # decoder-only: pretrained LM whose weights are not stored (SmolLM2)
     lora: Optional[dict] = None  # LoRAConfig fields when the LM carries LoRA adapters
-    config_class: str = "MultimodalConfig"
 
     def __getattr__(self, name):
         # Generic code (MFU, context limits) reads sizes such as n_layer or block_size: the text model's.
         if name == "text" or name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.text, name)
-
-    def to_dict(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        d["text"] = self.text.to_dict()
-        return d
-
-    def to_json(self, path=None) -> str:
-        return config_json(self.to_dict(), path)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MultimodalConfig":
-        d = dict(d)
-        return cls(text=Config.from_dict(d.pop("text")), **d)
-
-    @classmethod
-    def from_json(cls, path) -> "MultimodalConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 def build_vision(spec: Optional[dict]) -> tuple[Optional[nn.Module], int]:
@@ -178,6 +156,8 @@ class MultimodalSeq2Seq(_Vision):
         return generate_seq2seq(self.t5, input_ids, attention_mask, encoder_out=enc, **kwargs)
 
     def save(self, path, tokenizer=None):
+        from ..checkpoints.composite import save_multimodal
+
         return save_multimodal(self, path, tokenizer)
 
 
@@ -249,6 +229,8 @@ class MultimodalDecoderLM(_Vision):
                                     generator=generator, on_token=on_token)
 
     def save(self, path, tokenizer=None):
+        from ..checkpoints.composite import save_multimodal
+
         return save_multimodal(self, path, tokenizer)
 
 
@@ -269,70 +251,3 @@ def decoder_lm_loss(model, batch: dict) -> torch.Tensor:
 
 def _to(d: dict, device) -> dict:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in d.items() if v is not None}
-
-
-# ---------------------------------------------------------------------- save / load
-def save_multimodal(model, path, tokenizer=None) -> Path:
-    """An allformers folder (config.json naming config_class, model.safetensors, tokenizer.json). With
-    config.base set (a pretrained LM such as SmolLM2), only the weights that differ from it are stored:
-    the vision encoder, the projection and the LoRA adapters."""
-    from safetensors.torch import save_file
-
-    from ..checkpoints.io import WEIGHTS_FILE, _contiguous, atomic_folder_write
-
-    state = model.state_dict()
-    if model.config.base:
-        keep = {n for n, p in model.named_parameters() if p.requires_grad}
-        state = {k: v for k, v in state.items() if k in keep}
-    state = _contiguous(state)
-    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-
-    def write(tmp: Path):
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "library": "allformers"})
-        model.config.to_json(tmp / "config.json")
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-
-    atomic_folder_write(Path(path), write)
-    return Path(path)
-
-
-def load_multimodal(path):
-    """Rebuild a MultimodalSeq2Seq / MultimodalDecoderLM from save_multimodal's folder (the base LM,
-    when named, is loaded first and its LoRA adapters re-applied)."""
-    from ..checkpoints.io import WEIGHTS_FILE, LoadReport, load_state_dict_into, read_safetensors
-
-    path = Path(path)
-    config = MultimodalConfig.from_json(path / "config.json")
-    state = read_safetensors(path / WEIGHTS_FILE)
-    if config.text.is_encoder_decoder:
-        model = MultimodalSeq2Seq(config)
-        report = load_state_dict_into(model, state, str(path))
-    else:
-        lm = None
-        if config.base:
-            from ..checkpoints.io import load_reporting
-
-            lm = load_reporting(config.base)
-            if getattr(lm, "config", None) is None or lm.config.n_embd != config.text.n_embd:
-                raise CheckpointError(f"{path}: base model {config.base} does not match the stored text config")
-        model = MultimodalDecoderLM(config, lm=lm)
-        if config.lora:
-            from .lora import LoRAConfig, apply_lora
-
-            apply_lora(model.lm, LoRAConfig(**{**config.lora, "targets": tuple(config.lora["targets"])}))
-        if config.base:
-            own = model.state_dict()
-            missing = [k for k in state if k not in own]
-            if missing:
-                raise CheckpointError(f"{path}: {len(missing)} stored tensor(s) unknown to the model: {missing[:5]}")
-            model.load_state_dict(state, strict=False)
-            report = LoadReport(source=str(path), loaded=sorted(state))
-        else:
-            report = load_state_dict_into(model, state, str(path))
-    if (path / "tokenizer.json").exists():
-        from ..tokenization import Tokenizer
-
-        model.tokenizer = Tokenizer.from_file(path / "tokenizer.json")
-    model.load_report = report
-    return model.eval()

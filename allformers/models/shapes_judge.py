@@ -18,7 +18,6 @@ Heads that a kind does not use are not trained on it (their target is -100)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -154,12 +153,6 @@ def fields_tensor(scenes: list) -> dict:
     """Scenes -> {field: (B,) long targets} for ShapesJudge.loss."""
     rows = [scene_fields(s) for s in scenes]
     return {name: torch.tensor([r[name] for r in rows], dtype=torch.long) for name in FIELDS}
-
-
-def load_judge(path) -> ShapesJudge:
-    from ..checkpoints.io import load_saved_config_model
-
-    return load_saved_config_model(Path(path), JudgeConfig, ShapesJudge)
 
 
 def judge_report(judge: ShapesJudge, images: torch.Tensor, scenes: list, per_kind: bool = True) -> dict:

@@ -22,7 +22,6 @@ Pictures are (B, 3, H, W) in [-1, 1] inside, [0, 1] at the edges (`generate` ret
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -291,9 +290,3 @@ class TextToImage(nn.Module):
         from ..checkpoints.io import save
 
         return save(self, path, tokenizer=tokenizer)
-
-
-def load_text_to_image(path) -> TextToImage:
-    from ..checkpoints.io import load_saved_config_model
-
-    return load_saved_config_model(Path(path), TextToImageConfig, TextToImage)

@@ -16,7 +16,6 @@ and the middle by "cross" (UNetMidBlock2DCrossAttn), "attn", "res" (UNetMidBlock
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Union
 
 import torch
@@ -245,9 +244,3 @@ class UNet(nn.Module):
         from ..checkpoints.io import save
 
         return save(self, path)
-
-
-def load_unet(path) -> UNet:
-    from ..checkpoints.io import load_saved_config_model
-
-    return load_saved_config_model(Path(path), UNetConfig, UNet)

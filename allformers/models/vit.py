@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -279,10 +278,3 @@ class ViTEncoder(ViT):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         check_images(images, self.channels, self.image_size)
         return super().forward(images - 0.5).last_hidden_state  # centred pixels
-
-
-def load_vit(path) -> ViT:
-    """Rebuild a ViT from its allformers folder."""
-    from ..checkpoints.io import load_saved_config_model
-
-    return load_saved_config_model(Path(path), ViTConfig, ViT)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
@@ -180,17 +179,6 @@ class VLMConfig(SavedConfig):
         """Vectors (placeholders) per image."""
         return self.vision.grid ** 2 + int(self.vision.class_token) - int(self.vision_feature_select == "default")
 
-    def to_dict(self) -> dict:
-        return {**super().to_dict(), "text": self.text.to_dict()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "VLMConfig":
-        d = dict(d)
-        text, vision = Config.from_dict(d.pop("text")), ViTConfig.from_dict(d.pop("vision"))
-        if isinstance(d.get("vision_feature_layer"), list):
-            d["vision_feature_layer"] = tuple(d["vision_feature_layer"])
-        return super().from_dict({**d, "text": text, "vision": vision})
-
     @classmethod
     def from_name(cls, name: str, **overrides) -> "VLMConfig":
         from ..errors import UnknownModelError
@@ -349,12 +337,6 @@ def _flatten(content) -> str:
         else:
             raise ImageTokenError(f"a message part of type {kind!r}; use 'image' or 'text'")
     return "".join(parts)
-
-
-def load_vlm(path) -> VisionLanguageLM:
-    from ..checkpoints.io import load_saved_config_model
-
-    return load_saved_config_model(Path(path), VLMConfig, VisionLanguageLM)
 
 
 VLM_CONFIGS = {  # name -> a function making the config (the shapes of the released checkpoints)

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .causal_lm import IGNORE_INDEX
-from .mlm import ObjectiveError, _check_generator, masked_cross_entropy, model_inputs
+from .mlm import ObjectiveError, check_generator, masked_cross_entropy, model_inputs
 
 DISC_WEIGHT = 50.0  # lambda in the paper
 
@@ -77,7 +77,7 @@ def corrupt(original_ids: torch.Tensor, selected: torch.Tensor, gen_logits: torc
                              f"{tuple(selected.shape)}, logits {tuple(gen_logits.shape)}")
     corrupted = original_ids.clone()
     if bool(selected.any()):
-        _check_generator(generator, gen_logits.device)
+        check_generator(generator, gen_logits.device)
         probs = torch.softmax(gen_logits[selected].detach().float() / temperature, dim=-1)  # (N, V)
         corrupted[selected] = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (N,)
     return corrupted, (corrupted != original_ids).float()

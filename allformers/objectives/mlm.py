@@ -35,7 +35,7 @@ class ObjectiveError(AllformersError, ValueError):
 
 
 # ---------------------------------------------------------------------- random helpers
-def _check_generator(generator: Optional[torch.Generator], device: torch.device):
+def check_generator(generator: Optional[torch.Generator], device: torch.device):
     if generator is not None and torch.device(generator.device).type != torch.device(device).type:
         raise ObjectiveError(
             f"the torch.Generator lives on {generator.device} but the tensors are on {device}; "
@@ -43,12 +43,12 @@ def _check_generator(generator: Optional[torch.Generator], device: torch.device)
 
 
 def _rand(shape, generator, device) -> torch.Tensor:
-    _check_generator(generator, device)
+    check_generator(generator, device)
     return torch.rand(shape, generator=generator, device=device)
 
 
 def _randint(high: int, shape, generator, device) -> torch.Tensor:
-    _check_generator(generator, device)
+    check_generator(generator, device)
     return torch.randint(high, shape, generator=generator, device=device)
 
 

@@ -505,7 +505,7 @@ PIPELINE_FILE = "mmcot.json"
 
 def save_pipeline(result: PipelineResult, folder, data: MMCoTData, cfg: PipelineConfig, extra: Optional[dict] = None):
     """folder/rationale, folder/answer (models with the tokenizer) and folder/mmcot.json (how to use them)."""
-    from ..models.multimodal import save_multimodal
+    from ..checkpoints.composite import save_multimodal
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -545,7 +545,7 @@ def pipeline_config(meta: dict, **overrides) -> PipelineConfig:
 
 def load_pipeline(folder) -> tuple[Optional[object], object, dict]:
     """-> (rationale model or None, answer model, meta) from save_pipeline's folder."""
-    from ..models.multimodal import load_multimodal
+    from ..checkpoints.composite import load_multimodal
 
     folder = Path(folder)
     if not (folder / PIPELINE_FILE).is_file():

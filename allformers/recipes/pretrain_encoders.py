@@ -391,7 +391,7 @@ def sparse_electra_loss(pair, batch: dict, disc_weight: float = 50.0,
     import torch.nn.functional as F
 
     from ..objectives import discriminator_loss, original_ids
-    from ..objectives.mlm import IGNORE_INDEX, _check_generator, model_inputs
+    from ..objectives.mlm import IGNORE_INDEX, check_generator, model_inputs
 
     kw = model_inputs(batch)
     ids, labels = batch["input_ids"], batch["labels"]
@@ -401,7 +401,7 @@ def sparse_electra_loss(pair, batch: dict, disc_weight: float = 50.0,
     with torch.no_grad():
         corrupted = orig.clone()
         if gen_labels.numel():
-            _check_generator(sample_generator, gen_logits.device)
+            check_generator(sample_generator, gen_logits.device)
             probs = F.softmax(gen_logits.detach().float() / pair.temperature, dim=-1)
             corrupted[sel] = torch.multinomial(probs, 1, generator=sample_generator).squeeze(1)
         replaced = (corrupted != orig).float()  # (B, T)

@@ -34,8 +34,9 @@ from typing import Optional, Union
 
 import torch
 
+from ..checkpoints.composite import save_adapter
 from ..deprecation import accepts_old_names
-from ..models.lora import LoRAConfig, apply_lora, lora_parameters, merge_lora, save_adapter
+from ..models.lora import LoRAConfig, apply_lora, lora_parameters, merge_lora
 from ..objectives.sft import (TEMPLATES, SFTData, SFTError, SFTLoss, check_record, collate, encode_example,
                               template_for_saving)
 from ..training.data import read_jsonl

@@ -12,24 +12,10 @@ from __future__ import annotations
 import hashlib
 from typing import Optional
 
-from ..checkpoints.hf_seq2seq import _bart_config, _mt5_config, _t5_config
-from ..config import Config, register
-from ..errors import ConfigError
+from ..checkpoints.hf_seq2seq import bart_config, mt5_config, t5_config
+from ..config import register
 
 _seq2seq = dict(family="encoder-decoder")
-HELD_BACK: dict = {}  # name -> why it is not registered (yet)
-
-
-def _register_if_buildable(**kwargs):
-    """Register, unless the encoder/decoder stacks cannot be derived from the config: the small T5 v1.1
-    shapes (512 wide, 6 heads of 64) trip Config.replace(), which re-derives head_dim = n_embd // n_head
-    and raises. They appear by themselves once config.py keeps an explicit head_dim that cannot be derived."""
-    try:
-        Config(**kwargs).encoder_config()
-    except ConfigError as e:
-        HELD_BACK[kwargs["name"]] = str(e)
-        return None
-    return register(**kwargs)
 
 # --- The Transformer (Vaswani et al. 2017, "base"): 6 + 6 post-LN layers, 512 wide, 8 heads, ReLU FFN of 2,048,
 #     fixed sinusoidal positions, embeddings scaled by sqrt(d_model), one 37,000-token BPE shared by source and
@@ -45,7 +31,7 @@ def _t5(d_model, d_ff, heads, layers, *, vocab=32128, gated=False, tied=True, mt
     h = dict(vocab_size=vocab, d_model=d_model, d_kv=64, num_heads=heads, d_ff=d_ff, num_layers=layers,
              feed_forward_proj="gated-gelu" if gated else "relu", tie_word_embeddings=tied,
              relative_attention_num_buckets=32, relative_attention_max_distance=128, n_positions=512)
-    return {**(_mt5_config if mt5 else _t5_config)(h), **_seq2seq}
+    return {**(mt5_config if mt5 else t5_config)(h), **_seq2seq}
 
 
 # --- T5 v1.0 (Raffel et al. 2020): pre-norm RMSNorm without bias, no biases anywhere, unscaled attention, one
@@ -59,20 +45,20 @@ for name, (d, ff, h, layers), size in [("t5-small", (512, 2048, 8, 6), "60M"), (
 # --- T5 v1.1 (2020): gated-GELU FFN, untied output layer, no output scaling, thinner heads (6 in small).
 for name, (d, ff, h, layers), size in [("t5-v1_1-small", (512, 1024, 6, 8), "77M"),
                                        ("t5-v1_1-base", (768, 2048, 12, 12), "248M")]:
-    _register_if_buildable(name=name, description=f"T5 v1.1 {name[8:]} {size}: gated-GELU FFN, untied output layer without "
+    register(name=name, description=f"T5 v1.1 {name[8:]} {size}: gated-GELU FFN, untied output layer without "
              f"scaling, relative bias", **_t5(d, ff, h, layers, gated=True, tied=False))
 
 # --- mT5 (Xue et al. 2021): T5 v1.1 layers over a 250,112-token multilingual SentencePiece vocabulary (most of
 #     the parameters are the two embedding tables).
 for name, (d, ff, h, layers), size in [("mt5-small", (512, 1024, 6, 8), "300M"), ("mt5-base", (768, 2048, 12, 12), "580M")]:
-    _register_if_buildable(name=name, description=f"mT5 {name[4:]} {size}: T5 v1.1 layers, 250,112-token multilingual vocabulary "
+    register(name=name, description=f"mT5 {name[4:]} {size}: T5 v1.1 layers, 250,112-token multilingual vocabulary "
              f"(untied input and output tables)", **_t5(d, ff, h, layers, vocab=250112, gated=True, tied=False, mt5=True))
 
 # --- Flan-T5 (Chung et al. 2022): the T5 v1.1 LM-adapted checkpoints fine-tuned on the Flan instruction mixture;
 #     the architecture and shapes are exactly T5 v1.1's, only the weights differ.
 for name, (d, ff, h, layers), size in [("flan-t5-small", (512, 1024, 6, 8), "77M"),
                                        ("flan-t5-base", (768, 2048, 12, 12), "248M")]:
-    _register_if_buildable(name=name, description=f"Flan-T5 {name[8:]} {size}: instruction-tuned weights of the same shape as "
+    register(name=name, description=f"Flan-T5 {name[8:]} {size}: instruction-tuned weights of the same shape as "
              f"T5 v1.1 {name[8:]} (gated-GELU, untied, relative bias)", **_t5(d, ff, h, layers, gated=True, tied=False))
 
 
@@ -84,7 +70,7 @@ def _bart(d_model, heads, ffn, layers):
              encoder_ffn_dim=ffn, decoder_ffn_dim=ffn, encoder_layers=layers, decoder_layers=layers,
              max_position_embeddings=1024, activation_function="gelu", scale_embedding=False,
              decoder_start_token_id=2)
-    return {**_bart_config(h), **_seq2seq}
+    return {**bart_config(h), **_seq2seq}
 
 
 for name, (d, h, ff, layers), size in [("bart-base", (768, 12, 3072, 6), "140M"),

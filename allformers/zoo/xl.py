@@ -2,7 +2,7 @@
 (models/xlnet.py). Each entry is a Config of the same blocks; the comments say what sets it apart."""
 from ..config import register
 
-_XL = dict(position="relative_xl", attention_class="RelativeXLAttention", norm_placement="post", attn_bias=False)
+_XL = dict(position="relative_xl", norm_placement="post", attn_bias=False)
 
 # --- Transformer-XL (Dai et al. 2019), the WikiText-103 model: 18 x 1024, ReLU, embeddings scaled by
 #     sqrt(d_model), 1,600 tokens of memory at evaluation, distances clamped at 1,000. The paper's adaptive
