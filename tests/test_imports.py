@@ -25,7 +25,7 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
     "config": ("errors",),  # pure data: no torch (test_config_imports_no_torch)
     "blocks": ("errors", "config"),
     "tokenization": ("errors",),
-    "data": ("errors",),
+    "data": ("errors", "tokenization"),
     "diffusion": ("errors",),
     "metrics": ("errors",),
     "objectives": ("errors", "config", "blocks"),

@@ -179,7 +179,7 @@ def load_hf_idefics(path, hf: dict):
     """A Hugging Face IdeficsForVisionText2Text folder -> (Flamingo, LoadReport)."""
     from ..models.flamingo import Flamingo
     from .hf import read_hf_weights
-    from .io import load_state_dict_into
+    from .files import load_state_dict_into
 
     path = Path(path)
     arch = (hf.get("architectures") or [ARCH])[0]
@@ -201,14 +201,14 @@ def load_hf_idefics(path, hf: dict):
 
 def save_hf_idefics(model, path, tokenizer=None) -> Path:
     """Write a Flamingo as IdeficsForVisionText2Text (or a CheckpointError naming what Idefics cannot hold)."""
-    from .io import _contiguous
+    from .files import contiguous_state
 
     c = model.config
     bad = idefics_misfits(c)
     if bad:
         raise CheckpointError(f"{c.name or 'this Flamingo'} does not fit IdeficsForVisionText2Text: {'; '.join(bad)}; "
                               f"save format='allformers'")
-    state = _contiguous(model.state_dict())
+    state = contiguous_state(model.state_dict())
     out = {}
     for rows, spec, n in _parts(c):
         out.update(export_state(state, rows, spec, n))

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import AllformersError, ContextLengthError, InputError
 from .checks import _whole, check_generation, check_token_ids
-from .generate import eos_tensor, process_logits
+from .sampling import eos_tensor, process_logits
 
 
 @dataclass
