@@ -138,3 +138,25 @@ def test_index_is_cached_by_corpus_and_encoder(tmp_path, monkeypatch):
 
     tool = search_tool(index, k=1)
     assert tool({"query": "tea"}).startswith("[1] doc ")
+
+
+def test_batched_tool_loop_equals_the_loop_one_by_one():
+    from allformers.dialogue.tools import run_with_tools_batch
+
+    def model(messages):  # calls the calculator as often as the question has '?', then answers
+        n_tool = sum(m["role"] == "tool" for m in messages)
+        if n_tool < messages[1]["content"].count("?"):
+            return ToolCall("calculator", {"expression": f"{n_tool + 1} * 7"}).text()
+        return f"done after {n_tool}"
+
+    questions = [[{"role": "user", "content": q}] for q in ("a", "b?", "c???", "d??")]
+    batches = []
+    turns = run_with_tools_batch(lambda cs: batches.append(len(cs)) or [model(c) for c in cs], questions,
+                                 [calculator_tool()], max_calls=2)
+    one_by_one = [run_with_tools(model, q, [calculator_tool()], max_calls=2) for q in questions]
+    assert [t.reply for t in turns] == [t.reply for t in one_by_one] == ["done after 0", "done after 1",
+                                                                       ToolCall("calculator", {"expression": "3 * 7"}).text(),
+                                                                       "done after 2"]
+    assert [t.messages for t in turns] == [t.messages for t in one_by_one]
+    assert batches == [4, 3, 2]  # only the conversations still calling go on
+    assert [r for _, r in turns[2].calls] == ["7", "14"]

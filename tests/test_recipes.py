@@ -37,6 +37,7 @@ SMOKE = {
     "self-instruct-smollm2": ["--set", "num=1", "--set", "max_rounds=1", "--set", "output_tokens=8", "--set",
                               "instruction_tokens=24", "--batch-size", "1"],
     "sft-smollm2-lora": ["--max-steps", "2", "--batch-size", "2", "--set", "max_length=64"],
+    "koala-smollm2-lora": ["--max-steps", "2", "--batch-size", "2", "--set", "max_length=64", "--set", "mixture_size=12"],
     "rlhf-smollm2": SMOLLM2_RLHF, "rlhf-smollm2-quick": SMOLLM2_RLHF,
     "mmcot-synthetic-t5-vit": MMCOT,
     "mmcot-scienceqa-t5": MMCOT,

@@ -81,8 +81,12 @@ class Responder:
 
     def tool_turn(self, messages: list) -> str:
         """One greedy turn that ends at a tool call's closing tag (for run_with_tools)."""
-        text = self(messages, stop=[CALL_STOP])[0]
-        return text + CALL_STOP if "<tool_call>" in text else text
+        return self.tool_turns([messages])[0]
+
+    def tool_turns(self, conversations: list) -> list[str]:
+        """tool_turn for many conversations as one batch (for run_with_tools_batch)."""
+        texts = self.batch(conversations, stop=[CALL_STOP])
+        return [t + CALL_STOP if "<tool_call>" in t else t for t in texts]
 
 
 # ---------------------------------------------------------------------- the heads

@@ -208,14 +208,29 @@ def run_with_tools(respond: Callable[[list], str], messages: list, tools: list, 
     """Answer `messages` with tools: respond(messages) -> the model's next turn (its text, generated
     with CALL_STOP as a stop string or not). A turn that calls a tool gets the result back as a tool
     message and the model goes on; after max_calls calls the next turn is the reply whatever it says."""
+    return run_with_tools_batch(lambda convos: [respond(c) for c in convos], [messages], tools, max_calls)[0]
+
+
+def run_with_tools_batch(respond_many: Callable[[list], list], conversations: list, tools: list,
+                         max_calls: int = 3) -> list:
+    """run_with_tools for many conversations at once: respond_many(list of conversations) -> their
+    next turns (one generated batch); each round, only the conversations still calling tools go on."""
     by_name = {t.name: t for t in tools}
-    convo = with_tools(messages, tools)
-    calls = []
-    while True:
-        text = respond(convo)
-        call = parse_tool_call(text) if len(calls) < max_calls else None
-        if call is None:
-            return ToolTurn(text.strip(), convo + [{"role": "assistant", "content": text.strip()}], calls)
-        result = run_tool(call, by_name)
-        calls.append((call, result))
-        convo = convo + [{"role": "assistant", "content": call.text()}, {"role": "tool", "content": result}]
+    convos = [with_tools(m, tools) for m in conversations]
+    calls = [[] for _ in convos]
+    done = [None] * len(convos)
+    active = list(range(len(convos)))
+    while active:
+        texts = respond_many([convos[i] for i in active])
+        still = []
+        for i, text in zip(active, texts):
+            call = parse_tool_call(text) if len(calls[i]) < max_calls else None
+            if call is None:
+                done[i] = ToolTurn(text.strip(), convos[i] + [{"role": "assistant", "content": text.strip()}], calls[i])
+                continue
+            result = run_tool(call, by_name)
+            calls[i].append((call, result))
+            convos[i] = convos[i] + [{"role": "assistant", "content": call.text()}, {"role": "tool", "content": result}]
+            still.append(i)
+        active = still
+    return done
