@@ -125,6 +125,14 @@ def allowed_upward(imp: Import) -> bool:
             and bool(imp.names) and all(n.startswith(("save", "load")) for n in imp.names))
 
 
+def test_docs_architecture_shows_this_table():
+    """docs/architecture.md's table is this one: same layers, same allowed imports."""
+    rows = re.findall(r"^\| `(\w+)` \| [^|]+ \| ([^|]+) \|$", (ROOT / "docs" / "architecture.md").read_text(), flags=re.M)
+    doc = {name: (set(MAY_IMPORT) - {name} if cell.strip() == "every layer above" else
+                  set() if cell.strip() == "\u2014" else {c.strip() for c in cell.split(",")}) for name, cell in rows}
+    assert doc == {name: set(deps) for name, deps in MAY_IMPORT.items()}
+
+
 def test_every_layer_is_in_the_table():
     missing = sorted({layer(m) for m in MODULES} - set(MAY_IMPORT))
     assert not missing, f"layers {missing} are not in MAY_IMPORT (tests/test_imports.py, docs/architecture.md)"
