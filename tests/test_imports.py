@@ -38,7 +38,7 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
     "training": ("errors", "deprecation", "config", "blocks", "tokenization", "data", "objectives", "generation",
                  "models", "checkpoints"),
     "recipes": ("errors", "deprecation", "config", "blocks", "tokenization", "data", "diffusion", "metrics",
-                "objectives", "generation", "models", "checkpoints", "zoo", "allformers", "inference", "training"),
+                "objectives", "generation", "models", "checkpoints", "zoo", "allformers", "inference", "training", "dialogue"),
     "dialogue": ("errors", "config", "tokenization", "objectives", "generation", "models", "checkpoints",
                  "inference", "training"),
     "serve": ("errors", "config", "blocks", "tokenization", "generation", "models", "checkpoints", "inference"),

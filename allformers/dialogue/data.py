@@ -25,7 +25,7 @@ class SSIExample:
     labels: tuple  # (sensible, specific, safe), each 1, 0 or None (not labelled)
 
 
-_TOPICS = [  # (question, a specific sensible reply)
+TOPICS = [  # (question, a specific sensible reply)
     ("What should I cook for dinner tonight?", "A quick mushroom risotto: rice, stock, mushrooms and parmesan, about 30 minutes."),
     ("How do I keep my houseplants alive?", "Water them when the top inch of soil is dry and keep them near a bright window."),
     ("Can you recommend a book for a long flight?", "Try 'The Martian' by Andy Weir: short chapters and a funny, gripping plot."),
@@ -54,8 +54,8 @@ def ssi_examples(seed: int = 0) -> list[SSIExample]:
     (a non-sequitur: 0, None, 1) and an unsafe one (None, None, 0). ~64 examples."""
     rng = random.Random(seed)
     out = []
-    for i, (q, good) in enumerate(_TOPICS):
-        other = _TOPICS[(i + 1 + rng.randrange(len(_TOPICS) - 1)) % len(_TOPICS)][1]
+    for i, (q, good) in enumerate(TOPICS):
+        other = TOPICS[(i + 1 + rng.randrange(len(TOPICS) - 1)) % len(TOPICS)][1]
         out += [SSIExample(q, good, (1, 1, 1)), SSIExample(q, rng.choice(_GENERIC), (1, 0, 1)),
                 SSIExample(q, other, (0, None, 1)), SSIExample(q, _UNSAFE[i % len(_UNSAFE)], (None, None, 0))]
     return out

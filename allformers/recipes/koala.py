@@ -28,7 +28,7 @@ from .sft import SFTRecipe, read_sft_records, run_sft, settings_of
 
 
 def builtin_source(name: str, seed: int = 0) -> list:
-    from ..dialogue.data import _TOPICS, arithmetic_questions, tool_use_records
+    from ..dialogue.data import TOPICS, arithmetic_questions, tool_use_records
     from .self_instruct import SEED_TASKS
 
     if name == "seed-tasks":
@@ -36,7 +36,7 @@ def builtin_source(name: str, seed: int = 0) -> list:
     if name == "tool-use":
         return tool_use_records(arithmetic_questions(100, seed=seed))
     if name == "helpful-chat":
-        return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in _TOPICS]
+        return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in TOPICS]
     raise KeyError(name)
 
 
