@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from ..blocks.fusion import GatedFusion
 from ..blocks.vision import ConvBackbone, DETREncoder, VisionError
 from ..config import Config, SavedConfig
+from ..objectives.ddp import unwrap
 from .lm import TransformerLM
 from .seq2seq import Seq2SeqLM
 from .vit import ViTEncoder
@@ -237,7 +238,7 @@ class MultimodalDecoderLM(_Vision):
 def seq2seq_loss(model, batch: dict) -> torch.Tensor:
     """Teacher-forced cross-entropy of a MultimodalSeq2Seq on batch["labels"] (-100 = padding)."""
     labels = batch["labels"]
-    dec = getattr(model, "module", model).shift_right(labels)  # DDP keeps the model in .module
+    dec = unwrap(model).shift_right(labels)
     logits = model(batch["input_ids"], dec, attention_mask=batch.get("attention_mask"), **image_kwargs(batch))
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX)
 

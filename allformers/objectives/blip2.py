@@ -18,6 +18,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .ddp import unwrap
+
 IGNORE_INDEX = -100
 
 
@@ -59,7 +61,7 @@ class Stage1:
         self.last: dict = {}
 
     def __call__(self, model, batch: dict) -> torch.Tensor:
-        m = getattr(model, "module", model)
+        m = unwrap(model)
         c = m.config
         ids, mask = batch["input_ids"], batch.get("attention_mask")
         mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()

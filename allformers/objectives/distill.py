@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .causal_lm import IGNORE_INDEX
+from .ddp import unwrap
 from .mlm import ObjectiveError, masked_cross_entropy, model_inputs
 
 DISTILBERT_EXTRACT_LAYERS = (0, 2, 4, 7, 9, 11)
@@ -72,12 +73,8 @@ def cosine_hidden_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tenso
     return (1.0 - F.cosine_similarity(s, t, dim=-1)).mean()
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)  # DDP keeps the model in .module
-
-
 def _hidden_and_logits(model: nn.Module, ids: torch.Tensor, kwargs: dict):
-    raw = _unwrap(model)
+    raw = unwrap(model)
     if not hasattr(raw, "head"):
         raise ObjectiveError("distillation needs MLM models (TransformerLM with an LM head) as teacher and student")
     h = model(ids, return_hidden=True, **kwargs)  # (B, T, C)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .causal_lm import IGNORE_INDEX
+from .ddp import unwrap
 from .mlm import ObjectiveError
 
 
@@ -68,7 +69,7 @@ class SegmentLM:
 
     def __call__(self, model, batch: dict) -> torch.Tensor:
         x, y = batch["x"], batch["y"]
-        body = getattr(model, "module", model)  # DDP wraps the model
+        body = unwrap(model)
         memory = self.memory.get(body.training)
         if batch.get("reset") or memory is None or memory.batch not in (None, x.shape[0]):
             memory = self.memory[body.training] = body.new_memory(mem_len=self.mem_len)

@@ -13,11 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from .causal_lm import IGNORE_INDEX
+from .ddp import unwrap
 from .span_corruption import seq2seq_batch
-
-
-def _unwrap(model):
-    return getattr(model, "module", model)  # DDP keeps the model in .module
 
 
 def seq2seq_loss(model, batch: dict, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -25,7 +22,7 @@ def seq2seq_loss(model, batch: dict, label_smoothing: float = 0.0) -> torch.Tens
     labels = batch["labels"]
     decoder_input_ids = batch.get("decoder_input_ids")
     if decoder_input_ids is None:
-        decoder_input_ids = _unwrap(model).shift_right(labels)
+        decoder_input_ids = unwrap(model).shift_right(labels)
     logits = model(batch["input_ids"], decoder_input_ids, attention_mask=batch.get("attention_mask"))
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
                            ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)

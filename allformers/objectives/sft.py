@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ..errors import AllformersError
 from .causal_lm import IGNORE_INDEX
+from .ddp import unwrap
 
 TEMPLATES = ("chatml", "alpaca")
 
@@ -264,7 +265,7 @@ def sft_loss(model, batch: dict) -> torch.Tensor:
     kwargs = {"document_ids": batch["document_ids"]} if "document_ids" in batch else {}
     hidden = model(batch["input_ids"], return_hidden=True, **kwargs)  # (B, T, C)
     keep = labels != IGNORE_INDEX
-    lm = getattr(model, "module", model)  # the model itself under DDP
+    lm = unwrap(model)
     logits = lm.head(hidden[keep])  # (N, V), N response targets
     return F.cross_entropy(logits.float(), labels[keep])
 

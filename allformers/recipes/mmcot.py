@@ -40,6 +40,7 @@ from ..data.synthetic_science import load_image
 from ..errors import AllformersError
 from ..models.multimodal import (IGNORE_INDEX, MultimodalConfig, MultimodalDecoderLM, MultimodalSeq2Seq,
                                  decoder_lm_loss, seq2seq_loss)
+from ..objectives.ddp import unwrap
 from ..objectives.seq2seq import Seq2SeqExamples
 from ..training.trainer import TrainConfig, Trainer
 from .registry import Recipe, register
@@ -251,7 +252,7 @@ class ModelSpec:
 
 
 def is_decoder(model) -> bool:
-    return isinstance(getattr(model, "module", model), MultimodalDecoderLM)
+    return isinstance(unwrap(model), MultimodalDecoderLM)
 
 
 class ModelFactory:
