@@ -305,7 +305,7 @@ def coca_section(quick: bool = False, seed: int = 0, progress: bool = False, **o
 
 
 # ---------------------------------------------------------------------- sections
-SECTIONS = {"clip": clip_section, "coca": coca_section}
+SECTIONS = {"clip": clip_section, "coca": coca_section, "flamingo": "vl_flamingo:flamingo_section"}
 
 
 def section_function(name: str):
