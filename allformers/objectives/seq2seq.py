@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .causal_lm import IGNORE_INDEX
 from .ddp import unwrap
+from .epochs import EpochSampler
 from .span_corruption import seq2seq_batch
 
 
@@ -45,7 +46,7 @@ class Seq2SeqLoss:
         return int((batch["labels"] != IGNORE_INDEX).sum())
 
 
-class Seq2SeqExamples:
+class Seq2SeqExamples(EpochSampler):
     """Fixed (source, target) id pairs sampled in epochs, each a fresh permutation from the
     sampler's own generator; sample(n) -> a padded batch, cut to its longest row."""
 
@@ -55,8 +56,7 @@ class Seq2SeqExamples:
         self.sources = [np.asarray(s, dtype=np.int64) for s in sources]
         self.targets = [np.asarray(t, dtype=np.int64) for t in targets]
         self.pad_id = pad_id
-        self.generator = torch.Generator().manual_seed(seed)
-        self.order, self.pos, self.epoch = torch.randperm(len(self.sources), generator=self.generator), 0, 0
+        self.start_epochs(len(self.sources), seed)
 
     def __len__(self):
         return len(self.sources)
@@ -65,15 +65,7 @@ class Seq2SeqExamples:
         return seq2seq_batch([self.sources[i] for i in rows], [self.targets[i] for i in rows], self.pad_id)
 
     def sample(self, n: int) -> dict:
-        rows = []
-        while len(rows) < n:
-            if self.pos == len(self.order):
-                self.order = torch.randperm(len(self.sources), generator=self.generator)
-                self.pos, self.epoch = 0, self.epoch + 1
-            take = min(n - len(rows), len(self.order) - self.pos)
-            rows += self.order[self.pos:self.pos + take].tolist()
-            self.pos += take
-        return self.take(rows)
+        return self.take(self.next_rows(n))
 
     def batches(self, batch_size: int, sort_by_length: bool = True) -> list:
         """Every example once, in batches (by source length when sort_by_length: less padding)."""
@@ -81,13 +73,6 @@ class Seq2SeqExamples:
         if sort_by_length:
             idx.sort(key=lambda i: len(self.sources[i]))
         return [self.take(idx[i:i + batch_size]) for i in range(0, len(idx), batch_size)]
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "order": self.order, "pos": self.pos, "epoch": self.epoch}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
-        self.order, self.pos, self.epoch = state["order"], state["pos"], state["epoch"]
 
 
 @torch.no_grad()

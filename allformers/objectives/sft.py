@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from ..errors import AllformersError
 from .causal_lm import IGNORE_INDEX
 from .ddp import unwrap
+from .epochs import EpochSampler
 
 TEMPLATES = ("chatml", "alpaca")
 
@@ -202,7 +203,7 @@ def pack_examples(examples: list[Example], block_size: int) -> list[list[Example
     return rows
 
 
-class SFTData:
+class SFTData(EpochSampler):
     """Examples drawn in epochs (a fresh permutation from the sampler's own generator each time).
     sample(n) gives n rows: one example each, or with `pack` as many whole examples as fit in
     block_size tokens. Its state goes into the Trainer's checkpoints, so a resumed run continues
@@ -218,18 +219,13 @@ class SFTData:
             raise SFTError(f"the longest example ({max(len(e) for e in examples)} tokens) does not fit "
                            f"block_size={block_size}")
         self.examples, self.pad_id, self.pack, self.block_size = examples, pad_id, pack, block_size
-        self.generator = torch.Generator().manual_seed(seed)
-        self.order = torch.randperm(len(examples), generator=self.generator)
-        self.pos, self.epoch = 0, 0
+        self.start_epochs(len(examples), seed)
 
     def __len__(self):
         return len(self.examples)
 
     def _peek(self) -> Example:
-        if self.pos == len(self.order):
-            self.order = torch.randperm(len(self.examples), generator=self.generator)
-            self.pos, self.epoch = 0, self.epoch + 1
-        return self.examples[int(self.order[self.pos])]
+        return self.examples[self.peek_row()]
 
     def sample(self, n: int) -> dict:
         if not self.pack:
@@ -247,13 +243,6 @@ class SFTData:
                 self.pos += 1
             packed.append(row)
         return collate_packed(packed, self.block_size, self.pad_id)
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "order": self.order, "pos": self.pos, "epoch": self.epoch}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
-        self.order, self.pos, self.epoch = state["order"], state["pos"], state["epoch"]
 
 
 # ---------------------------------------------------------------------- the loss

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from ..deprecation import accepts_old_names
 from ..errors import AllformersError
+from ..objectives.epochs import EpochSampler
 from ..training.guards import check_device, check_out
 from ..training.trainer import CHECKPOINT_DIR, TrainConfig, Trainer
 from .registry import Recipe, register, settings_of
@@ -150,37 +151,20 @@ def collate(ids, types, lengths, labels, rows, pad_id: int) -> dict:
             "labels": labels[rows]}
 
 
-class ClassificationData:
+class ClassificationData(EpochSampler):
     """Tokenised examples sampled in epochs: each epoch is a fresh permutation from the sampler's
     own generator; `sample(n)` continues where the last batch stopped. Its state (generator,
     permutation, position) goes into checkpoints, so a resumed run sees the same batches."""
 
     def __init__(self, ids, types, lengths, labels, pad_id: int, seed: int = 0):
         self.ids, self.types, self.lengths, self.labels, self.pad_id = ids, types, lengths, labels, pad_id
-        self.generator = torch.Generator().manual_seed(seed)
-        self.order = torch.randperm(len(labels), generator=self.generator)
-        self.pos, self.epoch = 0, 0
+        self.start_epochs(len(labels), seed)
 
     def __len__(self):
         return len(self.labels)
 
     def sample(self, n: int) -> dict:
-        rows = []
-        while len(rows) < n:
-            if self.pos == len(self.order):
-                self.order = torch.randperm(len(self.labels), generator=self.generator)
-                self.pos, self.epoch = 0, self.epoch + 1
-            take = min(n - len(rows), len(self.order) - self.pos)
-            rows += self.order[self.pos:self.pos + take].tolist()
-            self.pos += take
-        return collate(self.ids, self.types, self.lengths, self.labels, rows, self.pad_id)
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "order": self.order, "pos": self.pos, "epoch": self.epoch}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
-        self.order, self.pos, self.epoch = state["order"], state["pos"], state["epoch"]
+        return collate(self.ids, self.types, self.lengths, self.labels, self.next_rows(n), self.pad_id)
 
 
 def eval_batches(ids, types, lengths, labels, pad_id: int, batch_size: int) -> list[dict]:
