@@ -137,6 +137,8 @@ def bench_sparrow(base, tok, args) -> dict:
     if not pairs:
         raise SystemExit("no training question had both a right and a wrong candidate: raise --sparrow-train")
     head = RewardHead.train_on(base, tok, pairs)
+    if args.save_reward:  # for `allformers serve smollm2 --dialogue sparrow --reward DIR`
+        out["reward_head"] = str(head.save(args.save_reward))
     train_acc = float(sum(bool(head.scorer()([g[0]], [g[1]]) > head.scorer()([b[0]], [b[1]])) for g, b in pairs)
                       / len(pairs)) if len(pairs) <= 400 else None
     out.update(reward_pairs=len(pairs), reward_train_pair_accuracy=train_acc)
@@ -192,6 +194,7 @@ def main(argv=None):
     p.add_argument("--k", type=int, default=2, help="passages retrieved (one evidence candidate each)")
     p.add_argument("--n-plain", type=int, default=1, help="candidates without evidence")
     p.add_argument("--reply-tokens", type=int, default=32)
+    p.add_argument("--save-reward", metavar="DIR", help="save the trained reward head there (the server's sparrow mode)")
     p.add_argument("--no-progress", action="store_true")
     if p.parse_known_args(argv)[0].quick:  # smaller defaults; flags given still win
         p.set_defaults(tool_train=24, tool_test=16, tool_steps=6, offered_test=8, addresses=3, sparrow_train=8,

@@ -25,6 +25,14 @@ def register(sub):
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for a zoo name, e.g. --override n_layer=2 (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="seed for requests without one (and zoo-name weights)")
+    p.add_argument("--dialogue", choices=["tools", "lamda", "sparrow"], default=None,
+                   help="answer chat completions through a dialogue system: tools (calculator, and search with "
+                        "--corpus-addresses), lamda (SSI-ranked candidates) or sparrow (evidence + reward model)")
+    p.add_argument("--corpus-addresses", type=int, default=None, metavar="N",
+                   help="index N State of the Union addresses (MiniLM, cached) for the search tool and sparrow "
+                        "(sparrow's default: 8)")
+    p.add_argument("--reward", default=None, metavar="DIR",
+                   help="sparrow's reward model: a RewardHead folder or an `allformers reward` folder")
     p.add_argument("--log-level", default="info")
     p.set_defaults(handler=run)
 
@@ -81,7 +89,28 @@ def load_served(source: str, name=None, *, args, overrides: dict):
         return Served(name, model, tokenizer)
     engine = Engine(model, tokenizer, slots=args.slots, max_len=args.max_len, max_queue=args.max_queue,
                     prefill_chunk=args.prefill_chunk, seed=args.seed)
-    return Served(name, model, tokenizer, engine=engine)
+    return Served(name, model, tokenizer, engine=engine, dialogue=_dialogue(model, tokenizer, args))
+
+
+def _dialogue(model, tokenizer, args):
+    """The --dialogue mode's messages -> reply function, or None."""
+    mode = getattr(args, "dialogue", None)
+    if mode is None:
+        return None
+    from ..dialogue.modes import dialogue_mode, load_scorer
+    from ..dialogue.retrieval import sotu_index
+    from ..errors import AllformersError
+
+    scorer = None
+    if mode == "sparrow":
+        if args.reward is None:
+            raise AllformersError("--dialogue sparrow needs --reward DIR (a RewardHead folder, e.g. saved by "
+                                  "benchmarks/bench_dialogue.py --save-reward DIR, or an `allformers reward` folder)")
+        scorer = load_scorer(args.reward, model, tokenizer)
+    n = args.corpus_addresses or (8 if mode == "sparrow" else None)
+    index = sotu_index(n, progress=True) if n else None
+    print(f"[allformers] chat completions answer through the {mode} dialogue mode", file=sys.stderr)
+    return dialogue_mode(mode, model, tokenizer, index=index, scorer=scorer, seed=args.seed or 0)
 
 
 def run(args):

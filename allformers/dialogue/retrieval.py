@@ -230,3 +230,22 @@ def _write(path: Path, emb: torch.Tensor) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file({"embeddings": emb.contiguous()}, str(tmp))
     os.replace(tmp, path)
+
+
+def spread_addresses(n: int) -> list[int]:
+    """n address indices spread evenly over the corpus's years (the first and the last included)."""
+    total = len(sotu_addresses())
+    if not 1 <= n <= total:
+        raise RetrievalError(f"choose between 1 and {total} addresses to index, not {n}")
+    return sorted({round(i * (total - 1) / max(1, n - 1)) for i in range(n)})
+
+
+def sotu_index(n_addresses: int, encoder=None, progress: bool = False) -> PassageIndex:
+    """A MiniLM index over n addresses spread over the years (cached; the bundled MiniLM by default)."""
+    if encoder is None:
+        from .. import load
+        from ..zoo.assets import minilm_path
+
+        encoder = load(minilm_path()).eval()
+    return PassageIndex.build(sotu_passages(addresses=spread_addresses(n_addresses)), encoder,
+                              name="the State of the Union addresses", progress=progress)

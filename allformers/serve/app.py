@@ -38,6 +38,9 @@ class Served:
     model: object
     tokenizer: object
     engine: Optional[Engine] = None  # None: an embedding model
+    # a server-side dialogue mode (dialogue/modes.py): messages -> reply, run under `lock` instead of
+    # the engine for chat completions (completions still go to the engine)
+    dialogue: Optional[object] = None
     created: int = field(default_factory=lambda: int(time.time()))
     lock: threading.Lock = field(default_factory=threading.Lock)  # embeddings run one batch at a time
 
@@ -152,6 +155,8 @@ def create_app(served: list, api_key: Optional[str] = None) -> FastAPI:
             raise APIError(400, f"The model '{s.name}' has no chat template; use /v1/completions with a plain prompt",
                            param="messages", code="no_chat_template")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        if s.dialogue is not None:
+            return await _dialogue_reply(s, messages, req)
         try:
             text = tok.apply_chat_template(messages, add_generation_prompt=True)
         except AllformersError as e:
@@ -214,6 +219,52 @@ def _model_card(s: Served) -> dict:
     if s.engine is not None:
         card["max_model_len"] = s.engine.max_len
     return card
+
+
+async def _dialogue_reply(s: Served, messages: list, req):
+    """A chat completion from the model's dialogue mode: one choice, streamed as one chunk."""
+    from ..dialogue.lamda import DialogueError
+
+    if req.n not in (None, 1):
+        raise APIError(400, f"the model '{s.name}' answers through a dialogue mode, which gives one choice (n=1)",
+                       param="n")
+    if req.logprobs:
+        raise APIError(400, f"the model '{s.name}' answers through a dialogue mode, which has no logprobs",
+                       param="logprobs")
+
+    def answer():
+        with s.lock:
+            return s.dialogue(messages)
+
+    try:
+        reply = await asyncio.to_thread(answer)
+    except DialogueError as e:
+        raise APIError(400, str(e), param="messages") from None
+    tok = s.tokenizer
+    prompt_tokens = len(tok.backend.encode(tok.apply_chat_template(messages, add_generation_prompt=True),
+                                           add_special_tokens=False).ids)
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(tok.encode(reply, add_bos=False)),
+             "total_tokens": 0}
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": s.name}
+    if not req.stream:
+        return {**head, "object": "chat.completion", "usage": usage, "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": reply}, "logprobs": None, "finish_reason": "stop"}]}
+    with_usage = req.stream_options is not None and req.stream_options.include_usage
+
+    async def events():
+        chunk = {**head, "object": "chat.completion.chunk"}
+        extra = {"usage": None} if with_usage else {}
+        for choice in ({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                        "finish_reason": None},
+                       {"index": 0, "delta": {"content": reply}, "logprobs": None, "finish_reason": None},
+                       {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}):
+            yield f"data: {_json({**chunk, 'choices': [choice], **extra})}\n\n"
+        if with_usage:
+            yield f"data: {_json({**chunk, 'choices': [], 'usage': usage})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return _sse(events())
 
 
 def _sse(events) -> StreamingResponse:
