@@ -8,10 +8,15 @@ and measured on held-out pictures against a text-only baseline of the same run. 
   coca   a tiny CoCa (models/coca.py: contrastive + 2 x captioning loss) on the same data: coca_recall_at_1 as
          clip's, and coca_caption_exact: greedy captions of the test pictures whose canonical form is exactly
          the picture's caption
+  palme  a tiny PaLM-E / LLaVA (models/vlm.py: ViT -> projector -> decoder LM, trained end to end) on the
+         questions of the train split: palme_vqa_accuracy on the test split's questions (benchmarks/vl_vqa.py)
+  blip2  BLIP-2 stage 2 (models/blip2.py): a Q-Former trained between a frozen ViT and a frozen LM (both
+         pretrained briefly in the same run on the train split, then frozen): blip2_vqa_accuracy (vl_vqa.py)
 
 Baselines (reported beside each number): chance (1 / candidates, averaged over pictures) and the caption prior
 (text only: every picture gets the candidate most likely under a word-unigram model of the training captions,
-the best one fixed guess that never looks at the picture can do without peeking at the test set).
+the best one fixed guess that never looks at the picture can do without peeking at the test set); for the
+question sections, the same LM trained or asked without the picture.
 
     python benchmarks/bench_vision_language.py --quick                      # every section, small: proves it runs
     python benchmarks/bench_vision_language.py --sections clip --threads 1  # the measured run of one section
@@ -305,7 +310,8 @@ def coca_section(quick: bool = False, seed: int = 0, progress: bool = False, **o
 
 
 # ---------------------------------------------------------------------- sections
-SECTIONS = {"clip": clip_section, "coca": coca_section, "flamingo": "vl_flamingo:flamingo_section"}
+SECTIONS = {"clip": clip_section, "coca": coca_section, "flamingo": "vl_flamingo:flamingo_section",
+            "palme": "vl_vqa:palme_section", "blip2": "vl_vqa:blip2_section"}
 
 
 def section_function(name: str):

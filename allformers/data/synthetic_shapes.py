@@ -135,6 +135,23 @@ def shapes_tokenizer():
     return tok
 
 
+# the words of the questions and of the VQA prompt formats (models/vqa.py: LLaVA-1.5's and BLIP-2's) captions lack
+VQA_WORDS = "USER ASSISTANT Question Answer : ? . what colour is which shape how many shapes are there or"
+
+
+def shapes_vqa_tokenizer():
+    """One token per word of the captions, questions and VQA prompts, punctuation split off ("circle?" -> circle ?):
+    <pad> 0, </s> 1, <s> 2, <image> 3 (the image placeholder)."""
+    from tokenizers import pre_tokenizers
+
+    from ..tokenization import Tokenizer
+
+    tok = Tokenizer.word_level(all_captions(canonical=False) + [VQA_WORDS],
+                               special_tokens=("<pad>", "</s>", "<s>", "<image>"))
+    tok.backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tok
+
+
 def is_held_out(caption: str, share: float) -> bool:
     """A fixed hash of the text (zlib.crc32: the same in every process) puts `share` of all captions aside."""
     return zlib.crc32(caption.encode()) % 10_000 < share * 10_000
