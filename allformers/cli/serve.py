@@ -108,7 +108,13 @@ def _dialogue(model, tokenizer, args):
                                   "benchmarks/bench_dialogue.py --save-reward DIR, or an `allformers reward` folder)")
         scorer = load_scorer(args.reward, model, tokenizer)
     n = args.corpus_addresses or (8 if mode == "sparrow" else None)
-    index = sotu_index(n, progress=True) if n else None
+    if n:
+        from .. import load
+        from ..zoo.assets import minilm_path
+
+        index = sotu_index(n, load(minilm_path()).eval(), progress=True)
+    else:
+        index = None
     print(f"[allformers] chat completions answer through the {mode} dialogue mode", file=sys.stderr)
     return dialogue_mode(mode, model, tokenizer, index=index, scorer=scorer, seed=args.seed or 0)
 

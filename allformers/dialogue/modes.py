@@ -55,7 +55,7 @@ def load_scorer(path, model, tokenizer) -> Callable:
     if (path / "reward_head.json").is_file():
         return RewardHead.load(path).scorer(model, tokenizer)
     if (path / "config.json").is_file():
-        from .. import load
+        from ..checkpoints import load
 
         rm = load(path).eval()
         return reward_model_scorer(rm, getattr(rm, "tokenizer", None) or tokenizer)

@@ -240,12 +240,7 @@ def spread_addresses(n: int) -> list[int]:
     return sorted({round(i * (total - 1) / max(1, n - 1)) for i in range(n)})
 
 
-def sotu_index(n_addresses: int, encoder=None, progress: bool = False) -> PassageIndex:
-    """A MiniLM index over n addresses spread over the years (cached; the bundled MiniLM by default)."""
-    if encoder is None:
-        from .. import load
-        from ..zoo.assets import minilm_path
-
-        encoder = load(minilm_path()).eval()
+def sotu_index(n_addresses: int, encoder, progress: bool = False) -> PassageIndex:
+    """An index over n addresses spread over the years (cached), e.g. with the bundled MiniLM."""
     return PassageIndex.build(sotu_passages(addresses=spread_addresses(n_addresses)), encoder,
                               name="the State of the Union addresses", progress=progress)

@@ -223,8 +223,6 @@ def _model_card(s: Served) -> dict:
 
 async def _dialogue_reply(s: Served, messages: list, req):
     """A chat completion from the model's dialogue mode: one choice, streamed as one chunk."""
-    from ..dialogue.lamda import DialogueError
-
     if req.n not in (None, 1):
         raise APIError(400, f"the model '{s.name}' answers through a dialogue mode, which gives one choice (n=1)",
                        param="n")
@@ -238,7 +236,7 @@ async def _dialogue_reply(s: Served, messages: list, req):
 
     try:
         reply = await asyncio.to_thread(answer)
-    except DialogueError as e:
+    except AllformersError as e:  # e.g. a conversation too long for the model's context
         raise APIError(400, str(e), param="messages") from None
     tok = s.tokenizer
     prompt_tokens = len(tok.backend.encode(tok.apply_chat_template(messages, add_generation_prompt=True),
