@@ -99,7 +99,7 @@ def bench_sparrow(base, tok, args) -> dict:
     from allformers.dialogue.data import answers, sotu_questions
     from allformers.dialogue.lamda import Responder
     from allformers.dialogue.retrieval import PassageIndex, sotu_addresses, sotu_passages
-    from allformers.dialogue.sparrow import RewardHead, sparrow_candidates
+    from allformers.dialogue.sparrow import RewardHead, scorer_features, sparrow_candidates
     from allformers.zoo.assets import minilm_path
 
     n_addr = len(sotu_addresses())
@@ -136,11 +136,14 @@ def bench_sparrow(base, tok, args) -> dict:
     log(f"[sparrow] {len(pairs)} reward pairs from {len(train)} training questions ({time.perf_counter() - t:.0f} s)")
     if not pairs:
         raise SystemExit("no training question had both a right and a wrong candidate: raise --sparrow-train")
-    head = RewardHead.train_on(base, tok, pairs)
+    chosen = scorer_features(base, tok, [g for g, _ in pairs])  # (P, C): each side read in its own context
+    rejected = scorer_features(base, tok, [b for _, b in pairs])
+    head = RewardHead.fit(chosen, rejected)
+    head.reads = (base, tok)
     if args.save_reward:  # for `allformers serve smollm2 --dialogue sparrow --reward DIR`
         out["reward_head"] = str(head.save(args.save_reward))
-    train_acc = float(sum(bool(head.scorer()([g[0]], [g[1]]) > head.scorer()([b[0]], [b[1]])) for g, b in pairs)
-                      / len(pairs)) if len(pairs) <= 400 else None
+    with torch.no_grad():
+        train_acc = float((head(chosen) > head(rejected)).float().mean())
     out.update(reward_pairs=len(pairs), reward_train_pair_accuracy=train_acc)
 
     t = time.perf_counter()
