@@ -62,13 +62,13 @@ def main(argv=None):
         coca = load(args.coca)
         captions = coca.caption(coca.tokenizer, ImageProcessor.from_name("shapes")(images))
     cols = (len(chosen) + 1) // 2
-    fig, axes = plt.subplots(2, cols, figsize=(2.6 * cols, 7.6))
+    fig, axes = plt.subplots(2, cols, figsize=(3.0 * cols, 7.6))
     for ax, (i, q, truth), img, k in zip(axes.flat, chosen, images, range(len(chosen))):
         ax.imshow(img, interpolation="nearest")
         ax.set_xticks([]), ax.set_yticks([])
         ax.set_title(data[i].caption, fontsize=8, wrap=True)
         lines = [(q, "black"), (f"truth: {truth}", "black")]
-        lines += [(f"{name}: {said[k]}", "green" if said[k] == truth else "red") for name, said in answers.items()]
+        lines += [(f"{name}: {said[k] or '(nothing)'}", "green" if said[k] == truth else "red") for name, said in answers.items()]
         if captions:
             lines.append((f"CoCa: {captions[k]}", "green" if captions[k] == data[i].caption else "red"))
         for j, (text, colour) in enumerate(lines):
