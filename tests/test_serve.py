@@ -486,7 +486,12 @@ def test_smollm2_behind_the_server():
         alone = [(c.message.content, [t.logprob for t in c.logprobs.content]) for c in map(ask, questions)]
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             together = [(c.message.content, [t.logprob for t in c.logprobs.content]) for c in pool.map(ask, questions)]
-        assert together == alone
+        # Texts are exact; a batch of four sums its matmuls in another order than one
+        # request alone, so log-probabilities agree to float32 rounding, not bit for bit.
+        assert [t for t, _ in together] == [t for t, _ in alone]
+        for (_, lp_t), (_, lp_a) in zip(together, alone):
+            assert len(lp_t) == len(lp_a)
+            assert max(abs(x - y) for x, y in zip(lp_t, lp_a)) < 1e-4
         e = client.embeddings.create(model="minilm", input=["A man is eating food.", "A man is eating a piece of bread."])
         a, b = (torch.tensor(d.embedding) for d in e.data)
         assert abs(float(a @ b) - 0.755) < 0.01
