@@ -121,6 +121,9 @@ def test_zoo_entries_and_config_errors():
         CoCaConfig(tiny_c.text, ViTConfig.from_name("vit-tiny-shapes"))
     with pytest.raises(ConfigError, match="causal"):
         CoCaConfig(tiny_c.text.replace(causal=False), tiny_c.vision)
+    for position in ("rotary", "alibi"):  # its multimodal blocks would silently get no positions
+        with pytest.raises(ConfigError, match="absolute positions"):
+            CoCaConfig(tiny_c.text.replace(position=position), tiny_c.vision)
 
 
 def test_folder_loads_back(tmp_path):

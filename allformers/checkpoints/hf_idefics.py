@@ -20,6 +20,7 @@ import torch
 
 from ..config import Config
 from ..errors import CheckpointError
+from . import hf_decoders  # noqa: F401  (registers the llama table used below, also when this module loads first)
 from .hf_clip import prefixed
 from .hf_vision import (check_leftover, export_state, hf_layout, import_state, vision_rows,
                         vit_config_from_hf, vit_config_to_hf, write_hf_folder)
@@ -166,7 +167,7 @@ def idefics_config_to_hf(c) -> dict:
             "image_token_id": c.image_token_id, "cross_layer_interval": c.cross_attn_every,
             "qk_layer_norms": c.xattn_qk_norm, "alpha_type": c.gate_type,
             "alpha_initializer": "zeros", "use_resampler": c.use_resampler, "dropout": 0.0,
-            "eos_token_id": c.end_of_chunk_id if c.end_of_chunk_id is not None else 2,
+            "eos_token_id": c.end_of_chunk_id,  # None stays None: inventing an id would make it stop on a real token
             "vision_config": vision,
             "perceiver_config": {"model_type": "idefics_perciever", "use_resampler": c.use_resampler,
                                  "resampler_n_latents": c.n_latents, "resampler_depth": c.resampler_depth,

@@ -68,6 +68,11 @@ class CoCaConfig(SavedConfig):
             raise ConfigError("CoCa's text decoder is causal with an LM head: build text with causal=True, lm_head=True")
         if t.cross_attention or t.is_encoder_decoder:
             raise ConfigError("give text as one plain decoder stack; CoCa adds cross-attention to its second half")
+        if t.position not in ("learned", "sinusoidal", "none"):
+            # the multimodal blocks run outside TransformerLM, which is what hands its blocks the rotary
+            # angles or ALiBi / relative biases; absolute positions are all added once at the embedding
+            raise ConfigError(f"text.position={t.position!r}: CoCa's decoder takes absolute positions only "
+                              f"(learned, sinusoidal or none), added at its embedding")
         if self.vision.pooling != "none":
             raise ConfigError(f"vision.pooling={self.vision.pooling!r}: CoCa pools the image tokens with its own "
                               f"attention pools; build the ViT with pooling='none'")

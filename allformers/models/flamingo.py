@@ -271,8 +271,8 @@ class Flamingo(FrozenParts):
         input_ids = input_ids.to(self.device)
         if pixel_values is not None:
             media = self.encode_images(pixel_values)
-        if media is None and image_attention_mask is None and bool((input_ids == self.config.image_token_id).any()):
-            raise ImageTokenError("the text holds image placeholders but no pixel_values (or media) were given")
+        if image_attention_mask is None:
+            self._check_images_given(input_ids, media)
         mask = None
         if media is not None:
             mask = (image_attention_mask.to(self.device).bool() if image_attention_mask is not None else
@@ -283,6 +283,10 @@ class Flamingo(FrozenParts):
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                    labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
         return FlamingoOutput(logits, loss, media)
+
+    def _check_images_given(self, input_ids: torch.Tensor, media: Optional[torch.Tensor]) -> None:
+        if media is None and bool((input_ids == self.config.image_token_id).any()):
+            raise ImageTokenError("the text holds image placeholders but no pixel_values (or media) were given")
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
@@ -295,6 +299,7 @@ class Flamingo(FrozenParts):
         attention_mask = attention_mask.to(self.device) if attention_mask is not None else None
         if pixel_values is not None:
             media = self.encode_images(pixel_values)
+        self._check_images_given(input_ids, media)
         attention_mask, input_ids = left_padded(attention_mask, input_ids)
         mask = self.image_attention_mask(input_ids, media.shape[1], attention_mask) if media is not None else None
         caches = [CrossKV() for _ in self.xattn]
