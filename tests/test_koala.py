@@ -25,6 +25,9 @@ def test_mixture_follows_the_weights_and_upsamples_small_sources():
     assert len({t for t in tags if t.startswith("a")}) == 30  # enough records: none repeated
     b = [t for t in tags if t.startswith("b")]
     assert len(set(b)) == 4 and all(2 <= b.count(t) <= 3 for t in set(b))  # 4 records upsampled to 10, evenly
+    # three equal shares of 10: 3.33 each; rounding each alone would give 9, largest remainder gives 10
+    _, counts = mix_sources({k: (recs(k, 5), 1.0) for k in "xyz"}, 10)
+    assert sorted(counts.values()) == [3, 3, 4] and sum(counts.values()) == 10
     assert mix_sources({"a": (recs("a", 50), 3.0), "b": (recs("b", 4), 1.0)}, 40, seed=0)[0] != \
         mix_sources({"a": (recs("a", 50), 3.0), "b": (recs("b", 4), 1.0)}, 40, seed=1)[0]
     for bad, why in (({}, "at least one source"), ({"a": (recs("a", 2), -1)}, "non-negative"),

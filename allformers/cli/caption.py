@@ -25,7 +25,7 @@ def run(args):
         raise AllformersError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, processor = load_image_model(args.model, "caption", "caption")
+    model, processor = load_image_model(args.model, "caption")
     pixels = processor(list(args.images))  # (B, 3, H, W); a missing or unreadable file is named
     captions = model.caption(model.tokenizer, pixels, max_new_tokens=args.max_new_tokens)
     for path, text in zip(args.images, captions):

@@ -72,7 +72,7 @@ def write(text: str):
 
 
 
-def load_image_model(folder: str, need: str, command: str):
+def load_image_model(folder: str, need: str):
     """A saved CLIP / SigLIP / CoCa folder (any `allformers.load` source) whose model has the method `need`
     ("get_image_features": it compares pictures with texts; "caption": it writes captions) and a tokenizer.
     -> (model, ImageProcessor). A model that cannot do it is refused naming what can."""
@@ -85,7 +85,7 @@ def load_image_model(folder: str, need: str, command: str):
     what = {"get_image_features": "compare pictures with texts: a CLIP, SigLIP or CoCa folder",
             "caption": "write captions: a CoCa folder (models/coca.py)"}[need]
     if not hasattr(model, need) or not hasattr(getattr(model, "config", None), "vision"):
-        raise AllformersError(f"allformers {command}: {folder} holds a {type(model).__name__}, which cannot {what}")
+        raise AllformersError(f"{folder} holds a {type(model).__name__}, which cannot {what}")
     if getattr(model, "tokenizer", None) is None:
         raise AllformersError(f"{folder} has no tokenizer.json; save the model with its tokenizer "
                               f"(model.save(folder, tokenizer=tok))")

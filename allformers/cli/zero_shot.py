@@ -29,11 +29,13 @@ def run(args):
     labels = [x.strip() for x in args.labels.split(",") if x.strip()]
     if len(labels) < 2:
         raise AllformersError(f"--labels {args.labels!r}: give at least two comma-separated labels to choose between")
+    if args.top is not None and args.top < 1:  # [:0] would print no labels, [:-1] all but the last
+        raise AllformersError(f"--top {args.top}: show at least one label (--top 1), or leave --top out for all")
     if "{}" not in args.template:
         raise AllformersError(f"--template {args.template!r} has no {{}} for the label; e.g. 'a photo of {{}}'")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, processor = load_image_model(args.model, "get_image_features", "zero-shot")
+    model, processor = load_image_model(args.model, "get_image_features")
     pixels = processor(list(args.images))  # (B, 3, H, W); a missing or unreadable file is named
     probs = zero_shot(model, model.tokenizer, pixels, labels, template=args.template)
     for path, row in zip(args.images, probs.tolist()):

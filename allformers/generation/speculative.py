@@ -95,7 +95,7 @@ class ModelDraft:
 
     def start(self, target, max_len: int):
         c, t = self.model.config, target.config
-        if getattr(c, "is_encoder_decoder", False) or not c.lm_head:
+        if getattr(c, "is_encoder_decoder", False) or not getattr(c, "lm_head", False):
             raise InputError("the draft must be a decoder-only LM (a TransformerLM with an LM head)")
         if c.vocab_size != t.vocab_size:
             raise InputError(f"the draft's vocabulary ({c.vocab_size} tokens) is not the target's ({t.vocab_size}); "

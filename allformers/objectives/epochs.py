@@ -11,6 +11,8 @@ class EpochSampler:
     """Mixin: call `start_epochs(n_rows, seed)` in __init__; the rows are indices 0 .. n_rows - 1."""
 
     def start_epochs(self, n_rows: int, seed: int = 0) -> None:
+        if n_rows < 1:  # next_rows would loop for ever over empty epochs
+            raise ValueError(f"no rows to sample from (n_rows={n_rows}); give the data set at least one example")
         self.n_rows = n_rows
         self.generator = torch.Generator().manual_seed(seed)
         self.order = torch.randperm(n_rows, generator=self.generator)

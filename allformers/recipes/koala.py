@@ -9,10 +9,10 @@ each drawn at its own weight, on the library's one SFT path (recipes/sft.py: run
   * "tool-use": calculator word problems as tool-calling conversations (dialogue/data.py);
   * "helpful-chat": specific, sensible replies to everyday questions (LaMDA's SSI set, the positives);
 or a JSON-lines file of SFT records (Alpaca or chat: self-instruct output, converted ShareGPT ...).
-A mixture of `mixture_size` records gives source i round(size * w_i / sum w) of them: drawn without
-replacement while the source has enough, then repeated (a small source at a high weight is
-upsampled, as Koala's mixtures were); the records are shuffled together and the summary counts them
-per source. run_sft holds out records by hash, so copies of an upsampled record may fall on both
+A mixture of `mixture_size` records gives source i its share size * w_i / sum w of them (largest
+remainder, so the counts sum to size), drawn without replacement while the source has enough,
+then repeated (a small source at a high weight is upsampled, as Koala's mixtures were); the
+records are shuffled together and the summary counts them per source. run_sft holds out records by hash, so copies of an upsampled record may fall on both
 sides: weigh the held-out loss of such a mixture accordingly."""
 from __future__ import annotations
 
@@ -63,8 +63,14 @@ def mix_sources(sources: dict, size: int, seed: int = 0) -> tuple[list, dict]:
         raise SFTError(f"mixture_size must be >= 1, got {size}")
     total = sum(w for _, w in sources.values())
     rng, out, counts = random.Random(seed), [], {}
+    # largest remainder: floors first, the leftover records to the largest fractions, so the counts
+    # always sum to `size` (rounding each share alone can give size +- 1)
+    quota = {name: size * w / total for name, (_, w) in sources.items()}
+    share = {name: int(q) for name, q in quota.items()}
+    for name in sorted(quota, key=lambda k: quota[k] - share[k], reverse=True)[:size - sum(share.values())]:
+        share[name] += 1
     for name, (records, w) in sources.items():
-        n = round(size * w / total)
+        n = share[name]
         if n and not records:
             raise SFTError(f"source {name!r} has no records")
         order = []
