@@ -36,3 +36,7 @@ class InputError(AllformersError, ValueError):
 
 class OutputError(AllformersError, ValueError):
     """An output folder or file cannot be written (a file in the way, read-only, the input itself)."""
+
+
+class QuantizationError(AllformersError, ValueError):
+    """A model, layer or device that int8 quantization does not support (allformers/models/int8.py)."""

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from ..errors import CheckpointError, ConfigError
 from .files import (CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, LoadReport, atomic_folder_write, contiguous_state,
                     load_state_dict_into, read_config, read_config_json, read_safetensors, write_folder)
+from .int8 import load_int8
 from .io import CONFIG_LOADERS, load, load_reporting
 
 # config_class -> "module:ConfigClass:builder": the builder makes the empty model from the config.
@@ -165,4 +166,4 @@ def load_adapter(path, map_location="cpu"):
 
 
 CONFIG_LOADERS.update({name: load_saved for name in SAVED_MODELS}, LoRAAdapter=load_adapter,
-                      MultimodalConfig=load_multimodal)
+                      MultimodalConfig=load_multimodal, Int8Config=load_int8)  # int8 folders: checkpoints/int8.py

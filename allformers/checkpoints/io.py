@@ -53,6 +53,16 @@ def save(model, path, format: str = "allformers", tokenizer=None, dtype: Optiona
     checkpoint or the new one. An earlier checkpoint there is replaced (only its own files: others
     beside it stay); a folder that holds something else is refused unless overwrite=True."""
     check_dtype(dtype)
+    from ..models.int8 import is_int8
+
+    if is_int8(model):  # int8 weights + scales (checkpoints/int8.py); no other format holds them
+        if format != "allformers" or dtype is not None:
+            raise CheckpointError(f"an int8-quantized model saves only as an allformers int8 folder (format='allformers', "
+                                  f"no dtype), not {format!r}{f' in {dtype}' if dtype is not None else ''}; to export "
+                                  f"it elsewhere, save the fp32 model it was quantized from")
+        from .int8 import save_int8
+
+        return save_int8(model, path, tokenizer=tokenizer, overwrite=overwrite)
     if format == "hf":
         from .hf import save_hf
 
@@ -107,6 +117,9 @@ def load(path, *, verbose: bool = False, return_report: bool = False, dtype: Opt
     path = Path(resolve_model(path))
     with reading(path):  # never a half-replaced folder: see checkpoints/atomic.py
         model, report = _load_from(path)
+    if dtype is not None and getattr(model, "quantization", None):
+        raise CheckpointError(f"{path} is {model.quantization}-quantized: its Linears compute in int8 with fp32 "
+                              f"activations, so load(dtype={dtype}) cannot cast it; load it without dtype=")
     if dtype is not None:
         model = model.to(dtype)
     if verbose:

@@ -1,0 +1,177 @@
+"""int8 weight quantization of a decoder with PyTorch's own dynamic quantized Linear.
+
+`quantize_int8(model)` replaces every nn.Linear of a TransformerLM (attention, feed-forward, a separate
+LM head) by `torch.ao.nn.quantized.dynamic.Linear`: its weight is int8 with one scale per output row
+(symmetric, zero point 0: w ~ scale[o] * q[o, i], q in [-127, 127]); each call quantizes its input to
+uint8 on the fly (one scale per call) and runs fbgemm's u8 x s8 -> int32 kernel, which uses the CPU's
+VNNI instructions where it has them; the bias and the output stay fp32. That makes the weights ~4x
+smaller to read per decoded token, which is what batch-1 decode is bound by.
+
+What stays fp32: the embeddings (a table lookup, no matmul), the norms, positions, a head tied to the
+embedding (it shares the table's storage), MoE routers (the router reads its weight directly, in fp32
+on purpose) and MoE experts (batched weights, not nn.Linear). Refused: Transformer-XL / XLNet and
+DeBERTa-style attention (they read their projection weights directly), LoRA-wrapped layers (merge
+them first), models that are not on the CPU (the kernel is CPU-only) and models that are not a
+TransformerLM (encoder-decoders, composites).
+
+Saving and loading (config.json "quantization": "int8", int8 weights + scales in safetensors) live in
+checkpoints/int8.py; this module only knows the modules."""
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ..config import Config, SavedConfig
+from ..errors import QuantizationError
+
+QUANTIZATION = "int8"
+SCHEME = "per-channel symmetric int8 weights, dynamic uint8 activations (torch.ao dynamic Linear, fbgemm)"
+
+
+@dataclass
+class Int8Config(SavedConfig):
+    """What an int8 folder's config.json holds: the model's own Config, that it is quantized and which
+    Linears are (names in model.named_modules()); checkpoints/int8.py writes and reads it."""
+    lm: Config = field(default_factory=Config)
+    quantization: str = QUANTIZATION
+    scheme: str = SCHEME
+    modules: tuple = ()
+
+
+def _qlinear_class():
+    import torch.ao.nn.quantized.dynamic as nnqd
+
+    return nnqd.Linear
+
+
+@contextmanager
+def _quiet():
+    """torch.ao.quantization says it is deprecated on every call (torchao is its successor, not installed
+    here); the dynamic Linear and its fbgemm kernel are what this torch ships, and they run."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"(?s).*deprecated.*")
+        yield
+
+
+def is_int8(model) -> bool:
+    """Whether `model` holds int8 dynamic quantized Linears (quantize_int8 or an int8 folder)."""
+    cls = _qlinear_class()
+    return isinstance(model, nn.Module) and any(isinstance(m, cls) for m in model.modules())
+
+
+def int8_modules(model) -> list:
+    """The names of the quantized Linears of `model`, in module order."""
+    cls = _qlinear_class()
+    return [n for n, m in model.named_modules() if isinstance(m, cls)]
+
+
+def check_quantizable(model) -> None:
+    """Refuse, naming the fix, what quantize_int8 cannot do."""
+    from .lm import TransformerLM
+    from .lora import LoRALinear
+
+    if isinstance(model, nn.Module) and is_int8(model):
+        raise QuantizationError("the model is already int8-quantized; quantize the fp32 model (or load the int8 folder as is)")
+    if type(model) is not TransformerLM:
+        name = type(model).__name__
+        raise QuantizationError(f"int8 quantization takes a decoder (TransformerLM: GPT-2, LLaMA, SmolLM2, OPT ... any "
+                                f"decoder of `allformers zoo`), not a {name}; quantize a decoder-only model")
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise QuantizationError("the model has LoRA adapters; merge them first (allformers.models.merge_lora(model)), "
+                                "then quantize")
+    if model.config.attention_class == "DisentangledAttention":
+        raise QuantizationError("DeBERTa-style disentangled attention reads its projection weights directly; it cannot "
+                                "run on int8 Linears (quantize a decoder instead)")
+    devices = {p.device.type for p in model.parameters()}
+    if devices != {"cpu"}:
+        raise QuantizationError(f"int8 quantization runs on the CPU only (PyTorch's dynamic quantized Linear has no "
+                                f"{'/'.join(sorted(devices - {'cpu'}))} kernel); move the model first: model.cpu(), "
+                                f"or on a GPU keep it in bf16/fp16 (model.to(torch.bfloat16))")
+    dtypes = {p.dtype for p in model.parameters()}
+    if dtypes != {torch.float32}:
+        raise QuantizationError(f"int8 quantization starts from fp32 weights, the model's are {sorted(map(str, dtypes))}; "
+                                f"call model.float() first")
+    if "fbgemm" not in torch.backends.quantized.supported_engines and "x86" not in torch.backends.quantized.supported_engines:
+        raise QuantizationError(f"this torch build has no x86/fbgemm quantized engine (it has "
+                                f"{torch.backends.quantized.supported_engines}); int8 needs an x86 CPU build of torch")
+
+
+def targets(model) -> list:
+    """(parent, attribute, name, Linear) of every Linear quantize_int8 replaces."""
+    from ..blocks.moe import MoE
+
+    routers = {id(m.router) for m in model.modules() if isinstance(m, MoE)}
+    out = []
+    for pname, parent in model.named_modules():
+        for attr, child in parent.named_children():
+            if type(child) is nn.Linear and id(child) not in routers:
+                out.append((parent, attr, f"{pname}.{attr}" if pname else attr, child))
+    return out
+
+
+def quantize_weight(w: torch.Tensor):
+    """fp32 (out, in) -> (int8 (out, in), fp32 scales (out,)): symmetric per output row, q in [-127, 127]."""
+    scale = (w.detach().abs().amax(dim=1) / 127.0).clamp(min=1e-12).float()
+    q = torch.round(w.detach() / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def make_qlinear(q: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]):
+    """A torch.ao dynamic quantized Linear from int8 weights and per-row scales (bias stays fp32)."""
+    cls = _qlinear_class()
+    with _quiet():
+        qw = torch._make_per_channel_quantized_tensor(q.to(torch.int8), scale.double(),
+                                                     torch.zeros(q.shape[0], dtype=torch.long), 0)
+        mod = cls(q.shape[1], q.shape[0], bias_=bias is not None, dtype=torch.qint8)
+        mod.set_weight_bias(qw, None if bias is None else bias.detach().float().contiguous())
+    return mod
+
+
+def qlinear_parts(mod):
+    """A dynamic quantized Linear -> (int8 weight (out, in), fp32 scales (out,), fp32 bias or None)."""
+    with _quiet():
+        w, b = mod._weight_bias()
+        return w.int_repr().contiguous(), w.q_per_channel_scales().float().contiguous(), b
+
+
+def quantize_int8(model, modules: Optional[list] = None):
+    """Quantize `model` (a fp32 TransformerLM on the CPU) in place: every nn.Linear -> int8 weights with
+    per-output-channel scales on torch.ao's dynamic quantized Linear. Returns the model, in eval mode,
+    with `model.quantization == "int8"`. Generation, the KV cache and the server run on it unchanged.
+
+    modules: only these Linear names (checkpoints/int8.py passes a folder's list); default every one."""
+    check_quantizable(model)
+    found = targets(model)
+    if modules is not None:
+        wanted = set(modules)
+        unknown = sorted(wanted - {name for _, _, name, _ in found})
+        if unknown:
+            raise QuantizationError(f"no nn.Linear named {unknown[:5]} in this model; the int8 folder was made for "
+                                    f"another config")
+        found = [t for t in found if t[2] in wanted]
+    if not found:
+        raise QuantizationError("the model has no nn.Linear to quantize")
+    with torch.no_grad():
+        for parent, attr, _, lin in found:
+            q, scale = quantize_weight(lin.weight)
+            setattr(parent, attr, make_qlinear(q, scale, lin.bias))
+    model.quantization = QUANTIZATION
+    return model.eval()
+
+
+def linear_weight_bytes(model) -> dict:
+    """Bytes of the Linear weights: {"fp32": ..., "int8": ...} (int8 counts its scales too)."""
+    cls = _qlinear_class()
+    out = {"fp32": 0, "int8": 0}
+    for m in model.modules():
+        if type(m) is nn.Linear:
+            out["fp32"] += m.weight.numel() * m.weight.element_size()
+        elif isinstance(m, cls):
+            q, scale, _ = qlinear_parts(m)
+            out["int8"] += q.numel() * q.element_size() + scale.numel() * scale.element_size()
+    return out
