@@ -12,7 +12,8 @@ from ..errors import AllformersError
 
 # subcommand -> module under allformers.cli ("self-instruct" lives in self_instruct.py)
 COMMANDS = ["train", "generate", "chat", "embed", "convert", "zoo", "demo", "finetune", "classify", "pretrain", "sft", "self-instruct",
-            "reward", "ppo", "dpo", "rlhf", "best-of-n", "mmcot", "imagine", "serve", "zero-shot", "caption", "ask"]
+            "reward", "ppo", "dpo", "rlhf", "best-of-n", "mmcot", "imagine", "serve", "zero-shot", "caption", "ask",
+            "quantize"]
 
 
 class OneLineParser(argparse.ArgumentParser):

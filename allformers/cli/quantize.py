@@ -1,0 +1,74 @@
+"""`allformers quantize MODEL -o OUT`: a decoder's Linears to int8 (models/int8.py), saved as an int8
+folder that `allformers.load` (and generate, chat, serve) read back quantized.
+
+MODEL is a folder (allformers or Hugging Face), a .gguf file, a bundled model ("smollm2") or a zoo
+name (random weights: for trying the format). OUT must be new or empty: a folder that holds anything
+(an earlier checkpoint included) is replaced only with --overwrite, and never when it is MODEL."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+
+def register(sub):
+    p = sub.add_parser("quantize", help="int8-quantize a decoder's Linear weights and save the int8 folder")
+    p.add_argument("model", help="a folder, a .gguf file, 'smollm2', or a zoo name (random weights)")
+    p.add_argument("-o", "--out", required=True, help="the int8 folder to write (new or empty)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace what OUT holds (an earlier checkpoint's files; other files beside them are kept)")
+    p.add_argument("--seed", type=int, default=0, help="seed of a zoo name's random weights")
+    p.set_defaults(handler=run)
+
+
+def _check_out(out: Path, source: str, overwrite: bool) -> None:
+    from ..checkpoints.atomic import check_destination
+    from ..errors import OutputError
+    from ..training.guards import check_out
+
+    if Path(source).exists() and out.exists() and os.path.samefile(source, out):
+        raise OutputError(f"-o {out} is MODEL itself; quantizing into it would replace the fp32 weights: give "
+                          f"another folder")
+    check_out(out, what="-o folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputError(f"-o {out} already holds files ({', '.join(sorted(e.name for e in out.iterdir())[:4])}); "
+                          f"give a new or empty folder, or pass --overwrite to replace the checkpoint in it")
+    check_destination(out, overwrite=overwrite)
+
+
+def _load(source: str, seed: int):
+    import torch
+
+    from ..checkpoints.io import load_reporting
+    from ..config import REGISTRY, Config
+    from ..errors import CheckpointError, UnknownModelError
+    from ..models import build_model
+    from ..zoo.assets import BUNDLED
+
+    if Path(source).exists() or source.lower() in BUNDLED:
+        return load_reporting(source)
+    if source in REGISTRY:
+        torch.manual_seed(seed)
+        model = build_model(Config.from_name(source)).eval()
+        print(f"[allformers] {source}: random weights (seed {seed}), no tokenizer", file=sys.stderr)
+        return model
+    if "/" in source or source.endswith((".gguf", ".safetensors")):
+        raise CheckpointError(f"{source} does not exist; pass an allformers or Hugging Face folder, a .gguf file, "
+                              f"'smollm2' or a zoo name")
+    raise UnknownModelError(source, list(REGISTRY) + list(BUNDLED))
+
+
+def run(args):
+    from ..models.int8 import int8_modules, linear_weight_bytes, quantize_int8
+
+    out = Path(args.out)
+    _check_out(out, args.model, args.overwrite)  # before the (slow) load
+    model = _load(args.model, args.seed)
+    before = linear_weight_bytes(model)["fp32"]
+    quantize_int8(model)
+    after = linear_weight_bytes(model)["int8"]
+    model.save(out, tokenizer=getattr(model, "tokenizer", None), overwrite=args.overwrite)
+    n = len(int8_modules(model))
+    print(f"wrote int8 folder {out}: {n} Linears, their weights {before / 2**20:.1f} MiB fp32 -> "
+          f"{after / 2**20:.1f} MiB int8 + scales")
+    return 0
