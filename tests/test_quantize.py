@@ -99,9 +99,13 @@ def test_weights_are_really_int8_and_about_4x_smaller():
     assert 3.5 < b["fp32"] / b["int8"] <= 4.0  # int8 + one fp32 scale per row
 
 
-def test_tied_heads_and_moe_routers_stay_fp32():
-    q = quantize_int8(tiny("smollm2-135m"))  # head tied to the embedding: a bare F.linear on wte
-    assert q.lm_head is None and "wte" not in " ".join(int8_modules(q))
+def test_tied_heads_get_an_int8_copy_and_moe_routers_stay_fp32():
+    fp32 = tiny("smollm2-135m")  # head tied to the embedding: a bare F.linear on wte in fp32
+    q = quantize_int8(copy.deepcopy(fp32))
+    assert "lm_head" in int8_modules(q) and "wte" not in " ".join(int8_modules(q))
+    assert q.wte.weight.dtype == torch.float32 and torch.equal(q.wte.weight, fp32.wte.weight)  # lookup exact
+    with torch.no_grad():
+        assert rel(q(ids()), fp32(ids())) < REL_TOL
     moe = quantize_int8(tiny("mixtral-8x7b"))
     routers = [m.router for m in moe.modules() if hasattr(m, "router")]
     assert routers and all(type(r) is nn.Linear for r in routers)  # read as router.weight in fp32 on purpose
@@ -206,6 +210,80 @@ def test_unsupported_models_are_refused_with_the_fix():
     assert issubclass(QuantizationError, AllformersError)
 
 
+# ---------------------------------------------------------------------- SmoothQuant
+SMOOTH_FAMILIES = {  # RMSNorm + SwiGLU + GQA + rotary (LLaMA-like); LayerNorm + GELU + bias (GPT-2); parallel
+    "smollm2-135m": {}, "gpt2": {}, "pythia-70m": {}, "qwen2-0.5b": dict(n_kv_head=2, intermediate_size=128)}
+
+
+def _outliers(model):
+    """Non-trivial norms (and a few loud channels) so a wrong fold shows."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+                if n.endswith("weight"):
+                    p[:3] *= 20
+    return model
+
+
+@pytest.mark.parametrize("family", [f for f in SMOOTH_FAMILIES if f in __import__("allformers").config.REGISTRY])
+def test_smoothing_alone_leaves_the_fp32_logits_unchanged(family):
+    from allformers.models.smoothquant import smooth
+
+    m = _outliers(tiny(family, **SMOOTH_FAMILIES[family]))
+    s = copy.deepcopy(m)
+    rec = smooth(s, calibration=ids(200, seed=5)[0], alpha=0.65)
+    assert "blocks.0.attn.qkv" in rec["smoothed"] and "blocks.0.attn.proj" in rec["smoothed"]
+    assert "lm_head" in rec["smoothed"] or m.norm is None
+    moved = max((a - b).abs().max().item() for a, b in zip(s.parameters(), m.parameters()) if a.shape == b.shape)
+    assert moved > 1e-3  # it did change the weights
+    with torch.no_grad():
+        assert (s(ids()) - m(ids())).abs().max().item() <= 1e-4
+    if m.config.mlp_class == "GLU":
+        assert "blocks.0.mlp.proj" in rec["smoothed"]  # into the up rows
+    else:
+        assert "blocks.0.mlp.proj" not in rec["smoothed"]  # a GELU sits before it: left as it is
+
+
+def test_smoothing_helps_int8_on_outlier_channels_and_round_trips(tmp_path):
+    tok = Tokenizer.byte_level()
+    m = _outliers(tiny("smollm2-135m", vocab_size=tok.vocab_size))
+    cal = torch.randint(0, tok.vocab_size, (256,), generator=torch.Generator().manual_seed(9))
+    plain = quantize_int8(copy.deepcopy(m))
+    smooth = quantize_int8(copy.deepcopy(m), smooth=True, calibration=cal)
+    x = torch.randint(0, tok.vocab_size, (1, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = m(x)
+        assert rel(smooth(x), ref) < rel(plain(x), ref)
+    assert smooth.smoothing["alpha"] == 0.65 and "lm_head" in int8_modules(smooth)
+    smooth.save(tmp_path / "s", tokenizer=tok)
+    raw = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert raw["smoothing"]["alpha"] == 0.65 and "blocks.0.mlp.proj" in raw["smoothing"]["smoothed"]
+    back = allformers.load(tmp_path / "s")
+    with torch.no_grad():
+        assert torch.equal(back(x), smooth(x))
+    assert back.smoothing == smooth.smoothing
+
+
+def test_exclusions_keep_those_linears_fp32():
+    q = quantize_int8(tiny(), exclude=("mlp.proj",))
+    assert all(type(b.mlp.proj) is nn.Linear for b in q.blocks) and "blocks.0.mlp.fc" in int8_modules(q)
+
+
+def test_what_smoothing_cannot_fold_is_refused():
+    from allformers.models.smoothquant import smooth
+
+    with pytest.raises(QuantizationError, match="post-norm"):
+        smooth(tiny("gpt2", norm_placement="post"), calibration=ids(50)[0])
+    with pytest.raises(QuantizationError, match="share"):
+        smooth(tiny("gpt2", share_layers="all"), calibration=ids(50)[0])
+    with pytest.raises(QuantizationError, match="alpha"):
+        smooth(tiny(), calibration=ids(50)[0], alpha=1.5)
+    with pytest.raises(QuantizationError, match="smooth=True"):
+        quantize_int8(tiny(), alpha=0.5)
+
+
 # ---------------------------------------------------------------------- the CLI
 @pytest.fixture()
 def fp32_dir(tmp_path):
@@ -218,9 +296,13 @@ def test_cli_quantize_writes_a_folder_that_loads_quantized(fp32_dir, tmp_path, c
     assert main(["quantize", str(fp32_dir), "-o", str(tmp_path / "q")]) == 0
     assert "wrote int8 folder" in capsys.readouterr().out
     q, fp32 = allformers.load(tmp_path / "q"), allformers.load(fp32_dir)
-    assert is_int8(q) and q.tokenizer is not None
+    assert is_int8(q) and q.tokenizer is not None and q.smoothing["calibration"] == "sotu-first"
+    assert "blocks.0.mlp.proj" not in int8_modules(q)  # the default exclusion
     with torch.no_grad():
         assert rel(q(ids()), fp32(ids())) < REL_TOL
+    assert main(["quantize", str(fp32_dir), "-o", str(tmp_path / "plain"), "--calibrate", "none", "--exclude", ""]) == 0
+    plain = allformers.load(tmp_path / "plain")
+    assert plain.smoothing is None and "blocks.0.mlp.proj" in int8_modules(plain)
     assert main(["quantize", "baby-gpt-char", "-o", str(tmp_path / "zoo")]) == 0  # a zoo name: random weights
     assert is_int8(allformers.load(tmp_path / "zoo"))
 

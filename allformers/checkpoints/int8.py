@@ -42,7 +42,7 @@ def save_int8(model, path, tokenizer=None, overwrite: bool = False) -> Path:
     """Write a quantized TransformerLM as an int8 folder (atomically, like every allformers folder)."""
     from ..models.int8 import Int8Config, int8_modules
 
-    config = Int8Config(lm=model.config, modules=tuple(int8_modules(model)))
+    config = Int8Config(lm=model.config, modules=tuple(int8_modules(model)), smoothing=getattr(model, "smoothing", None))
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     return write_folder(path, int8_state(model), config, tokenizer, overwrite=overwrite)
 
@@ -60,7 +60,7 @@ def load_int8(path):
                               f"this version reads {QUANTIZATION!r} folders")
     state = read_safetensors(path / WEIGHTS_FILE)
     model = build_model(config.lm).eval()
-    found = {name: (parent, attr) for parent, attr, name, _ in targets(model)}
+    found = {name: (parent, attr, lin) for parent, attr, name, lin in targets(model)}  # a tied head as 'lm_head'
     wanted = list(config.modules)
     unknown = [n for n in wanted if n not in found]
     absent = [k for n in wanted for k in (f"{n}.weight", f"{n}{SCALE}") if k not in state]
@@ -83,13 +83,13 @@ def load_int8(path):
         raise CheckpointError(f"{path} does not match the model: {len(missing)} missing ({missing[:5]}), "
                               f"{len(report.unexpected)} unexpected ({report.unexpected[:5]})")
     for n, (q, scale, bias) in quantized.items():
-        parent, attr = found[n]
-        lin = getattr(parent, attr)
+        parent, attr, lin = found[n]
         if tuple(q.shape) != (lin.out_features, lin.in_features) or (bias is None) != (lin.bias is None):
             raise CheckpointError(f"{path}: {n}.weight is {tuple(q.shape)} (bias {bias is not None}), the config's "
                                   f"Linear is ({lin.out_features}, {lin.in_features}) (bias {lin.bias is not None})")
         setattr(parent, attr, make_qlinear(q, scale, bias))
     model.quantization = QUANTIZATION
+    model.smoothing = config.smoothing
     model.load_report = LoadReport(source=str(path), loaded=sorted(report.loaded + [
         k for n in wanted for k in (f"{n}.weight", f"{n}{SCALE}", f"{n}.bias") if k != f"{n}.bias" or quantized[n][2] is not None]))
     return model

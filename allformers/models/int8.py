@@ -41,6 +41,7 @@ class Int8Config(SavedConfig):
     quantization: str = QUANTIZATION
     scheme: str = SCHEME
     modules: tuple = ()
+    smoothing: Optional[dict] = None  # SmoothQuant's record (models/smoothquant.py): alpha, calibration, Linears
 
 
 def _qlinear_class():
@@ -101,8 +102,25 @@ def check_quantizable(model) -> None:
                                 f"{torch.backends.quantized.supported_engines}); int8 needs an x86 CPU build of torch")
 
 
+def tied_head(model) -> Optional[nn.Linear]:
+    """A tied LM head as an nn.Linear sharing the embedding table (no copy), or None: quantize_int8 gives it its
+    own int8 copy under model.lm_head (the embedding lookup keeps the fp32 table)."""
+    from .lm import TransformerLM
+
+    if type(model) is not TransformerLM:
+        return None
+    c = model.config
+    if not (c.lm_head and c.tie_embeddings and model.lm_head is None):
+        return None
+    lin = nn.Linear(1, 1, bias=False)
+    lin.in_features, lin.out_features = model.wte.weight.shape[1], model.wte.weight.shape[0]
+    lin.weight = model.wte.weight
+    lin.bias = model.lm_head_bias
+    return lin
+
+
 def targets(model) -> list:
-    """(parent, attribute, name, Linear) of every Linear quantize_int8 replaces."""
+    """(parent, attribute, name, Linear) of every Linear quantize_int8 replaces (a tied head as 'lm_head')."""
     from ..blocks.moe import MoE
 
     routers = {id(m.router) for m in model.modules() if isinstance(m, MoE)}
@@ -111,7 +129,14 @@ def targets(model) -> list:
         for attr, child in parent.named_children():
             if type(child) is nn.Linear and id(child) not in routers:
                 out.append((parent, attr, f"{pname}.{attr}" if pname else attr, child))
+    head = tied_head(model)
+    if head is not None:
+        out.append((model, "lm_head", "lm_head", head))
     return out
+
+
+def _excluded(name: str, exclude) -> bool:
+    return any(name == e or name.endswith("." + e) or name.endswith(e) for e in exclude)
 
 
 def quantize_weight(w: torch.Tensor):
@@ -139,14 +164,28 @@ def qlinear_parts(mod):
         return w.int_repr().contiguous(), w.q_per_channel_scales().float().contiguous(), b
 
 
-def quantize_int8(model, modules: Optional[list] = None):
-    """Quantize `model` (a fp32 TransformerLM on the CPU) in place: every nn.Linear -> int8 weights with
-    per-output-channel scales on torch.ao's dynamic quantized Linear. Returns the model, in eval mode,
-    with `model.quantization == "int8"`. Generation, the KV cache and the server run on it unchanged.
+def quantize_int8(model, modules: Optional[list] = None, smooth: bool = False, calibration=None,
+                  alpha: Optional[float] = None, exclude: tuple = ()):
+    """Quantize `model` (a fp32 TransformerLM on the CPU) in place: every nn.Linear (and a tied LM head, as
+    its own int8 copy) -> int8 weights with per-output-channel scales on torch.ao's dynamic quantized Linear.
+    Returns the model, in eval mode, with `model.quantization == "int8"`. Generation, the KV cache and the
+    server run on it unchanged.
 
+    smooth: SmoothQuant first (models/smoothquant.py), calibrated on `calibration` (None: the first State of
+    the Union addresses; 'shakespeare'; a text; token ids) with `alpha` (default 0.5).
+    exclude: Linear names or name suffixes ('mlp.proj', 'lm_head') kept fp32.
     modules: only these Linear names (checkpoints/int8.py passes a folder's list); default every one."""
     check_quantizable(model)
+    if smooth:
+        from . import smoothquant
+
+        smoothquant.smooth(model, calibration=calibration,
+                           alpha=smoothquant.DEFAULT_ALPHA if alpha is None else alpha)
+    elif calibration is not None or alpha is not None:
+        raise QuantizationError("calibration/alpha are SmoothQuant's; pass smooth=True with them")
     found = targets(model)
+    if exclude:
+        found = [t for t in found if not _excluded(t[2], exclude)]
     if modules is not None:
         wanted = set(modules)
         unknown = sorted(wanted - {name for _, _, name, _ in found})
@@ -168,6 +207,9 @@ def linear_weight_bytes(model) -> dict:
     """Bytes of the Linear weights: {"fp32": ..., "int8": ...} (int8 counts its scales too)."""
     cls = _qlinear_class()
     out = {"fp32": 0, "int8": 0}
+    head = tied_head(model)
+    if head is not None:
+        out["fp32"] += head.weight.numel() * head.weight.element_size()
     for m in model.modules():
         if type(m) is nn.Linear:
             out["fp32"] += m.weight.numel() * m.weight.element_size()
