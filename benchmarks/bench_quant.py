@@ -119,7 +119,12 @@ def run_model(name: str, args, text: str) -> dict:
     from allformers.models.int8 import int8_modules, linear_weight_bytes, quantize_int8
 
     ours, tok, note = build(name, args.tiny)
-    int8 = quantize_int8(copy.deepcopy(ours))
+    int8 = copy.deepcopy(ours)
+    if args.no_smooth:
+        quantize_int8(int8, exclude=tuple(args.exclude))
+    else:  # SmoothQuant calibrated on the first State of the Union addresses (never the held-out last ones)
+        quantize_int8(int8, smooth=True, alpha=args.alpha, exclude=tuple(args.exclude),
+                      calibration=torch.randint(0, tok.vocab_size, (512,)) if args.tiny else None)
     ids = torch.tensor(tok.encode(text), dtype=torch.long)
     need = args.windows * args.window + 1
     if ids.numel() < need + args.prompt:
@@ -158,6 +163,9 @@ def run_model(name: str, args, text: str) -> dict:
         "weights": note,
         "params_m": round(ours.num_params() / 1e6, 1),
         "int8_linears": len(int8_modules(int8)),
+        "smoothing": None if args.no_smooth else {"alpha": args.alpha, "calibration": "sotu-first" if not args.tiny
+                                                  else "random ids (--tiny)"},
+        "fp32_linears_kept": list(args.exclude),
         "linear_weight_mib": {k: round(v / 2**20, 1) for k, v in bytes_.items()},
         "logits_parity_vs_transformers": parity,
         "decode_tok_s": tok_s,
@@ -185,9 +193,13 @@ def main():
     ap.add_argument("--windows", type=int, help="perplexity windows")
     ap.add_argument("--window", type=int, help="tokens per perplexity window")
     ap.add_argument("--addresses", type=int, default=3, help="held-out text: the last N State of the Union addresses")
+    ap.add_argument("--alpha", type=float, default=0.65, help="SmoothQuant migration strength")
+    ap.add_argument("--no-smooth", action="store_true", help="plain int8 (no SmoothQuant)")
+    ap.add_argument("--exclude", default="mlp.proj", help="comma-separated Linear suffixes kept fp32 ('' none)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
     small = args.quick or args.tiny
+    args.exclude = [e.strip() for e in args.exclude.split(",") if e.strip()]
     for k, full, quick in (("reps", 3, 2), ("new", 128, 32), ("windows", 16, 4), ("window", 512, 256)):
         if getattr(args, k) is None:
             setattr(args, k, quick if small else full)

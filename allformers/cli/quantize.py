@@ -18,6 +18,13 @@ def register(sub):
     p.add_argument("--overwrite", action="store_true",
                    help="replace what OUT holds (an earlier checkpoint's files; other files beside them are kept)")
     p.add_argument("--seed", type=int, default=0, help="seed of a zoo name's random weights")
+    p.add_argument("--calibrate", default="sotu-first", metavar="TEXT",
+                   help="SmoothQuant calibration text: 'sotu-first' (default: the first State of the Union addresses, "
+                        "not bench_quant's held-out ones), 'shakespeare', a .txt file, or 'none' (no smoothing)")
+    p.add_argument("--alpha", type=float, default=None, help="SmoothQuant migration strength (default 0.65)")
+    p.add_argument("--exclude", default=None, metavar="NAMES",
+                   help="comma-separated Linear names/suffixes kept fp32 (default 'mlp.proj' when smoothing: the "
+                        "down-projections' outliers defeat int8 activations; '' quantizes every Linear)")
     p.set_defaults(handler=run)
 
 
@@ -65,7 +72,22 @@ def run(args):
     _check_out(out, args.model, args.overwrite)  # before the (slow) load
     model = _load(args.model, args.seed)
     before = linear_weight_bytes(model)["fp32"]
-    quantize_int8(model)
+    cal = None if args.calibrate.lower() == "none" else args.calibrate
+    if cal is not None and cal not in ("sotu-first", "shakespeare"):
+        if not Path(cal).is_file():
+            from ..errors import QuantizationError
+
+            raise QuantizationError(f"--calibrate {cal}: not 'sotu-first', 'shakespeare', 'none' or a text file")
+        cal = Path(cal).read_text(encoding="utf-8")
+    if cal is not None and getattr(model, "tokenizer", None) is None:
+        print("[allformers] the model has no tokenizer: not smoothed (SmoothQuant calibrates on text)", file=sys.stderr)
+        cal = None
+    exclude = args.exclude if args.exclude is not None else ("mlp.proj" if cal is not None else "")
+    exclude = tuple(e.strip() for e in exclude.split(",") if e.strip())
+    if cal is None:
+        quantize_int8(model, exclude=exclude)
+    else:
+        quantize_int8(model, smooth=True, calibration=cal, alpha=args.alpha, exclude=exclude)
     after = linear_weight_bytes(model)["int8"]
     model.save(out, tokenizer=getattr(model, "tokenizer", None), overwrite=args.overwrite)
     n = len(int8_modules(model))
