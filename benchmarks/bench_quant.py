@@ -117,6 +117,7 @@ def run_model(name: str, args, text: str) -> dict:
 
     from allformers.generation import generate
     from allformers.models.int8 import int8_modules, linear_weight_bytes, quantize_int8
+    from allformers.models.smoothquant import DEFAULT_TOKENS, calibration_text
 
     ours, tok, note = build(name, args.tiny)
     int8 = copy.deepcopy(ours)
@@ -124,7 +125,8 @@ def run_model(name: str, args, text: str) -> dict:
         quantize_int8(int8, exclude=tuple(args.exclude))
     else:  # SmoothQuant calibrated on the first State of the Union addresses (never the held-out last ones)
         quantize_int8(int8, smooth=True, alpha=args.alpha, exclude=tuple(args.exclude),
-                      calibration=torch.randint(0, tok.vocab_size, (512,)) if args.tiny else None)
+                      calibration=torch.randint(0, tok.vocab_size, (512,)) if args.tiny else
+                      torch.tensor(tok.encode(calibration_text())[:DEFAULT_TOKENS]))
     ids = torch.tensor(tok.encode(text), dtype=torch.long)
     need = args.windows * args.window + 1
     if ids.numel() < need + args.prompt:

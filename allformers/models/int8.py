@@ -7,8 +7,10 @@ uint8 on the fly (one scale per call) and runs fbgemm's u8 x s8 -> int32 kernel,
 VNNI instructions where it has them; the bias and the output stay fp32. That makes the weights ~4x
 smaller to read per decoded token, which is what batch-1 decode is bound by.
 
-What stays fp32: the embeddings (a table lookup, no matmul), the norms, positions, a head tied to the
-embedding (it shares the table's storage), MoE routers (the router reads its weight directly, in fp32
+A head tied to the embedding gets its own int8 copy (model.lm_head); `smooth=True` runs SmoothQuant
+first (models/smoothquant.py); `exclude=` keeps chosen Linears fp32.
+
+What stays fp32: the embeddings (a table lookup, no matmul; the fp32 table), the norms, positions, MoE routers (the router reads its weight directly, in fp32
 on purpose) and MoE experts (batched weights, not nn.Linear). Refused: Transformer-XL / XLNet and
 DeBERTa-style attention (they read their projection weights directly), LoRA-wrapped layers (merge
 them first), models that are not on the CPU (the kernel is CPU-only) and models that are not a
