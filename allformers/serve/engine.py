@@ -16,8 +16,10 @@ Batch invariance (fp32 on CPU): a request's tokens do not depend on what else is
 - Norms, activations, rotary and embeddings work row by row.
 - Matmuls run through oneDNN with packed weights (serve/matmul.py), which gives a row the
   same bits whatever the number of rows. Without oneDNN (or not fp32), MKL's GEMM is used
-  with inputs padded to a multiple of ROW_MULTIPLE rows: it computes rows in blocks of 4,
-  and only the 1-3 rows of a ragged tail (or a single row: GEMV) sum in another order.
+  with inputs padded to a multiple of ROW_MULTIPLE rows, a best effort only: on AVX2 it computes
+  rows in blocks of 4 and only a ragged tail (or a single row: GEMV) sums in another order, but on
+  AVX-512 / AMX Xeons small row counts of large weights (576 x 576 and up) take other kernels, so
+  there the guarantee holds on the oneDNN path alone (docs/serving.md).
 - Sampling, logprobs and penalties run per sequence, with the sequence's own generator
   when it has a seed, so seeded sampling is batch-invariant too.
 tests/test_serve_engine.py checks that greedy outputs are token-identical alone and in a
@@ -47,7 +49,7 @@ from .text import TextOut
 
 log = logging.getLogger("allformers.serve")
 
-ROW_MULTIPLE = 4  # MKL's fallback (module docstring): the rows of a ragged tail sum in another order
+ROW_MULTIPLE = 8  # MKL's fallback (module docstring): the rows of a ragged tail sum in another order
 
 
 class QueueFullError(AllformersError):
