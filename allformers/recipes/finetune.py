@@ -27,7 +27,6 @@ What happens, step by step:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -41,6 +40,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..data.split import hash_split, key_hash
 from ..deprecation import accepts_old_names
 from ..errors import AllformersError
 from ..objectives.epochs import EpochSampler
@@ -107,29 +107,20 @@ def discover_labels(records: list[dict]) -> list[str]:
 
 def split_key(record: dict) -> str:
     """SHA-256 of the record's id (of its text when it has none): a stable, seed-free rank."""
+    return key_hash(_split_id(record))
+
+
+def _split_id(record: dict) -> str:
     key = record.get("id")
-    key = f"id:{key}" if key is not None else "text:" + record_text(record)
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+    return f"id:{key}" if key is not None else "text:" + record_text(record)
 
 
 def heldout_split(records: list[dict], fraction: float = 0.2) -> tuple[list[int], list[int]]:
     """(train indices, held-out indices): per label, the round(fraction * n) records with the
-    smallest split_key are held out. Independent of the seed and of the file's order."""
+    smallest split_key are held out (data.split.hash_split). Independent of the seed and of the file's order."""
     if not 0.0 < fraction < 1.0:
         raise FinetuneError(f"eval fraction {fraction} must be between 0 and 1 (exclusive)")
-    by_label: dict[str, list[int]] = {}
-    for i, r in enumerate(records):
-        by_label.setdefault(str(r.get("label")), []).append(i)
-    held = []
-    for idx in by_label.values():
-        ranked = sorted(idx, key=lambda i: (split_key(records[i]), record_text(records[i])))
-        held += ranked[:math.floor(fraction * len(idx) + 0.5)]
-    held_set = set(held)
-    train = [i for i in range(len(records)) if i not in held_set]
-    if not held or not train:
-        raise FinetuneError(f"{len(records)} records split into {len(train)} train / {len(held)} held out "
-                            f"with fraction {fraction}; use more data or another fraction")
-    return train, sorted(held)
+    return hash_split(records, fraction, key=_split_id, by=lambda r: str(r.get("label")), error=FinetuneError)
 
 
 # ---------------------------------------------------------------------- data for the Trainer

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import shutil
 import sys
@@ -35,6 +34,7 @@ from typing import Optional, Union
 import torch
 
 from ..checkpoints.composite import save_adapter
+from ..data.split import hash_split, key_hash
 from ..deprecation import accepts_old_names
 from ..models.lora import LoRAConfig, apply_lora, lora_parameters, merge_lora
 from ..objectives.sft import (TEMPLATES, SFTData, SFTError, SFTLoss, check_record, collate, encode_example,
@@ -63,22 +63,16 @@ def read_sft_records(path) -> list[dict]:
 
 
 def record_key(record: dict) -> str:
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode("utf-8")).hexdigest()
+    return key_hash(json.dumps(record, sort_keys=True))
 
 
 def heldout(records: list[dict], fraction: float) -> tuple[list[dict], list[dict]]:
     """(train, held out): the round(fraction * n) records with the smallest hash are held out
-    (at least one when fraction > 0), independent of the seed and the file's order."""
+    (at least one when fraction > 0; data.split.hash_split), independent of the seed and the file's order."""
     if fraction <= 0:
         return records, []
-    if fraction >= 1:
-        raise SFTError(f"eval fraction {fraction} must be below 1")
-    n_eval = max(1, round(fraction * len(records)))
-    if n_eval >= len(records):
-        raise SFTError(f"{len(records)} record(s) cannot spare {n_eval} for evaluation; add data or use --eval-fraction 0")
-    ranked = sorted(range(len(records)), key=lambda i: record_key(records[i]))
-    held = set(ranked[:n_eval])
-    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+    train, held = hash_split(records, fraction, key=lambda r: json.dumps(r, sort_keys=True), min_held=1, error=SFTError)
+    return [records[i] for i in train], [records[i] for i in held]
 
 
 def load_base(model, tokenizer=None):

@@ -19,6 +19,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..data.split import hash_split
 from ..deprecation import accepts_old_names
 from ..errors import AllformersError
 from ..generation.generate import generate, left_pad
@@ -164,17 +165,10 @@ def pairs_from_records(records: Sequence[dict], tokenizer, seed: int = 0) -> Pai
 
 
 def split_records(records: Sequence[dict], fraction: float) -> tuple[list, list]:
-    """(train, held out): a fixed share of records by a hash of the prompt, so every pair of one prompt
-    lands on the same side and the split does not move when records are added."""
-    import hashlib
-
-    if not 0 <= fraction < 1:
-        raise RLHFError(f"held-out fraction {fraction} must be in [0, 1)")
-    held = lambda r: int(hashlib.sha1(str(r.get("prompt")).encode()).hexdigest()[:8], 16) / 16**8 < fraction  # noqa: E731
-    train = [r for r in records if not held(r)]
-    if not train:
-        raise RLHFError(f"no training pairs left after holding out {fraction:.0%}; lower --eval-fraction")
-    return train, [r for r in records if held(r)]
+    """(train, held out): the round(fraction * n_prompts) prompts with the smallest hash are held out
+    (data.split.hash_split), every pair of one prompt on the same side."""
+    train, held = hash_split(records, fraction, key=lambda r: str(r.get("prompt")), error=RLHFError)
+    return [records[i] for i in train], [records[i] for i in held]
 
 
 def _device_of(model) -> str:
