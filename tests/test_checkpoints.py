@@ -96,3 +96,30 @@ def test_untied_head_and_hf_export_refusal(tmp_path):
 
 def test_top_level_api():
     assert allformers.load is load and allformers.Config is Config
+
+
+def test_one_activation_table_both_ways():
+    """checkpoints/maps.py: every HF spelling reads as one of ours and ours write back to a name HF reads the same."""
+    from allformers.checkpoints.maps import HF_ACTIVATIONS, activation_from_hf, activation_to_hf
+    from allformers.errors import CheckpointError
+
+    for hf_name, ours in HF_ACTIVATIONS.items():
+        assert activation_from_hf(activation_to_hf(ours)) == ours
+        assert activation_from_hf(activation_to_hf(ours, "gelu_pytorch_tanh")) == ours
+    assert activation_to_hf("gelu_tanh") == "gelu_new" and activation_to_hf("gelu_tanh", "gelu_pytorch_tanh") == "gelu_pytorch_tanh"
+    with pytest.raises(CheckpointError, match="ff_activation='mish' is not supported"):
+        activation_from_hf("mish", "ff_activation")
+    with pytest.raises(CheckpointError, match="no Hugging Face name"):
+        activation_to_hf("swiglu")
+
+
+def test_t5_gated_gelu_is_tanh_and_plain_gelu_is_exact():
+    """HF's T5Config reads feed_forward_proj="gated-gelu" as gelu_new but a plain "gelu" as the exact GELU."""
+    from allformers.checkpoints.hf_seq2seq import _t5_to_hf, t5_config
+
+    h = dict(vocab_size=32, d_model=16, d_kv=4, num_heads=4, d_ff=32, num_layers=1)
+    assert t5_config({**h, "feed_forward_proj": "gated-gelu"})["activation"] == "gelu_tanh"
+    assert t5_config({**h, "feed_forward_proj": "gelu"})["activation"] == "gelu"
+    for proj in ("gated-gelu", "gelu", "relu", "gated-silu"):
+        c = Config(**t5_config({**h, "feed_forward_proj": proj}))
+        assert _t5_to_hf(c)["feed_forward_proj"] == proj

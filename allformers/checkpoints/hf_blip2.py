@@ -18,8 +18,8 @@ from ..blocks import BlockSpec
 from ..config import Config
 from ..errors import CheckpointError
 from .hf_clip import prefixed
-from .hf_vision import HF_ACT, OUR_ACT, check_leftover, export_state, import_state, write_hf_folder
-from .maps import concat, pair, same, separate_qkv
+from .hf_vision import check_leftover, export_state, import_state, write_hf_folder
+from .maps import EXPORTABLE_ACTIVATIONS, activation_from_hf, activation_to_hf, concat, pair, same, separate_qkv
 
 ARCHITECTURES = ("Blip2ForConditionalGeneration", "Blip2Model", "Blip2ForImageTextRetrieval")
 LM = "language_model."
@@ -82,36 +82,33 @@ def vision_config_from_hf(hf: dict):
     if not hf.get("qkv_bias", True):
         raise CheckpointError("a BLIP-2 vision tower with qkv_bias=False (a biased output projection but no q/v "
                               "biases) is not supported")
-    act = hf.get("hidden_act", "gelu")
-    if act not in OUR_ACT:
-        raise CheckpointError(f"hidden_act={act!r} is not supported; supported: {sorted(OUR_ACT)}")
+    act = activation_from_hf(hf.get("hidden_act", "gelu"))
     return ViTConfig(name="blip2-vision", description="imported from a Hugging Face Blip2VisionModel",
                      image_size=hf.get("image_size", 224), patch_size=hf.get("patch_size", 14), width=hf["hidden_size"],
                      depth=hf["num_hidden_layers"], heads=hf["num_attention_heads"],
-                     intermediate_size=hf["intermediate_size"], activation=OUR_ACT[act],
+                     intermediate_size=hf["intermediate_size"], activation=act,
                      norm_eps=hf.get("layer_norm_eps", 1e-6), final_norm="tokens+pooled", pooling="cls")
 
 
 def vision_config_to_hf(v) -> dict:
     ok = (v.class_token and not v.pre_norm and v.final_norm == "tokens+pooled" and v.pooling == "cls" and v.patch_bias
           and v.attn_bias and v.position == "learned" and v.layer_scale is None and not v.conv_stem and not v.mask_token
-          and v.channels == 3 and v.activation in HF_ACT)
+          and v.channels == 3 and v.activation in EXPORTABLE_ACTIVATIONS)
     if not ok:
         raise CheckpointError(f"ViT {v.name!r} does not have Blip2VisionModel's layout (class token, no pre-LN, post-LN "
                               f"over the tokens and the class token, biased patches and qkv); save format='allformers'")
     return dict(model_type="blip_2_vision_model", hidden_size=v.width, intermediate_size=v.intermediate_size,
                 num_hidden_layers=v.depth, num_attention_heads=v.heads, image_size=v.image_size, patch_size=v.patch_size,
-                hidden_act=HF_ACT[v.activation], layer_norm_eps=v.norm_eps, qkv_bias=True, attention_dropout=0.0)
+                hidden_act=activation_to_hf(v.activation, "gelu_pytorch_tanh"), layer_norm_eps=v.norm_eps, qkv_bias=True,
+                attention_dropout=0.0)
 
 
 def qformer_config_from_hf(hf: dict, num_query_tokens: int = 32):
     from ..models.qformer import QFormerConfig
 
-    act = hf.get("hidden_act", "gelu")
-    if act not in OUR_ACT:
-        raise CheckpointError(f"hidden_act={act!r} is not supported; supported: {sorted(OUR_ACT)}")
+    act = activation_from_hf(hf.get("hidden_act", "gelu"))
     return QFormerConfig(width=hf["hidden_size"], depth=hf["num_hidden_layers"], heads=hf["num_attention_heads"],
-                         intermediate_size=hf["intermediate_size"], activation=OUR_ACT[act],
+                         intermediate_size=hf["intermediate_size"], activation=act,
                          norm_eps=hf.get("layer_norm_eps", 1e-12), vision_width=hf.get("encoder_hidden_size", 1408),
                          num_query_tokens=num_query_tokens, cross_attention_frequency=hf.get("cross_attention_frequency", 2),
                          text_input=hf.get("use_qformer_text_input", False), vocab_size=hf.get("vocab_size", 30522),
@@ -120,7 +117,8 @@ def qformer_config_from_hf(hf: dict, num_query_tokens: int = 32):
 
 def qformer_config_to_hf(q) -> dict:
     return dict(model_type="blip_2_qformer", hidden_size=q.width, num_hidden_layers=q.depth,
-                num_attention_heads=q.heads, intermediate_size=q.intermediate_size, hidden_act=HF_ACT[q.activation],
+                num_attention_heads=q.heads, intermediate_size=q.intermediate_size,
+                hidden_act=activation_to_hf(q.activation, "gelu_pytorch_tanh"),
                 layer_norm_eps=q.norm_eps, encoder_hidden_size=q.vision_width,
                 cross_attention_frequency=q.cross_attention_frequency, use_qformer_text_input=q.text_input,
                 vocab_size=q.vocab_size, max_position_embeddings=q.max_positions, pad_token_id=q.pad_token_id,

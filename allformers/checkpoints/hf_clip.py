@@ -10,10 +10,10 @@ from pathlib import Path
 
 from ..config import Config
 from ..errors import CheckpointError
-from .hf_vision import (HF_ACT, OUR_ACT, check_leftover, clip_layer_rows,
+from .hf_vision import (check_leftover, clip_layer_rows,
                         export_state, hf_layout, import_state, strip_prefix, vision_rows, vit_config_from_hf,
                         vit_config_to_hf)
-from .maps import Packed, Row, pair, same
+from .maps import EXPORTABLE_ACTIVATIONS, Packed, Row, activation_from_hf, activation_to_hf, pair, same
 
 ARCHITECTURES = {"clip": "CLIPModel", "siglip": "SiglipModel", "clip_text_model": "CLIPTextModel",
                  "siglip_text_model": "SiglipTextModel"}
@@ -47,13 +47,11 @@ def text_rows(head: bool) -> list:
 def text_config_from_hf(hf: dict, siglip: bool):
     from ..models.clip import TextTowerConfig
 
-    act = hf.get("hidden_act", "gelu_pytorch_tanh" if siglip else "quick_gelu")
-    if act not in OUR_ACT:
-        raise CheckpointError(f"hidden_act={act!r} is not supported; supported: {sorted(OUR_ACT)}")
+    act = activation_from_hf(hf.get("hidden_act", "gelu_pytorch_tanh" if siglip else "quick_gelu"))
     lm = Config(name=hf.get("_name_or_path", "") or hf.get("model_type", ""), vocab_size=hf["vocab_size"],
                 block_size=hf.get("max_position_embeddings", 64 if siglip else 77), n_layer=hf["num_hidden_layers"],
                 n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
-                causal=not siglip, position="learned", activation=OUR_ACT[act],
+                causal=not siglip, position="learned", activation=act,
                 norm_eps=hf.get("layer_norm_eps", 1e-6 if siglip else 1e-5), lm_head=False,
                 family="encoder" if siglip else "decoder")
     eos = hf.get("eos_token_id", 1 if siglip else 49407)
@@ -69,7 +67,7 @@ def text_config_to_hf(t, siglip: bool) -> dict:
     lm = t.lm
     d = dict(vocab_size=lm.vocab_size, max_position_embeddings=lm.block_size, num_hidden_layers=lm.n_layer,
              num_attention_heads=lm.n_head, hidden_size=lm.n_embd, intermediate_size=lm.intermediate_size,
-             hidden_act=HF_ACT[lm.activation], layer_norm_eps=lm.norm_eps, attention_dropout=0.0,
+             hidden_act=activation_to_hf(lm.activation, "gelu_pytorch_tanh"), layer_norm_eps=lm.norm_eps, attention_dropout=0.0,
              eos_token_id=LEGACY_EOS if t.pooling == "argmax" else t.eos_token_id)
     if siglip:
         d["projection_size"] = t.head_size
@@ -80,7 +78,7 @@ def text_layout(t) -> str:
     lm = t.lm
     ok = (lm.position == "learned" and lm.norm_placement == "pre" and lm.final_norm and lm.norm_class == "LayerNorm"
           and lm.mlp_class == "MLP" and lm.attn_bias and lm.mlp_bias and lm.n_kv_head == lm.n_head
-          and lm.head_dim * lm.n_head == lm.n_embd and lm.activation in HF_ACT and not lm.parallel_residual
+          and lm.head_dim * lm.n_head == lm.n_embd and lm.activation in EXPORTABLE_ACTIVATIONS and not lm.parallel_residual
           and not lm.type_vocab_size and lm.embedding_size == lm.n_embd and not lm.embedding_norm
           and lm.attn_scale in (None, lm.head_dim ** -0.5) and lm.attention_class == "Attention")
     if ok and lm.causal and t.pooling in ("eos", "argmax") and t.head_size is None:

@@ -18,8 +18,8 @@ import math
 
 from ..config import Config
 from ..errors import ConfigError
-from .hf_encoders import ACT_IN, ACT_OUT
-from .maps import Family, pair, register_family, same, separate_qkv
+from .maps import (EXPORTABLE_ACTIVATIONS, Family, activation_from_hf, activation_to_hf, pair, register_family, same,
+                   separate_qkv)
 
 PREFIX = "deberta."
 TERMS = ("c2p", "p2c")  # the position terms HF computes (it ignores any other name)
@@ -88,10 +88,10 @@ def config_from_hf(h: dict) -> dict:
         refuse(f"norm_rel_ebd={h.get('norm_rel_ebd', 'none')!r}", "relative embeddings without their LayerNorm")
     d = dict(vocab_size=h["vocab_size"], block_size=h["max_position_embeddings"], n_layer=h["num_hidden_layers"],
              n_head=heads, n_embd=hidden, intermediate_size=h["intermediate_size"],
-             activation=ACT_IN[h.get("hidden_act", "gelu")], norm_eps=h.get("layer_norm_eps", 1e-7),
+             activation=activation_from_hf(h.get("hidden_act", "gelu")), norm_eps=h.get("layer_norm_eps", 1e-7),
              type_vocab_size=h.get("type_vocab_size", 0), causal=False, norm_placement="post", embedding_norm=True,
              tie_embeddings=True, lm_head_bias=True, head_transform=True,
-             classifier_activation=ACT_IN[h.get("pooler_hidden_act", "gelu")])
+             classifier_activation=activation_from_hf(h.get("pooler_hidden_act", "gelu"), "pooler_hidden_act"))
     if relative:
         max_rel = h.get("max_relative_positions", -1)
         d.update(position="disentangled",
@@ -118,10 +118,10 @@ def _scale_terms(c: Config):
 def config_to_hf(c: Config) -> dict:
     relative = c.position == "disentangled"
     d = dict(vocab_size=c.vocab_size, hidden_size=c.n_embd, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
-             intermediate_size=c.intermediate_size, hidden_act=ACT_OUT[c.activation], layer_norm_eps=c.norm_eps,
+             intermediate_size=c.intermediate_size, hidden_act=activation_to_hf(c.activation), layer_norm_eps=c.norm_eps,
              max_position_embeddings=c.block_size, type_vocab_size=c.type_vocab_size, hidden_dropout_prob=0.0,
              attention_probs_dropout_prob=0.0, pooler_dropout=0.0, pooler_hidden_size=c.n_embd,
-             pooler_hidden_act=ACT_OUT[c.classifier_activation], legacy=True,
+             pooler_hidden_act=activation_to_hf(c.classifier_activation), legacy=True,
              relative_attention=relative, position_biased_input=c.position == "learned")
     if relative:
         d.update(position_buckets=c.position_buckets or -1, max_relative_positions=c.max_relative_positions,
@@ -141,7 +141,8 @@ def fits(c: Config) -> bool:
             and c.position_offset == 0 and c.position in ("disentangled", "learned", "none")
             and (c.position == "disentangled" or _scale_terms(c) is not None)
             and (c.position != "disentangled" or c.attn_scale is None)
-            and c.activation in ACT_OUT and c.classifier_activation in ACT_OUT and head_ok and cls_ok
+            and c.activation in EXPORTABLE_ACTIVATIONS and c.classifier_activation in EXPORTABLE_ACTIVATIONS
+            and head_ok and cls_ok
             and (not c.type_vocab_size or c.default_token_type == 0))
 
 

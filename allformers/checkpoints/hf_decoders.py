@@ -2,7 +2,8 @@
 import torch
 
 from ..config import Config
-from .maps import Family, Row, concat, pair, per_head_qkv, register_family, same, separate_qkv, transposed
+from .maps import (EXPORTABLE_ACTIVATIONS, Family, Row, activation_from_hf, activation_to_hf, concat, pair, per_head_qkv,
+                   register_family, same, separate_qkv, transposed)
 
 
 def _rope(h):
@@ -25,14 +26,14 @@ def _gpt2_config(h):
     act = h.get("activation_function", "gelu_new")
     return dict(vocab_size=h["vocab_size"], block_size=h["n_positions"], n_layer=h["n_layer"], n_head=h["n_head"],
                 n_embd=h["n_embd"], intermediate_size=h.get("n_inner") or 4 * h["n_embd"], norm_eps=h["layer_norm_epsilon"],
-                activation={"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}[act],
+                activation=activation_from_hf(act, "activation_function"),
                 position="learned", tie_embeddings=h.get("tie_word_embeddings", True))
 
 
 def _gpt2_to_hf(c: Config):
     return dict(vocab_size=c.vocab_size, n_positions=c.block_size, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
                 n_inner=c.intermediate_size, layer_norm_epsilon=c.norm_eps,
-                activation_function={"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}[c.activation],
+                activation_function=activation_to_hf(c.activation),
                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=c.tie_embeddings)
 
 
@@ -64,7 +65,7 @@ def _neox_config(h):
     base, pct = _rope(h)
     return dict(vocab_size=h["vocab_size"], block_size=h["max_position_embeddings"], n_layer=h["num_hidden_layers"],
                 n_head=h["num_attention_heads"], n_embd=h["hidden_size"], intermediate_size=h["intermediate_size"],
-                norm_eps=h["layer_norm_eps"], activation={"gelu": "gelu", "gelu_new": "gelu_tanh", "relu": "relu"}[h["hidden_act"]],
+                norm_eps=h["layer_norm_eps"], activation=activation_from_hf(h["hidden_act"]),
                 position="rotary", rotary_pct=pct, rope_base=base, parallel_residual=h.get("use_parallel_residual", True),
                 attn_bias=h.get("attention_bias", True), tie_embeddings=h.get("tie_word_embeddings", False))
 
@@ -72,7 +73,7 @@ def _neox_config(h):
 def _neox_to_hf(c: Config):
     return dict(vocab_size=c.vocab_size, max_position_embeddings=c.block_size, num_hidden_layers=c.n_layer,
                 num_attention_heads=c.n_head, hidden_size=c.n_embd, intermediate_size=c.intermediate_size,
-                layer_norm_eps=c.norm_eps, hidden_act={"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}[c.activation],
+                layer_norm_eps=c.norm_eps, hidden_act=activation_to_hf(c.activation),
                 rope_parameters={"rope_theta": c.rope_base, "partial_rotary_factor": c.rotary_pct, "rope_type": "default"},
                 use_parallel_residual=c.parallel_residual, attention_bias=c.attn_bias,
                 tie_word_embeddings=c.tie_embeddings, attention_dropout=0.0, hidden_dropout=0.0)
@@ -149,7 +150,7 @@ def _llama_config(h):
                 n_head=heads, n_kv_head=h.get("num_key_value_heads") or heads, n_embd=h["hidden_size"],
                 head_dim=h.get("head_dim") or h["hidden_size"] // heads, intermediate_size=h["intermediate_size"],
                 norm_eps=h["rms_norm_eps"], rope_base=base, position="rotary", norm_class="RMSNorm", mlp_class="GLU",
-                activation={"silu": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh"}[h.get("hidden_act", "silu")],
+                activation=activation_from_hf(h.get("hidden_act", "silu")),
                 attn_bias=h.get("attention_bias", False), mlp_bias=h.get("mlp_bias", False),
                 tie_embeddings=h.get("tie_word_embeddings", False))
 
@@ -159,7 +160,7 @@ def _llama_to_hf(c: Config):
                 num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head, hidden_size=c.n_embd, head_dim=c.head_dim,
                 intermediate_size=c.intermediate_size, rms_norm_eps=c.norm_eps,
                 rope_parameters={"rope_theta": c.rope_base, "rope_type": "default"},
-                hidden_act={"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}[c.activation],
+                hidden_act=activation_to_hf(c.activation, "gelu_pytorch_tanh"),
                 attention_bias=c.attn_bias, mlp_bias=c.mlp_bias, tie_word_embeddings=c.tie_embeddings)
 
 
@@ -202,7 +203,7 @@ def _neo_config(h):
                 norm_eps=h["layer_norm_epsilon"], position="learned", attn_bias=False, attn_out_bias=True,
                 attn_scale=1.0,  # GPT-Neo does not divide the scores by sqrt(head_dim)
                 attention_pattern=period(layers), window_size=h.get("window_size", 256),
-                activation={"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}[act],
+                activation=activation_from_hf(act, "activation_function"),
                 tie_embeddings=h.get("tie_word_embeddings", True))
 
 
@@ -215,7 +216,7 @@ def _neo_to_hf(c: Config):
     return dict(vocab_size=c.vocab_size, max_position_embeddings=c.block_size, num_layers=c.n_layer, num_heads=c.n_head,
                 hidden_size=c.n_embd, intermediate_size=c.intermediate_size, layer_norm_epsilon=c.norm_eps,
                 attention_types=types, window_size=c.window_size,
-                activation_function={"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}[c.activation],
+                activation_function=activation_to_hf(c.activation),
                 resid_dropout=0.0, embed_dropout=0.0, attention_dropout=0.0, tie_word_embeddings=c.tie_embeddings)
 
 
@@ -384,7 +385,7 @@ def _opt_config(h):
                 position_offset=2,  # OPT's position table starts at the padding index + 1, as BART's
                 norm_placement="pre" if pre else "post", final_norm=pre and not h.get("_remove_final_layer_norm", False),
                 attn_bias=bias, mlp_bias=bias,
-                activation={"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh", "silu": "silu"}[act],
+                activation=activation_from_hf(act, "activation_function"),
                 tie_embeddings=h.get("tie_word_embeddings", True))
 
 
@@ -393,7 +394,7 @@ def _opt_to_hf(c: Config):
                 num_attention_heads=c.n_head, hidden_size=c.n_embd, ffn_dim=c.intermediate_size,
                 word_embed_proj_dim=c.n_embd, do_layer_norm_before=c.norm_placement == "pre",
                 _remove_final_layer_norm=c.norm_placement == "pre" and not c.final_norm, enable_bias=c.attn_bias,
-                activation_function={"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_new", "silu": "silu"}[c.activation],
+                activation_function=activation_to_hf(c.activation),
                 tie_word_embeddings=c.tie_embeddings, dropout=0.0, attention_dropout=0.0, layerdrop=0.0)
 
 
@@ -404,7 +405,7 @@ def _opt_fits(c: Config):
             and c.attn_bias == c.attn_out_bias == c.mlp_bias and c.n_kv_head == c.n_head
             and c.head_dim * c.n_head == c.n_embd and c.attn_scale is None and c.embedding_size == c.n_embd
             and not c.embedding_norm and not c.type_vocab_size and not c.lm_head_bias and c.embed_scale is None
-            and (c.norm_placement == "pre" or not c.final_norm) and c.activation in ("relu", "gelu", "gelu_tanh", "silu"))
+            and (c.norm_placement == "pre" or not c.final_norm) and c.activation in EXPORTABLE_ACTIVATIONS)
 
 
 register_family(Family("opt", {"lm": "OPTForCausalLM"}, _opt_rows, _opt_config, _opt_to_hf, _opt_fits,

@@ -5,11 +5,9 @@ the same parts differently. Task heads (classification, tokens, QA, MLM) have ro
 from ..blocks import SinusoidalPositions
 from ..config import Config
 from ..errors import CheckpointError
-from .maps import Family, Row, pair, register_family, same, separate_qkv
+from .maps import (EXPORTABLE_ACTIVATIONS, Family, Row, activation_from_hf, activation_to_hf, pair, register_family, same,
+                   separate_qkv)
 
-ACT_IN = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu", "silu": "silu",
-          "swish": "silu", "tanh": "tanh"}
-ACT_OUT = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu", "tanh": "tanh"}
 POST_NORM = dict(causal=False, norm_placement="post", embedding_norm=True, position="learned", tie_embeddings=True,
                  lm_head_bias=True, head_transform=True)
 
@@ -20,7 +18,7 @@ def _post_ln_encoder(c: Config, causal_ok=False):
             and not c.parallel_residual and c.norm_class == "LayerNorm" and c.norm_bias and c.mlp_class == "MLP"
             and c.attn_bias and c.attn_out_bias and c.mlp_bias and c.n_kv_head == c.n_head
             and c.head_dim * c.n_head == c.n_embd and c.attn_scale in (None, c.head_dim ** -0.5)
-            and c.activation in ACT_OUT and getattr(c, "attention_class", "Attention") == "Attention"
+            and c.activation in EXPORTABLE_ACTIVATIONS and getattr(c, "attention_class", "Attention") == "Attention"
             and not getattr(c, "is_encoder_decoder", False))
 
 
@@ -83,7 +81,7 @@ def _bert_like(model_type, prefix, arch, mlm_rows, cls_rows, extra_body=lambda c
         off = h.get("pad_token_id", 1) + 1 if offset else 0
         return dict(vocab_size=h["vocab_size"], block_size=h["max_position_embeddings"] - off, position_offset=off,
                     n_layer=h["num_hidden_layers"], n_head=h["num_attention_heads"], n_embd=h["hidden_size"],
-                    intermediate_size=h["intermediate_size"], activation=ACT_IN[h["hidden_act"]],
+                    intermediate_size=h["intermediate_size"], activation=activation_from_hf(h["hidden_act"]),
                     norm_eps=h["layer_norm_eps"], type_vocab_size=h.get("type_vocab_size", 2),
                     embedding_size=h.get("embedding_size") or h["hidden_size"], **POST_NORM,
                     **({"head_activation": mlm_act} if mlm_act else {}))
@@ -91,7 +89,7 @@ def _bert_like(model_type, prefix, arch, mlm_rows, cls_rows, extra_body=lambda c
     def to_hf(c: Config):
         d = dict(vocab_size=c.vocab_size, max_position_embeddings=c.block_size + c.position_offset,
                  num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, hidden_size=c.n_embd,
-                 intermediate_size=c.intermediate_size, hidden_act=ACT_OUT[c.activation], layer_norm_eps=c.norm_eps,
+                 intermediate_size=c.intermediate_size, hidden_act=activation_to_hf(c.activation), layer_norm_eps=c.norm_eps,
                  type_vocab_size=c.type_vocab_size, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
         if c.embedding_size != c.n_embd or factorized:
             d["embedding_size"] = c.embedding_size
@@ -155,7 +153,7 @@ _bert_like("electra", "electra", {**_archs("Electra"), "replaced-token-detection
            # ElectraClassificationHead is GELU whatever hidden_act says; the discriminator's dense uses hidden_act
            head_config={"sequence-classification": lambda h: dict(classifier_activation="gelu"),
                         "replaced-token-detection": lambda h: dict(classifier_dense=True,
-                                                                   classifier_activation=ACT_IN[h["hidden_act"]])})
+                                                                   classifier_activation=activation_from_hf(h["hidden_act"]))})
 
 
 # ---------------------------------------------------------------------- shared by ALBERT, DistilBERT, XLM
@@ -218,7 +216,7 @@ def _albert_from_hf(h):
             f"square matrix, and allformers only has an embedding projection when embedding_size != n_embd")
     return dict(vocab_size=h["vocab_size"], block_size=h.get("max_position_embeddings", 512),
                 n_layer=h["num_hidden_layers"], n_head=h["num_attention_heads"], n_embd=h["hidden_size"],
-                intermediate_size=h["intermediate_size"], activation=ACT_IN[h.get("hidden_act", "gelu_new")],
+                intermediate_size=h["intermediate_size"], activation=activation_from_hf(h.get("hidden_act", "gelu_new")),
                 norm_eps=h.get("layer_norm_eps", 1e-12), type_vocab_size=h.get("type_vocab_size", 2), embedding_size=E,
                 share_layers="all", **POST_NORM)
 
@@ -226,7 +224,7 @@ def _albert_from_hf(h):
 def _albert_to_hf(c: Config):
     return dict(vocab_size=c.vocab_size, embedding_size=c.embedding_size, hidden_size=c.n_embd,
                 num_hidden_layers=c.n_layer, num_hidden_groups=1, inner_group_num=1, num_attention_heads=c.n_head,
-                intermediate_size=c.intermediate_size, hidden_act=ACT_OUT[c.activation],
+                intermediate_size=c.intermediate_size, hidden_act=activation_to_hf(c.activation),
                 max_position_embeddings=c.block_size, type_vocab_size=c.type_vocab_size, layer_norm_eps=c.norm_eps,
                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout_prob=0.0)
 
@@ -265,7 +263,7 @@ def _distilbert_body(c: Config):
 def _distilbert_from_hf(h):
     return dict(vocab_size=h["vocab_size"], block_size=h.get("max_position_embeddings", 512), n_layer=h["n_layers"],
                 n_head=h["n_heads"], n_embd=h["dim"], intermediate_size=h["hidden_dim"],
-                activation=ACT_IN[h.get("activation", "gelu")], norm_eps=1e-12, type_vocab_size=0,
+                activation=activation_from_hf(h.get("activation", "gelu"), "activation"), norm_eps=1e-12, type_vocab_size=0,
                 classifier_activation="relu",
                 **{**POST_NORM, "position": "sinusoidal" if h.get("sinusoidal_pos_embds") else "learned"})
 
@@ -273,7 +271,7 @@ def _distilbert_from_hf(h):
 def _distilbert_to_hf(c: Config):
     return dict(vocab_size=c.vocab_size, max_position_embeddings=c.block_size,
                 sinusoidal_pos_embds=c.position == "sinusoidal", n_layers=c.n_layer, n_heads=c.n_head, dim=c.n_embd,
-                hidden_dim=c.intermediate_size, activation=ACT_OUT[c.activation], dropout=0.0, attention_dropout=0.0,
+                hidden_dim=c.intermediate_size, activation=activation_to_hf(c.activation), dropout=0.0, attention_dropout=0.0,
                 qa_dropout=0.0, seq_classif_dropout=0.0)
 
 

@@ -11,8 +11,8 @@ from ..errors import CheckpointError
 from .hf_blip2 import lm_config_from_hf, lm_config_to_hf
 from .hf_clip import prefixed
 from .hf_vision import (check_leftover, export_state, hf_layout, import_state, vision_rows, vit_config_from_hf,
-                        vit_config_to_hf, write_hf_folder, HF_ACT, OUR_ACT)
-from .maps import pair, same
+                        vit_config_to_hf, write_hf_folder)
+from .maps import activation_from_hf, activation_to_hf, pair, same
 
 LM, TOWER = "language_model.", "vision_tower."
 
@@ -34,14 +34,12 @@ def llava_config_from_hf(hf: dict):
     if vc["model_type"] not in ("clip_vision_model", "siglip_vision_model"):
         raise CheckpointError(f"a LLaVA vision tower of model_type {vc['model_type']!r} is not supported; "
                               f"supported: clip_vision_model, siglip_vision_model")
-    act = hf.get("projector_hidden_act", "gelu")
-    if act not in OUR_ACT:
-        raise CheckpointError(f"projector_hidden_act={act!r} is not supported; supported: {sorted(OUR_ACT)}")
+    act = activation_from_hf(hf.get("projector_hidden_act", "gelu"), "projector_hidden_act")
     layer = hf.get("vision_feature_layer", -2)
     return VLMConfig(lm_config_from_hf(hf.get("text_config") or {"model_type": "llama"}), vit_config_from_hf(vc),
                      name=hf.get("_name_or_path", "") or "llava",
                      description="imported from a Hugging Face LlavaForConditionalGeneration",
-                     image_token_id=hf.get("image_token_index", 32000), projector="mlp", projector_activation=OUR_ACT[act],
+                     image_token_id=hf.get("image_token_index", 32000), projector="mlp", projector_activation=act,
                      projector_bias=hf.get("multimodal_projector_bias", True),
                      vision_feature_layer=list(layer) if isinstance(layer, (list, tuple)) else layer,
                      vision_feature_select=hf.get("vision_feature_select_strategy", "default"))
@@ -106,7 +104,8 @@ def save_hf_llava(model, path, tokenizer=None) -> Path:
     hf = {"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"], "dtype": "float32",
           "vision_config": vit_config_to_hf(c.vision, tower), "text_config": text,
           "image_token_index": c.image_token_id, "image_seq_length": c.image_seq_length,
-          "projector_hidden_act": HF_ACT[c.projector_activation], "multimodal_projector_bias": c.projector_bias,
+          "projector_hidden_act": activation_to_hf(c.projector_activation, "gelu_pytorch_tanh"),
+          "multimodal_projector_bias": c.projector_bias,
           "vision_feature_layer": list(layer) if isinstance(layer, (list, tuple)) else layer,
           "vision_feature_select_strategy": c.vision_feature_select, "tie_word_embeddings": c.text.tie_embeddings}
     return write_hf_folder(path, out, hf, tokenizer if tokenizer is not None else getattr(model, "tokenizer", None))

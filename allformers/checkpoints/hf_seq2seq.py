@@ -3,7 +3,9 @@
 Our keys are `encoder.*` and `decoder.*` TransformerLM keys; rows under `decoder.` are shaped by the
 decoder stack (Config.decoder_config(): n_decoder_layer layers, n_decoder_head heads, decoder_intermediate_size)."""
 from ..config import Config
-from .maps import Family, Row, concat, pair, qkv_sizes, register_family, same, separate_qkv
+from ..errors import CheckpointError
+from .maps import (Family, Row, activation_from_hf, activation_to_hf, concat, pair, qkv_sizes, register_family, same,
+                   separate_qkv)
 
 
 def _kv_sizes(c: Config):
@@ -41,8 +43,9 @@ def _t5_rows(c: Config):
 def t5_config(h):
     proj = h.get("feed_forward_proj", "relu")
     gated = proj.startswith("gated-")
-    act = {"relu": "relu", "gelu": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "silu": "silu"}[
-        proj.replace("gated-", "")]
+    name = proj.replace("gated-", "")
+    # HF's T5Config reads "gated-gelu" as gelu_new (the tanh approximation); a plain "gelu" is the exact one
+    act = activation_from_hf("gelu_new" if proj == "gated-gelu" else name, "feed_forward_proj")
     tied = h.get("tie_word_embeddings", True)
     # v1.0 scales the decoder output by d_model**-0.5, v1.1 does not; older configs signal it
     # with tie_word_embeddings=False, transformers 5 with scale_decoder_outputs.
@@ -59,7 +62,11 @@ def t5_config(h):
 
 
 def _t5_to_hf(c: Config):
-    act = {"relu": "relu", "gelu_tanh": "gelu", "silu": "silu"}[c.activation]  # T5's "gated-gelu" is gelu_new
+    if c.mlp_class == "GLU" and c.activation == "gelu":
+        raise CheckpointError("T5's feed_forward_proj='gated-gelu' is the tanh approximation; this model's gated MLP "
+                              "uses the exact GELU, which HF's T5 cannot express: use activation='gelu_tanh'")
+    gated_gelu = c.mlp_class == "GLU" and c.activation == "gelu_tanh"
+    act = "gelu" if gated_gelu else activation_to_hf(c.activation)  # "gated-gelu" is read back as gelu_new
     return dict(vocab_size=c.vocab_size, d_model=c.n_embd, d_kv=c.head_dim, num_heads=c.n_head, d_ff=c.intermediate_size,
                 num_layers=c.n_layer, num_decoder_layers=c.n_decoder_layer, relative_attention_num_buckets=c.rel_buckets,
                 relative_attention_max_distance=c.rel_max_distance, layer_norm_epsilon=c.norm_eps,
@@ -120,8 +127,7 @@ def bart_config(h):
                 n_decoder_layer=h["decoder_layers"],
                 block_size=h["max_position_embeddings"], position="learned", position_offset=2,
                 norm_placement="post", embedding_norm=True, final_norm=False,
-                activation={"gelu": "gelu", "gelu_new": "gelu_tanh", "relu": "relu", "silu": "silu", "swish": "silu"}[
-                    h.get("activation_function", "gelu")],
+                activation=activation_from_hf(h.get("activation_function", "gelu"), "activation_function"),
                 embed_scale=d ** 0.5 if h.get("scale_embedding") else None, tie_embeddings=True, lm_head_bias=True,
                 decoder_start_token_id=h.get("decoder_start_token_id", 2))
 
@@ -131,7 +137,7 @@ def _bart_to_hf(c: Config):
                 decoder_attention_heads=c.n_decoder_head, encoder_ffn_dim=c.intermediate_size,
                 decoder_ffn_dim=c.decoder_intermediate_size, encoder_layers=c.n_layer,
                 decoder_layers=c.n_decoder_layer, max_position_embeddings=c.block_size,
-                activation_function={"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu"}[c.activation],
+                activation_function=activation_to_hf(c.activation),
                 scale_embedding=c.embed_scale is not None, decoder_start_token_id=c.decoder_start_token_id,
                 dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2,
                 forced_eos_token_id=None, is_encoder_decoder=True, tie_word_embeddings=True)

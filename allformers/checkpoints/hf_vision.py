@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from ..errors import CheckpointError
-from .maps import Packed, pair, packed, same, separate_qkv, unsqueezed
+from .maps import Packed, activation_from_hf, activation_to_hf, pair, packed, same, separate_qkv, unsqueezed
 
 # ---------------------------------------------------------------------- the driver
 def _expand(rows, n_layers: int):
@@ -128,15 +128,6 @@ def vision_rows(model_type: str, config) -> list:
 
 ARCHITECTURES = {"clip_vision_model": "CLIPVisionModel", "siglip_vision_model": "SiglipVisionModel",
                  "dinov2": "Dinov2Model"}
-HF_ACT = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu", "silu": "silu"}
-OUR_ACT = {**{v: k for k, v in HF_ACT.items()}, "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh"}
-
-
-def _act(hf: dict) -> str:
-    act = hf.get("hidden_act", "gelu")
-    if act not in OUR_ACT:
-        raise CheckpointError(f"hidden_act={act!r} is not supported; supported: {sorted(OUR_ACT)}")
-    return OUR_ACT[act]
 
 
 # ---------------------------------------------------------------------- configs both ways
@@ -147,7 +138,8 @@ def vit_config_from_hf(hf: dict):
     mt = hf.get("model_type")
     common = dict(image_size=hf.get("image_size", 224), patch_size=hf.get("patch_size", 16),
                   channels=hf.get("num_channels", 3), width=hf["hidden_size"], depth=hf["num_hidden_layers"],
-                  heads=hf["num_attention_heads"], activation=_act(hf), norm_eps=hf.get("layer_norm_eps", 1e-5),
+                  heads=hf["num_attention_heads"], activation=activation_from_hf(hf.get("hidden_act", "gelu")),
+                  norm_eps=hf.get("layer_norm_eps", 1e-5),
                   name=hf.get("_name_or_path", "") or mt, description=f"imported from a Hugging Face {ARCHITECTURES.get(mt, mt)}")
     if mt == "clip_vision_model":
         return ViTConfig(**common, intermediate_size=hf["intermediate_size"], patch_bias=False, pre_norm=True,
@@ -185,7 +177,7 @@ def hf_layout(c) -> str:
 def vit_config_to_hf(c, model_type: str) -> dict:
     d = dict(hidden_size=c.width, intermediate_size=c.intermediate_size, num_hidden_layers=c.depth,
              num_attention_heads=c.heads, image_size=c.image_size, patch_size=c.patch_size, num_channels=c.channels,
-             hidden_act=HF_ACT[c.activation], layer_norm_eps=c.norm_eps, attention_dropout=0.0)
+             hidden_act=activation_to_hf(c.activation, "gelu_pytorch_tanh"), layer_norm_eps=c.norm_eps, attention_dropout=0.0)
     if model_type == "siglip_vision_model":
         d["vision_use_head"] = c.pooling == "map"
     if model_type == "dinov2":

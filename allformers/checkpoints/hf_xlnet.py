@@ -12,8 +12,7 @@ import torch
 
 from ..config import Config
 from ..errors import ConfigError
-from .hf_encoders import ACT_IN, ACT_OUT
-from .maps import Family, Row, pair, register_family, same
+from .maps import EXPORTABLE_ACTIVATIONS, Family, Row, activation_from_hf, activation_to_hf, pair, register_family, same
 
 PREFIX = "transformer."
 
@@ -66,7 +65,7 @@ def config_from_hf(h: dict) -> dict:
                               f"pools the last position through dense + tanh: ('last', True, 'tanh', False)")
     return dict(vocab_size=h["vocab_size"], block_size=512, n_layer=h["n_layer"], n_head=h["n_head"],
                 n_embd=h["d_model"], head_dim=h.get("d_head") or h["d_model"] // h["n_head"],
-                intermediate_size=h["d_inner"], activation=ACT_IN[h.get("ff_activation", "gelu")],
+                intermediate_size=h["d_inner"], activation=activation_from_hf(h.get("ff_activation", "gelu"), "ff_activation"),
                 norm_eps=h.get("layer_norm_eps", 1e-12), causal=attn == "uni", norm_placement="post",
                 position="relative_xl", relative_segments=True,
                 attn_bias=False, mlp_bias=True, tie_embeddings=h.get("tie_word_embeddings", True), lm_head_bias=True,
@@ -77,7 +76,7 @@ def config_from_hf(h: dict) -> dict:
 
 def config_to_hf(c: Config) -> dict:
     return dict(vocab_size=c.vocab_size, d_model=c.n_embd, n_layer=c.n_layer, n_head=c.n_head, d_head=c.head_dim,
-                d_inner=c.intermediate_size, ff_activation=ACT_OUT[c.activation], attn_type="uni" if c.causal else "bi",
+                d_inner=c.intermediate_size, ff_activation=activation_to_hf(c.activation), attn_type="uni" if c.causal else "bi",
                 layer_norm_eps=c.norm_eps, dropout=0.0, mem_len=c.mem_len or None, reuse_len=c.reuse_len or None,
                 clamp_len=c.clamp_len or -1, same_length=c.same_length, bi_data=c.bi_data,
                 tie_word_embeddings=c.tie_embeddings, summary_type="last", summary_use_proj=True,
@@ -93,7 +92,7 @@ def fits(c: Config) -> bool:
             and c.norm_class == "LayerNorm" and c.norm_bias
             and c.mlp_class == "MLP" and c.mlp_bias and not c.attn_bias and not c.attn_out_bias
             and c.head_dim * c.n_head == c.n_embd and c.attn_scale in (None, 1 / math.sqrt(c.head_dim))
-            and c.activation in ACT_OUT and c.embed_scale is None and not c.final_norm and c.share_layers == "none"
+            and c.activation in EXPORTABLE_ACTIVATIONS and c.embed_scale is None and not c.final_norm and c.share_layers == "none"
             and head_ok and cls_ok and token_ok)
 
 

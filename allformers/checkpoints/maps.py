@@ -10,6 +10,32 @@ from typing import Callable, Optional
 import torch
 
 from ..config import Config
+from ..errors import CheckpointError
+
+
+# ---------------------------------------------------------------------- activations
+# The names HF configs use (transformers' ACT2FN keys: hidden_act, activation_function, ...) -> ours.
+# One table for every family: several HF names compute the same function (GPT-2's "gelu_new" and
+# LLaMA's "gelu_pytorch_tanh" are both the tanh approximation).
+HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                  "relu": "relu", "silu": "silu", "swish": "silu", "quick_gelu": "quick_gelu", "tanh": "tanh"}
+# ours -> HF's, for export. gelu_tanh has two spellings: `tanh_name` picks the family's ("gelu_new" for
+# GPT-2, BERT, BART and their kin; "gelu_pytorch_tanh" for LLaMA and the vision towers).
+EXPORTABLE_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "quick_gelu", "tanh")
+
+
+def activation_from_hf(name: str, field: str = "hidden_act") -> str:
+    """Our activation for an HF config's `field` value; a clear error for one we do not implement."""
+    if name not in HF_ACTIVATIONS:
+        raise CheckpointError(f"{field}={name!r} is not supported; supported: {sorted(HF_ACTIVATIONS)}")
+    return HF_ACTIVATIONS[name]
+
+
+def activation_to_hf(ours: str, tanh_name: str = "gelu_new") -> str:
+    """HF's name for our activation (the inverse of activation_from_hf)."""
+    if ours not in EXPORTABLE_ACTIVATIONS:
+        raise CheckpointError(f"activation={ours!r} has no Hugging Face name; exportable: {list(EXPORTABLE_ACTIVATIONS)}")
+    return tanh_name if ours == "gelu_tanh" else ours
 
 
 @dataclass
