@@ -99,6 +99,22 @@ def config_json(d: dict, path=None) -> str:
         Path(path).write_text(text)
     return text
 
+def _renamed_fields(d: dict) -> dict:
+    """A saved config with the fields of older releases in today's names. DeBERTa's bucket settings
+    (position_buckets per side, max_relative_positions) became rel_buckets / rel_max_distance; every
+    old config.json has them, so they only carry over where they were read (position="disentangled")."""
+    if "position_buckets" not in d and "max_relative_positions" not in d:
+        return d
+    d = dict(d)
+    buckets, distance = d.pop("position_buckets", None), d.pop("max_relative_positions", None)
+    if d.get("position") == "disentangled":
+        if buckets is not None:
+            d["rel_buckets"] = 2 * buckets
+        if distance is not None:
+            d["rel_max_distance"] = distance
+    return d
+
+
 @dataclass
 class Config:
     # identity
@@ -132,13 +148,15 @@ class Config:
     sinusoidal_layout: str = "interleaved"  # position="sinusoidal": sin, cos per frequency; "halves": [sin | cos] (CTRL)
     rotary_pct: float = 1.0  # fraction of each head that rotates (GPT-NeoX: 0.25)
     rope_base: float = 10000.0
-    rel_buckets: int = 32  # T5 relative bias: distance buckets and the distance where they stop growing
+    # relative distances in buckets, one vocabulary for T5's bias (position="relative_bias") and DeBERTa's
+    # table (position="disentangled"): rel_buckets rows in the relative table over both directions (an
+    # encoder gives half to each side, a T5 decoder all to the past), the first half of a side exact
+    # distances and the rest log-spaced up to rel_max_distance, where they stop growing. DeBERTa: 0 = no
+    # buckets, every distance up to rel_max_distance exact (HF's position_buckets is rel_buckets / 2).
+    rel_buckets: int = 32
     rel_max_distance: int = 128
     # DeBERTa (position="disentangled", attention_class="DisentangledAttention"): one relative embedding
-    # table shared by every layer; log-spaced distance buckets per side (0 = exact distances) that stop
-    # growing at max_relative_positions, and which position terms join content-to-content ("c2p|p2c")
-    position_buckets: int = 256
-    max_relative_positions: int = 512
+    # table shared by every layer, and which position terms join content-to-content ("c2p|p2c")
     pos_att_type: str = "c2p|p2c"
     # Transformer-XL / XLNet (position="relative_xl", attention_class="RelativeXLAttention", models/xlnet.py):
     # relative sinusoids with the learned biases u, v, and segment-level memory. mem_len: past hidden states
@@ -352,13 +370,14 @@ class Config:
                 f"positions and attention go together; leave attention_class unset (it follows from position) or "
                 f"set both position='disentangled' and attention_class='DisentangledAttention'")
         if self.position == "disentangled":
-            if self.position_buckets < 0 or self.max_relative_positions < 1:
-                raise ConfigError(f"position_buckets={self.position_buckets} must be >= 0 (0 = no buckets) and "
-                                  f"max_relative_positions={self.max_relative_positions} >= 1")
-            if self.position_buckets and not 2 <= self.position_buckets // 2 + 1 < self.max_relative_positions:
-                raise ConfigError(f"position_buckets={self.position_buckets} spends half its buckets on exact "
-                                  f"distances; it needs 2 <= position_buckets < 2 * (max_relative_positions - 1) "
-                                  f"(max_relative_positions={self.max_relative_positions})")
+            if self.rel_buckets < 0 or self.rel_buckets % 2 or self.rel_max_distance < 1:
+                raise ConfigError(f"rel_buckets={self.rel_buckets} must be even and >= 0 (0 = no buckets; half go to "
+                                  f"each side) and rel_max_distance={self.rel_max_distance} >= 1")
+            per_side = self.rel_buckets // 2
+            if per_side and not 2 <= per_side // 2 + 1 < self.rel_max_distance:
+                raise ConfigError(f"rel_buckets={self.rel_buckets} spends half of each side's {per_side} buckets on "
+                                  f"exact distances; it needs 4 <= rel_buckets < 4 * (rel_max_distance - 1) "
+                                  f"(rel_max_distance={self.rel_max_distance}); DeBERTa-v3 uses 512 and 512")
             bad = [t for t in self.pos_att_type.split("|") if t and t not in POS_ATT_TERMS]
             if bad:
                 raise ConfigError(f"pos_att_type={self.pos_att_type!r}: {bad} not among {list(POS_ATT_TERMS)} "
@@ -483,6 +502,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
+        d = _renamed_fields(d)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -116,7 +116,7 @@ def test_log_buckets_match_transformers(buckets, max_position):
 def _v3_tiny(**kw):
     return Config(n_layer=3, n_head=4, n_embd=32, vocab_size=50, block_size=64, causal=False, norm_placement="post",
                   embedding_norm=True, position="disentangled", attention_class="DisentangledAttention",
-                  position_buckets=8, max_relative_positions=32, **kw)
+                  rel_buckets=16, rel_max_distance=32, **kw)
 
 
 def test_relative_embeddings_are_one_table_shared_by_every_layer():
@@ -153,8 +153,10 @@ def test_config_switches_go_together():
         _v3_tiny(pos_att_type="c2p|p2p")
     with pytest.raises(ConfigError, match="n_kv_head"):
         _v3_tiny(n_kv_head=2)
-    with pytest.raises(ConfigError, match="position_buckets"):
-        _v3_tiny().replace(max_relative_positions=4)
+    with pytest.raises(ConfigError, match="rel_buckets"):
+        _v3_tiny().replace(rel_max_distance=4)
+    with pytest.raises(ConfigError, match="must be even"):
+        _v3_tiny().replace(rel_buckets=15)
     c = _v3_tiny(pos_att_type="p2c")
     assert Config.from_dict(c.to_dict()) == c
 
@@ -181,3 +183,15 @@ def test_zoo_deberta_v3_base_is_the_released_config():
     with torch.device("meta"):
         hf = T.DebertaV2Model(T.DebertaV2Config(**V3_BASE))
     assert count_params(zoo) == sum(p.numel() for p in hf.parameters())
+
+
+def test_configs_saved_with_the_old_bucket_names_still_load():
+    """position_buckets / max_relative_positions became rel_buckets / rel_max_distance (one vocabulary with
+    T5's). Every older config.json has both old fields; only a disentangled one reads them."""
+    old = {k: v for k, v in _v3_tiny().to_dict().items() if k not in ("rel_buckets", "rel_max_distance")}
+    loaded = Config.from_dict({**old, "position_buckets": 8, "max_relative_positions": 32, "rel_buckets": 32,
+                               "rel_max_distance": 128})
+    assert (loaded.rel_buckets, loaded.rel_max_distance) == (16, 32) and loaded == _v3_tiny()
+    t5 = Config.from_name("t5-small")
+    again = Config.from_dict({**t5.to_dict(), "position_buckets": 256, "max_relative_positions": 512})
+    assert again == t5 and again.rel_buckets == 32

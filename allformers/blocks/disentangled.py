@@ -45,12 +45,13 @@ def log_bucket_position(rel: torch.Tensor, buckets: int, max_position: int) -> t
 
 
 class DisentangledPositions(nn.Module):
-    """The relative embedding table of the whole model: 2 * span rows (span = position_buckets,
-    or max_relative_positions without buckets), normalised once per forward pass."""
+    """The relative embedding table of the whole model: 2 * span rows (span = position_buckets, the
+    buckets per side, HF's name: config.rel_buckets / 2; or max_relative_positions = config.rel_max_distance
+    without buckets), normalised once per forward pass."""
 
     @classmethod
     def from_config(cls, c) -> "DisentangledPositions":
-        return cls(c.n_embd, c.position_buckets, c.max_relative_positions,
+        return cls(c.n_embd, c.rel_buckets // 2, c.rel_max_distance,
                    build_norm(c.norm_class, c.n_embd, c.norm_eps, c.norm_bias))
 
     def __init__(self, dim: int, position_buckets: int, max_relative_positions: int, norm: Optional[nn.Module]):

@@ -95,8 +95,8 @@ def config_from_hf(h: dict) -> dict:
     if relative:
         max_rel = h.get("max_relative_positions", -1)
         d.update(position="disentangled",
-                 position_buckets=max(h.get("position_buckets", -1), 0),
-                 max_relative_positions=max_rel if max_rel >= 1 else h["max_position_embeddings"],
+                 rel_buckets=2 * max(h.get("position_buckets", -1), 0),  # HF counts one side
+                 rel_max_distance=max_rel if max_rel >= 1 else h["max_position_embeddings"],
                  pos_att_type="|".join(terms))
     else:
         d["position"] = "learned" if biased else "none"
@@ -124,7 +124,7 @@ def config_to_hf(c: Config) -> dict:
              pooler_hidden_act=activation_to_hf(c.classifier_activation), legacy=True,
              relative_attention=relative, position_biased_input=c.position == "learned")
     if relative:
-        d.update(position_buckets=c.position_buckets or -1, max_relative_positions=c.max_relative_positions,
+        d.update(position_buckets=c.rel_buckets // 2 or -1, max_relative_positions=c.rel_max_distance,
                  pos_att_type=[t for t in c.pos_att_type.split("|") if t], share_att_key=True, norm_rel_ebd="layer_norm")
     else:
         d["pos_att_type"] = _scale_terms(c) or None

@@ -65,8 +65,8 @@ register(name="all-minilm-l6-v2", description="all-MiniLM-L6-v2 22.7M: 6x384 BER
 #     256 log-spaced distance buckets per side (LayerNorm'd, shared by every layer, projected by each layer's own
 #     q/k weights). 128K SentencePiece vocabulary, no segments, eps 1e-7, GELU classification pooler.
 _deberta_v3 = dict(_post_ln, vocab_size=128100, block_size=512, type_vocab_size=0, norm_eps=1e-7,
-                   position="disentangled", position_buckets=256,
-                   max_relative_positions=512, pos_att_type="c2p|p2c", classifier_activation="gelu")
+                   position="disentangled", rel_buckets=512,  # 256 a side
+                   rel_max_distance=512, pos_att_type="c2p|p2c", classifier_activation="gelu")
 for name, (layers, heads, dim, ff), size in [("deberta-v3-xsmall", (12, 6, 384, 1536), "22M backbone + 49M embeddings"),
                                              ("deberta-v3-small", (6, 12, 768, 3072), "43M backbone + 98M embeddings"),
                                              ("deberta-v3-base", (12, 12, 768, 3072), "85M backbone + 98M embeddings"),
