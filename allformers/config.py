@@ -29,6 +29,7 @@ SHARING = ("none", "all", "attention", "ffn")
 TASKS = ("lm", "sequence-classification", "token-classification", "question-answering", "embedding", "pretraining",
          "base", "replaced-token-detection")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "quick_gelu")
+INITS = ("gpt2", "bert", "t5")  # weight initialisation schemes (models/init.py) for training from scratch
 # The attention class follows from the position scheme: the two relative schemes that change how
 # scores are computed bring their own attention (blocks/disentangled.py, blocks/relative_xl.py,
 # which register these names); every other position uses the plain Attention.
@@ -227,6 +228,9 @@ class Config:
     cross_attention: bool = False  # set on the decoder stack: blocks attend to the encoder output
     decoder_start_token_id: int = 0
     embed_scale: Optional[float] = None  # multiply token embeddings (the original Transformer: sqrt(d_model))
+    # initialisation of a fresh model (models/init.py): "gpt2" N(0, 0.02) with residual projections scaled by
+    # 1/sqrt(2 n_layer); "bert" N(0, 0.02) everywhere; "t5" Mesh TensorFlow's (N(0, 1) embeddings, fan-in scaled)
+    init: str = "gpt2"
     # regularisation
     dropout: float = 0.0
     # derived (filled in __post_init__, kept in JSON for readers, recomputed on load)
@@ -287,6 +291,7 @@ class Config:
         choice("mlp_class", MLPS)
         choice("moe_mlp_class", MLPS)
         choice("activation", ACTIVATIONS)
+        choice("init", INITS)
         choice("head_activation", ACTIVATIONS)
         choice("share_layers", SHARING)
         choice("task", TASKS)

@@ -58,6 +58,7 @@ def t5_config(h):
                 norm_eps=h.get("layer_norm_epsilon", 1e-6), attn_bias=False, mlp_bias=False, attn_scale=1.0,
                 mlp_class="GLU" if gated else "MLP", activation=act, tie_embeddings=tied,
                 head_input_scale=h["d_model"] ** -0.5 if scaled else None,
+                init="t5",  # a fresh T5 (training from scratch) starts as Mesh TensorFlow's does
                 decoder_start_token_id=h.get("decoder_start_token_id", 0) or 0)
 
 

@@ -37,6 +37,7 @@ from ..blocks import build_norm, make_block
 from ..blocks.vision import AttentionPool
 from ..config import Config, ConfigError, SavedConfig
 from .clip import contrastive_loss
+from .init import init_weights
 from .lm import TransformerLM, block_spec
 from .vit import ViT, ViTConfig
 
@@ -158,10 +159,7 @@ class CoCa(nn.Module):
         self.decoder_norm = build_norm(t.norm_class, t.n_embd, t.norm_eps, t.norm_bias)
         self.lm_head = None if t.tie_embeddings else nn.Linear(t.n_embd, t.vocab_size, bias=t.lm_head_bias)
         self.logit_scale = nn.Parameter(torch.tensor(float(c.logit_scale_init)))
-        for block in self.multimodal:  # GPT-2's init, as the unimodal half has
-            for name, p in block.named_parameters():
-                if p.dim() >= 2:
-                    nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * t.n_layer) if name.endswith("proj.weight") else 0.02)
+        init_weights(self.multimodal, t)  # the text config's scheme, as the unimodal half has
 
     @property
     def device(self):

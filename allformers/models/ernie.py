@@ -35,7 +35,6 @@ ErnieConfig nests the text encoder's Config and serialises to one JSON object ("
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
@@ -49,6 +48,7 @@ from ..errors import ConfigError
 from ..objectives.ernie import NO_ENTITY, dea_loss, dea_noise
 from ..objectives.mlm import ObjectiveError, masked_cross_entropy
 from .heads import ClassificationHead, pool
+from .init import init_weights
 from .lm import TransformerLM, _Activation
 
 FUSION_OUTPUTS = ("residual", "activation")
@@ -220,18 +220,9 @@ class ErnieModel(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        """BERT's init for the new parts (N(0, 0.02) weights, zero biases); entity vectors ~ unit length."""
-        n = self.config.n_layer
-        for name, p in self.named_parameters():
-            if name.startswith("text.") or name == "entities.weight":
-                continue  # the text body initialised itself
-            if p.dim() >= 2:
-                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * n) if name.endswith("proj.weight") else 0.02)
-            elif name.endswith("bias"):
-                nn.init.zeros_(p)
-        for name, m in self.named_modules():
-            if not name.startswith("text") and isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
-                m.reset_parameters()
+        """The new parts by the text body's init scheme (the body initialised itself); entity vectors ~ unit length."""
+        depth = self.config.text.replace(n_layer=self.config.n_layer)  # residual scaling counts the aggregators too
+        init_weights(self, depth, skip=lambda n: n.startswith("text.") or n == "entities.weight")
         nn.init.normal_(self.entities.weight, 0.0, self.config.entity_dim ** -0.5)
         self.entities.weight.requires_grad_(not self.config.freeze_entities)
 

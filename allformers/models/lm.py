@@ -2,7 +2,6 @@
 with a different Config (and encoders are the same stack with `causal=False`)."""
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -18,6 +17,7 @@ from ..config import Config
 from ..blocks.feedforward import ACTIVATIONS
 from ..errors import AllformersError, ContextLengthError
 from ..generation.checks import check_token_ids
+from .init import init_weights
 
 
 def block_spec(c: Config) -> BlockSpec:
@@ -151,18 +151,8 @@ class TransformerLM(nn.Module):
 
     # ------------------------------------------------------------------ init
     def reset_parameters(self):
-        """GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""
-        for name, p in self.named_parameters():
-            if p.is_meta:  # shapes only (parameter counts): nothing to fill, and torch's meta normal_ is slow
-                continue
-            if p.dim() >= 2:
-                std = 0.02 / math.sqrt(2 * self.config.n_layer) if name.endswith("proj.weight") else 0.02
-                nn.init.normal_(p, 0.0, std)
-            elif name.endswith("bias"):
-                nn.init.zeros_(p)
-        for m in self.modules():
-            if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
-                m.reset_parameters()
+        """A fresh model's weights, by the config's init scheme (models/init.py: gpt2, bert or t5)."""
+        init_weights(self, self.config)
 
     # ------------------------------------------------------------------ helpers
     @property

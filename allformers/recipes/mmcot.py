@@ -289,7 +289,6 @@ class ModelFactory:
 
     def _build(self):
         from ..config import Config
-        from .seq2seq import t5_init
 
         spec, tok = self.spec, self.data.tokenizer
         torch.manual_seed(spec.seed)
@@ -298,9 +297,7 @@ class ModelFactory:
             text = Config.from_name("t5-small", vocab_size=tok.vocab_size, dropout=spec.dropout,
                                     head_input_scale=size["n_embd"] ** -0.5, decoder_start_token_id=tok.pad_id,
                                     **size).replace(name="mmcot-t5", description="t5-small's layout, tiny")
-            model = MultimodalSeq2Seq(MultimodalConfig(text=text, vision=self._vision()))
-            t5_init(model.t5)
-            return model
+            return MultimodalSeq2Seq(MultimodalConfig(text=text, vision=self._vision()))  # T5's init: text.init
         if spec.base is None:  # a LLaMA-layout decoder from scratch
             size = {**DECODER_TINY, **spec.size}
             text = Config(name="mmcot-decoder", description="LLaMA layout, tiny", vocab_size=tok.vocab_size,

@@ -145,40 +145,12 @@ def tiny_config(kind: str, tokenizer, dropout: float = 0.0, **overrides):
 
 
 def build(kind: str, tokenizer, seed: int = 0, **kw):
-    """A freshly initialised tiny model: T5 with T5's own initialisation (t5_init), BART with N(0, 0.02)."""
+    """A freshly initialised tiny model: T5 with T5's own initialisation (its config's init="t5"), BART with
+    GPT-2's N(0, 0.02)."""
     from ..models import Seq2SeqLM
 
     torch.manual_seed(seed)
-    model = Seq2SeqLM(tiny_config(kind, tokenizer, **kw))
-    return t5_init(model) if kind == "t5" else model
-
-
-@torch.no_grad()
-def t5_init(model):
-    """Mesh TensorFlow / Hugging Face T5 initialisation. It matters: T5 has no 1/sqrt(d) in attention
-    (the query init carries it) and scales the tied output by d**-0.5, so its embedding starts at
-    N(0, 1); with GPT-2's N(0, 0.02) the output logits start ~50x too small and learning crawls."""
-    c = model.config
-    d, inner = c.n_embd, c.n_head * c.head_dim
-    for name, p in model.named_parameters():
-        if p.dim() == 1:  # RMSNorm gains
-            p.fill_(1.0)
-        elif name.endswith("wte.weight") or name.endswith("lm_head.weight"):
-            p.normal_(0.0, 1.0)
-        elif name.endswith("attn.qkv.weight"):
-            p[:inner].normal_(0.0, (d * c.head_dim) ** -0.5)  # q
-            p[inner:].normal_(0.0, d ** -0.5)  # k, v
-        elif name.endswith("cross_attn.q.weight"):
-            p.normal_(0.0, (d * c.head_dim) ** -0.5)
-        elif name.endswith("cross_attn.kv.weight") or name.endswith("mlp.fc.weight") or "relative" in name:
-            p.normal_(0.0, d ** -0.5)
-        elif name.endswith("attn.proj.weight"):
-            p.normal_(0.0, inner ** -0.5)
-        elif name.endswith("mlp.proj.weight"):
-            p.normal_(0.0, c.intermediate_size ** -0.5)
-        else:
-            raise AllformersError(f"t5_init does not know {name}")
-    return model
+    return Seq2SeqLM(tiny_config(kind, tokenizer, **kw))
 
 
 def with_dropout(model, dropout: float):
