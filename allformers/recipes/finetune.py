@@ -335,11 +335,7 @@ def finetune(model="minilm", data=None, out="runs/spam", *, epochs: float = 1.0,
     log = (lambda *a: print(*a, file=sys.stderr)) if verbose else (lambda *a: None)
     if threads:
         torch.set_num_threads(threads)
-    if epochs <= 0 or batch_size <= 0 or max_length < 8:
-        raise FinetuneError(f"need epochs > 0, batch_size > 0 and max_length >= 8 "
-                            f"(got {epochs}, {batch_size}, {max_length})")
-    if not 0 <= warmup_fraction < 1:
-        raise FinetuneError(f"warmup_fraction={warmup_fraction} must be in [0, 1) (the share of steps spent warming up)")
+    check_settings(epochs, batch_size, max_length, warmup_fraction)
     # every training setting, the device and the output folder, before the data and the model are read
     TrainConfig(max_steps=max_steps or 1, batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr=lr / 10,
                 weight_decay=weight_decay, eval_interval=eval_interval, checkpoint_interval=checkpoint_interval,
@@ -360,16 +356,10 @@ def finetune(model="minilm", data=None, out="runs/spam", *, epochs: float = 1.0,
         raise FinetuneError(f"max_length={max_length} is longer than the model's block_size={clf.config.block_size}")
     t_model = time.perf_counter()
 
-    label_id = {lab: i for i, lab in enumerate(labels)}
-    ids, types, lengths = encode(tok, [record_text(r) for r in records], max_length)
-    y = torch.tensor([label_id[str(r["label"])] for r in records], dtype=torch.long)
-    pad = tok.pad_id
-    tr, ho = torch.tensor(train_idx), torch.tensor(held_idx)
-    train_data = ClassificationData(ids[tr], types[tr], lengths[tr], y[tr], pad, seed=seed)
-    evals = {"val": eval_batches(ids[ho], types[ho], lengths[ho], y[ho], pad, eval_batch_size)}
+    train_data, evals, at_max = tensors(tok, records, labels, train_idx, held_idx, max_length, eval_batch_size, seed)
     t_data = time.perf_counter()
     log(f"[allformers] tokenised {len(records)} texts in {t_data - t_model:.1f} s; "
-        f"{(lengths >= max_length).float().mean().item():.0%} reach max_length={max_length}")
+        f"{at_max:.0%} reach max_length={max_length}")
 
     steps = max_steps or max(1, math.ceil(epochs * len(train_idx) / batch_size))
     cfg = TrainConfig(max_steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr=lr / 10,
@@ -379,16 +369,7 @@ def finetune(model="minilm", data=None, out="runs/spam", *, epochs: float = 1.0,
                       checkpoint_interval=checkpoint_interval, seed=seed, device=device, threads=threads)
     out = Path(out)  # checked at the start; a fresh run's Trainer keeps the last run's records aside
     objective = SequenceClassification(labels)
-    trainer = Trainer(clf, objective, train_data, cfg, eval_data=evals, out=out, tokenizer=tok,
-                      progress=progress, eval_metrics=objective.metrics)
-    if resume and (out / CHECKPOINT_DIR).exists():
-        trainer.load_checkpoint()
-        log(f"[allformers] resumed from {out / CHECKPOINT_DIR} at step {trainer.step}")
-    summary = trainer.fit()
-    if not trainer.last_metrics:  # resumed at the last step: fit() had nothing left to evaluate
-        trainer.last_eval = trainer.evaluate()
-        trainer.last_metrics = objective.metrics()
-    metrics = trainer.last_metrics
+    trainer, summary, metrics = fit_classifier(clf, tok, objective, train_data, evals, cfg, out, resume, progress, log)
     t_fit = time.perf_counter()
 
     if trainer.is_main:
@@ -402,10 +383,7 @@ def finetune(model="minilm", data=None, out="runs/spam", *, epochs: float = 1.0,
         "split": {"method": "per label, smallest sha256(id) first", "eval_fraction": eval_fraction,
                   "train": len(train_idx), "heldout": len(held_idx)},
         "accuracy": metrics.get("val_accuracy"), "heldout_loss": metrics.get("val_mean_loss"),
-        "per_class": {lab: {"precision": metrics.get(f"val_precision_{lab}"), "recall": metrics.get(f"val_recall_{lab}"),
-                            "f1": f1(metrics.get(f"val_precision_{lab}", 0.0), metrics.get(f"val_recall_{lab}", 0.0)),
-                            "support": sum(row) if row else 0}
-                      for lab, row in zip(labels, confusion or [[]] * len(labels))},
+        "per_class": per_class(metrics, labels, confusion),
         "confusion": confusion,
         "settings": {"epochs": epochs, "steps": steps, "lr": lr, "batch_size": batch_size, "max_length": max_length,
                      "seed": seed, "dropout": clf.config.dropout, "weight_decay": weight_decay,
@@ -420,6 +398,51 @@ def finetune(model="minilm", data=None, out="runs/spam", *, epochs: float = 1.0,
         (out / SUMMARY_FILE).write_text(json.dumps(result, indent=2))
         result["table"] = metrics_table(metrics, labels, confusion)
     return result
+
+
+def fit_classifier(clf, tok, objective, train_data, evals, cfg: TrainConfig, out: Path, resume: bool, progress: bool,
+                   log):
+    """(trainer, fit summary, held-out metrics): a Trainer run, resumed from out's checkpoint when asked."""
+    trainer = Trainer(clf, objective, train_data, cfg, eval_data=evals, out=out, tokenizer=tok,
+                      progress=progress, eval_metrics=objective.metrics)
+    if resume and (out / CHECKPOINT_DIR).exists():
+        trainer.load_checkpoint()
+        log(f"[allformers] resumed from {out / CHECKPOINT_DIR} at step {trainer.step}")
+    summary = trainer.fit()
+    if not trainer.last_metrics:  # resumed at the last step: fit() had nothing left to evaluate
+        trainer.last_eval = trainer.evaluate()
+        trainer.last_metrics = objective.metrics()
+    return trainer, summary, trainer.last_metrics
+
+
+def check_settings(epochs: float, batch_size: int, max_length: int, warmup_fraction: float) -> None:
+    if epochs <= 0 or batch_size <= 0 or max_length < 8:
+        raise FinetuneError(f"need epochs > 0, batch_size > 0 and max_length >= 8 "
+                            f"(got {epochs}, {batch_size}, {max_length})")
+    if not 0 <= warmup_fraction < 1:
+        raise FinetuneError(f"warmup_fraction={warmup_fraction} must be in [0, 1) (the share of steps spent warming up)")
+
+
+def tensors(tok, records: list[dict], labels: list[str], train_idx, held_idx, max_length: int, eval_batch_size: int,
+            seed: int):
+    """(training data, {"val": held-out batches}, share of texts cut at max_length): every record
+    tokenised once, then indexed into the two sides of the split."""
+    label_id = {lab: i for i, lab in enumerate(labels)}
+    ids, types, lengths = encode(tok, [record_text(r) for r in records], max_length)
+    y = torch.tensor([label_id[str(r["label"])] for r in records], dtype=torch.long)
+    tr, ho = torch.tensor(train_idx), torch.tensor(held_idx)
+    train_data = ClassificationData(ids[tr], types[tr], lengths[tr], y[tr], tok.pad_id, seed=seed)
+    evals = {"val": eval_batches(ids[ho], types[ho], lengths[ho], y[ho], tok.pad_id, eval_batch_size)}
+    return train_data, evals, (lengths >= max_length).float().mean().item()
+
+
+def per_class(metrics: dict, labels: list[str], confusion) -> dict:
+    """{label: precision, recall, f1, support} from the objective's held-out metrics."""
+    rows = confusion or [[]] * len(labels)
+    return {lab: {"precision": metrics.get(f"val_precision_{lab}"), "recall": metrics.get(f"val_recall_{lab}"),
+                  "f1": f1(metrics.get(f"val_precision_{lab}", 0.0), metrics.get(f"val_recall_{lab}", 0.0)),
+                  "support": sum(row) if row else 0}
+            for lab, row in zip(labels, rows)}
 
 
 def training_settings(path) -> dict:

@@ -632,26 +632,11 @@ def run_pretrain_recipe(name: str, *, data=None, out=None, max_steps: Optional[i
                         return_model=return_model)
 
 
-def run_pretrain(recipe: PretrainRecipe, *, out, data=None, tokenizer=None, resume: bool = False,
-                 progress: bool = True, verbose: bool = True, prepared=None, return_model: bool = False) -> dict:
-    """Pretrain `recipe` from scratch and save encoder/ (+ generator/ for ELECTRA) in `out`.
-    `tokenizer`: a Tokenizer or folder to share (default: train one on the text). `prepared`:
-    (tokenizer, train rows, held-out rows, path) from `prepare_data`, to skip tokenising again.
-    Returns the summary also written to summary.json: steps, FLOPs per step and in total, times,
-    final losses, parameter counts, paths (return_model=True adds the trained module under "model")."""
-    from ..checkpoints.io import save
+def pretrain_data(recipe: PretrainRecipe, cfg: TrainConfig, tok, train_rows, val_rows, path, log):
+    """(masker, training data, {"val": fixed masked batches}): dynamic masking of the training rows,
+    one source per phase when the recipe has phases (each phase's rows re-cut at its length)."""
     from ..objectives import MaskedLMData, MLMMasker
 
-    t0 = time.perf_counter()
-    log = print if verbose else (lambda *a, **k: None)
-    name = recipe.name
-    cfg = recipe.train
-    if cfg.eval_interval > cfg.max_steps:
-        cfg = cfg.replace(eval_interval=0)
-    out = check_out(out)  # before the data is read; a fresh run's Trainer keeps the last run's records aside
-
-    tok, train_rows, val_rows, path = prepared if prepared is not None else prepare_data(recipe, data, tokenizer, log=log)
-    t_data = time.perf_counter()
     masker = MLMMasker.from_tokenizer(tok, mlm_probability=recipe.mlm_probability)
     train_data = MaskedLMData(train_rows, masker, dynamic=True, seed=cfg.seed)
     if recipe.phases:
@@ -668,6 +653,29 @@ def run_pretrain(recipe: PretrainRecipe, *, out, data=None, tokenizer=None, resu
     eval_batch = max(1, min(64, len(val)))
     eval_data = {"val": [masker.apply({"input_ids": val[i:i + eval_batch]}, gen)
                          for i in range(0, len(val), eval_batch)]}
+    return masker, train_data, eval_data
+
+
+def run_pretrain(recipe: PretrainRecipe, *, out, data=None, tokenizer=None, resume: bool = False,
+                 progress: bool = True, verbose: bool = True, prepared=None, return_model: bool = False) -> dict:
+    """Pretrain `recipe` from scratch and save encoder/ (+ generator/ for ELECTRA) in `out`.
+    `tokenizer`: a Tokenizer or folder to share (default: train one on the text). `prepared`:
+    (tokenizer, train rows, held-out rows, path) from `prepare_data`, to skip tokenising again.
+    Returns the summary also written to summary.json: steps, FLOPs per step and in total, times,
+    final losses, parameter counts, paths (return_model=True adds the trained module under "model")."""
+    from ..checkpoints.io import save
+
+    t0 = time.perf_counter()
+    log = print if verbose else (lambda *a, **k: None)
+    name = recipe.name
+    cfg = recipe.train
+    if cfg.eval_interval > cfg.max_steps:
+        cfg = cfg.replace(eval_interval=0)
+    out = check_out(out)  # before the data is read; a fresh run's Trainer keeps the last run's records aside
+
+    tok, train_rows, val_rows, path = prepared if prepared is not None else prepare_data(recipe, data, tokenizer, log=log)
+    t_data = time.perf_counter()
+    masker, train_data, eval_data = pretrain_data(recipe, cfg, tok, train_rows, val_rows, path, log)
 
     model = build_models(recipe, tok.vocab_size, cfg.seed)
     electra = recipe.objective == "electra"
@@ -676,9 +684,8 @@ def run_pretrain(recipe: PretrainRecipe, *, out, data=None, tokenizer=None, resu
     probe = masker.apply({"input_ids": train_rows[: cfg.batch_size]}, torch.Generator().manual_seed(cfg.seed))
     flops = step_flops(model, objective, probe)  # the training data's generator is left alone
     objective.recent = []
-    trainer_cls = ElectraTrainer if electra else Trainer
-    trainer = trainer_cls(model, objective, train_data, cfg, eval_data=eval_data, out=out, tokenizer=tok,
-                          progress=progress, eval_metrics=objective.metrics)
+    trainer = (ElectraTrainer if electra else Trainer)(model, objective, train_data, cfg, eval_data=eval_data, out=out,
+                                                      tokenizer=tok, progress=progress, eval_metrics=objective.metrics)
     if resume and (out / CHECKPOINT_DIR / STATE_FILE).exists():
         trainer.load_checkpoint()
         log(f"[allformers] resumed from {out / CHECKPOINT_DIR} at step {trainer.step}")
@@ -692,14 +699,15 @@ def run_pretrain(recipe: PretrainRecipe, *, out, data=None, tokenizer=None, resu
     if electra:
         save(model.generator, out / GENERATOR_DIR, tokenizer=tok)
     last = trainer.last_eval
+    phases = ([{"steps": n, "seq_len": L} for n, (_, L) in zip(train_data.steps, recipe.phases)]
+              if recipe.phases else None)
     result = {
         "recipe": name, "objective": recipe.objective, "data": str(path), "out": str(out),
         "encoder": str(out / ENCODER_DIR), "generator": str(out / GENERATOR_DIR) if electra else None,
         "steps": trainer.step, "batch_size": cfg.batch_size, "seq_len": recipe.seq_len,
-        "tokens_seen": (sum(n * cfg.batch_size * L for n, (_, L) in zip(train_data.steps, recipe.phases))
-                        if recipe.phases else trainer.step * cfg.batch_size * recipe.seq_len),
-        "phases": [{"steps": n, "seq_len": L} for n, (_, L) in zip(train_data.steps, recipe.phases)]
-        if recipe.phases else None,
+        "tokens_seen": (sum(p["steps"] * cfg.batch_size * p["seq_len"] for p in phases) if phases
+                        else trainer.step * cfg.batch_size * recipe.seq_len),
+        "phases": phases,
         "flops_per_step": flops, "train_flops": flops["total"] * trainer.step,
         "params": param_counts(model), "vocab_size": tok.vocab_size,
         "train_rows": len(train_rows), "heldout_rows": len(val_rows),

@@ -17,6 +17,7 @@ and the starting model already does it sometimes (PPO needs some successes to re
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import random
@@ -202,8 +203,7 @@ def run_rlhf(lm, tokenizer, out, recipe: RLHFRecipe = RLHFRecipe(), *, progress:
     prop = PROPERTIES[recipe.property]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    times: dict = {}
+    t_start, clock = time.perf_counter(), StageClock(log)
     torch.manual_seed(recipe.seed)
     rng = random.Random(recipe.seed)
     train_text, held_text = make_prompts(seed=recipe.seed)
@@ -211,77 +211,49 @@ def run_rlhf(lm, tokenizer, out, recipe: RLHFRecipe = RLHFRecipe(), *, progress:
     held_text = rng.sample(held_text, min(recipe.eval_prompts, len(held_text)))
     train_ids = [encode_prompt(tokenizer, p) for p in train_text]
     held_ids = [encode_prompt(tokenizer, p) for p in held_text]
-    check = prop.check
 
-    def elapsed(name, t0):
-        times[name] = round(time.perf_counter() - t0, 1)
-        log(f"[rlhf] {name}: {times[name]:.0f} s")
-
-    # 1. preference pairs from the starting policy's own replies
-    t0 = time.perf_counter()
-    gen = torch.Generator().manual_seed(recipe.seed)
-    replies = sample_replies(lm, tokenizer, train_ids, max_new_tokens=recipe.pair_tokens, generator=gen,
-                             progress=progress)
-    texts = [tokenizer.decode(r) for r in replies]
-    finished = [bool(r) and r[-1] == tokenizer.eos_id for r in replies]
-    records = make_pairs(train_text, texts, prop, seed=recipe.seed, near_miss=recipe.near_miss)
-    done_of = dict(zip(train_text, finished))  # prompts are distinct; a prompt may give two pairs
-    finished = [done_of[r["prompt"]] for r in records]
-    (out / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    pairs = encode_pairs(records, tokenizer, finished, seed=recipe.seed)
-    elapsed("pairs", t0)
-
-    # 2. the starting policy on held-out prompts
-    t0 = time.perf_counter()
-    ev = dict(check=check, max_new_tokens=recipe.eval_tokens, seed=recipe.seed + 1, progress=progress)
-    base = evaluate_policy(lm, tokenizer, held_ids, **ev)
-    held_texts, held_done = base.pop("texts"), base.pop("finished")
-    held_records = make_pairs(held_text, held_texts, prop, seed=recipe.seed + 1, near_miss=recipe.near_miss)
-    done_of = dict(zip(held_text, held_done))
-    held_done = [done_of[r["prompt"]] for r in held_records]
-    elapsed("baseline eval", t0)
+    with clock("pairs"):  # 1. preference pairs from the starting policy's own replies
+        gen = torch.Generator().manual_seed(recipe.seed)
+        replies = sample_replies(lm, tokenizer, train_ids, max_new_tokens=recipe.pair_tokens, generator=gen,
+                                 progress=progress)
+        records, finished = pairs_of(train_text, [tokenizer.decode(r) for r in replies],
+                                     [bool(r) and r[-1] == tokenizer.eos_id for r in replies], prop, recipe.seed,
+                                     recipe.near_miss)
+        (out / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        pairs = encode_pairs(records, tokenizer, finished, seed=recipe.seed)
+    with clock("baseline eval"):  # 2. the starting policy on held-out prompts
+        ev = dict(check=prop.check, max_new_tokens=recipe.eval_tokens, seed=recipe.seed + 1, progress=progress)
+        base = evaluate_policy(lm, tokenizer, held_ids, **ev)
+        held_records, held_done = pairs_of(held_text, base.pop("texts"), base.pop("finished"), prop,
+                                           recipe.seed + 1, recipe.near_miss)
     log(f"[rlhf] start: property rate {base['rate']:.3f}")
-
-    # 3. reward model
-    t0 = time.perf_counter()
-    held_pairs = encode_pairs(held_records, tokenizer, held_done)
-    rm, rm_summary = train_reward_model(lm, tokenizer, pairs, recipe.reward, out=out / "reward",
-                                        eval_pairs=held_pairs, progress=progress)
-    score_fn = rm_score_fn(rm, tokenizer)
-    rm.save(out / "reward" / "model", tokenizer=tokenizer)  # for `allformers ppo --reward` / `best-of-n --reward`
-    elapsed("reward model", t0)
+    with clock("reward model"):  # 3. reward model
+        rm, rm_summary = train_reward_model(lm, tokenizer, pairs, recipe.reward, out=out / "reward",
+                                            eval_pairs=encode_pairs(held_records, tokenizer, held_done),
+                                            progress=progress)
+        score_fn = rm_score_fn(rm, tokenizer)
+        rm.save(out / "reward" / "model", tokenizer=tokenizer)  # for `allformers ppo --reward` / `best-of-n --reward`
     log(f"[rlhf] reward model held-out pair accuracy {rm_summary['heldout']['accuracy']:.3f}")
 
-    # 4a. PPO
-    t0 = time.perf_counter()
-    ppo_lm = copy.deepcopy(lm)
-    ppo_fit = train_ppo(ppo_lm, tokenizer, score_fn, train_ids, recipe.ppo, out=out / "ppo", check=check,
-                        progress=progress)
-    elapsed("ppo", t0)
-    t0 = time.perf_counter()
-    ppo = _drop_texts(evaluate_policy(ppo_lm, tokenizer, held_ids, score_fn=score_fn, **ev))
-    elapsed("ppo eval", t0)
-    del ppo_lm
+    # 4. PPO and DPO, each on its own copy of the starting policy, then measured like it
+    def tuned(name, train):
+        policy = copy.deepcopy(lm)
+        with clock(name):
+            fit = train(policy)
+        with clock(f"{name} eval"):
+            return fit, _drop_texts(evaluate_policy(policy, tokenizer, held_ids, score_fn=score_fn, **ev))
 
-    # 4b. DPO
-    t0 = time.perf_counter()
-    dpo_lm = copy.deepcopy(lm)
-    dpo_fit = train_dpo(dpo_lm, tokenizer, pairs, recipe.dpo, out=out / "dpo", progress=progress)
-    elapsed("dpo", t0)
-    t0 = time.perf_counter()
-    dpo = _drop_texts(evaluate_policy(dpo_lm, tokenizer, held_ids, score_fn=score_fn, **ev))
-    elapsed("dpo eval", t0)
-    del dpo_lm
-
+    ppo_fit, ppo = tuned("ppo", lambda p: train_ppo(p, tokenizer, score_fn, train_ids, recipe.ppo, out=out / "ppo",
+                                                    check=prop.check, progress=progress))
+    dpo_fit, dpo = tuned("dpo", lambda p: train_dpo(p, tokenizer, pairs, recipe.dpo, out=out / "dpo",
+                                                    progress=progress))
     rows = {"start": base, "ppo": ppo, "dpo": dpo}
-    # 5. best-of-n with the reward model (Sparrow's reranking), no training of the policy
-    if recipe.best_of:
-        t0 = time.perf_counter()
-        picks = [best_of_n(lm, tokenizer, rm, p, recipe.best_of, max_new_tokens=recipe.eval_tokens,
-                           seed=recipe.seed + i)[0] for i, p in enumerate(held_text[:recipe.best_of_prompts])]
-        rows[f"best-of-{recipe.best_of}"] = {"rate": sum(map(check, picks)) / len(picks), "kl": None,
-                                             "n": len(picks), "examples": picks[:6]}
-        elapsed("best-of-n", t0)
+    if recipe.best_of:  # 5. best-of-n with the reward model (Sparrow's reranking), no training of the policy
+        with clock("best-of-n"):
+            picks = [best_of_n(lm, tokenizer, rm, p, recipe.best_of, max_new_tokens=recipe.eval_tokens,
+                               seed=recipe.seed + i)[0] for i, p in enumerate(held_text[:recipe.best_of_prompts])]
+            rows[f"best-of-{recipe.best_of}"] = {"rate": sum(map(prop.check, picks)) / len(picks), "kl": None,
+                                                 "n": len(picks), "examples": picks[:6]}
 
     from ..training.plot import plot_rlhf
 
@@ -291,11 +263,33 @@ def run_rlhf(lm, tokenizer, out, recipe: RLHFRecipe = RLHFRecipe(), *, progress:
                "pairs": len(pairs), "heldout_pairs": len(held_records), "reward_model": rm_summary,
                "ppo_last_rollout": ppo_fit["last_rollout"],
                "dpo_last_step": next(r for r in reversed(dpo_fit["history"]) if r["event"] == "train"),
-               "times_s": times,
+               "times_s": clock.times,
                "wall_time_s": round(time.perf_counter() - t_start, 1), "plot": str(plot),
                "recipe": dataclasses.asdict(recipe)}
     save_json(out / "summary.json", summary)
     return summary
+
+
+class StageClock:
+    """`with clock("name"):` times a stage into clock.times (seconds, 1 decimal) and logs it."""
+
+    def __init__(self, log):
+        self.log, self.times = log, {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.times[name] = round(time.perf_counter() - t0, 1)
+        self.log(f"[rlhf] {name}: {self.times[name]:.0f} s")
+
+
+def pairs_of(prompts, texts, finished, prop, seed: int, near_miss) -> tuple[list, list]:
+    """(pair records, finished flag of each pair's reply) from one reply per distinct prompt; a
+    prompt may give two pairs, each keeping its reply's flag."""
+    records = make_pairs(prompts, texts, prop, seed=seed, near_miss=near_miss)
+    done_of = dict(zip(prompts, finished))
+    return records, [done_of[r["prompt"]] for r in records]
 
 
 def _drop_texts(row: dict) -> dict:

@@ -125,16 +125,8 @@ def run_sft(model: Union[str, Path, torch.nn.Module] = "smollm2", data: Union[st
     out/sft.json) with the held-out response loss before and after, and `trained_model`."""
     t0 = time.perf_counter()
     log = (lambda *a: print(*a, file=sys.stderr)) if verbose else (lambda *a: None)
-    if template not in TEMPLATES:
-        raise SFTError(f"unknown template {template!r}; use one of {list(TEMPLATES)}")
-    if data is None:
-        raise SFTError("no data: pass a JSON-lines file (or a list of records)")
-    if merge and lora is None:
-        raise SFTError("merge only applies to LoRA training (full fine-tuning already changes the weights)")
     # every setting, the device and the output folder are checked before anything is read or loaded
-    if max_length is not None and max_length < 8:
-        raise SFTError(f"max_length={max_length} is too short for a prompt and a reply; use >= 8 (or leave it out: "
-                       f"512 or the model's context)")
+    check_settings(template, data, lora, merge, max_length)
     lr = lr if lr is not None else (2e-4 if lora is not None else 2e-5)
     cfg = TrainConfig(max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                       min_lr=min_lr if min_lr is not None else lr / 10,
@@ -143,45 +135,31 @@ def run_sft(model: Union[str, Path, torch.nn.Module] = "smollm2", data: Union[st
                       eval_interval=eval_interval, eval_at_start=True, log_interval=log_interval,
                       seed=seed, device=device, threads=threads)
     check_device(device)
+    out = Path(out) if out is not None else None
     if out is not None:
         check_out(out)
     if threads:
         torch.set_num_threads(threads)
-    if isinstance(data, (list, tuple)):
-        for i, r in enumerate(data):
-            check_record(r, f"record {i}")
-        records, data_name = list(data), f"{len(data)} records"
-    else:
-        records, data_name = read_sft_records(data), str(data)
-    if max_records is not None:
-        records = records[:max_records]
+    records, data_name = sft_records(data, max_records)
 
     model, tok, source = load_base(model, tokenizer)
     max_length = max_length if max_length is not None else min(512, model.config.block_size)  # 0 is refused below
-    if max_length > model.config.block_size:
-        raise SFTError(f"max_length={max_length} is longer than the model's block_size={model.config.block_size}")
-    if max_length < 8:
-        raise SFTError(f"max_length={max_length} is too short for a prompt and a reply")
+    check_max_length(max_length, model.config.block_size)
     train_recs, eval_recs = heldout(records, eval_fraction)
     train_ex, skipped, truncated = encode_all(train_recs, tok, template, max_length)
     eval_ex, _, _ = encode_all(eval_recs, tok, template, max_length)
     if not train_ex:
         raise SFTError(f"no training example keeps a response token within max_length={max_length}; raise it")
-    n_resp = sum(sum(t != -100 for t in e.labels) for e in train_ex)
+    examples = {"train": len(train_ex), "heldout": len(eval_ex), "skipped": skipped, "truncated": truncated,
+                "train_response_tokens": sum(sum(t != -100 for t in e.labels) for e in train_ex)}
     log(f"[allformers] {data_name}: {len(train_ex)} train / {len(eval_ex)} held-out examples, template {template}; "
-        f"{n_resp} response tokens of {sum(len(e) for e in train_ex)}; {skipped} skipped, {truncated} truncated "
-        f"at max_length={max_length}")
+        f"{examples['train_response_tokens']} response tokens of {sum(len(e) for e in train_ex)}; {skipped} skipped, "
+        f"{truncated} truncated at max_length={max_length}")
 
     torch.manual_seed(seed)  # the adapters' initial A
-    wrapped = apply_lora(model, lora) if lora is not None else []
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    if lora is not None:
-        log(f"[allformers] LoRA rank {lora.rank}, alpha {lora.alpha} on {len(wrapped)} Linears: "
-            f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    wrapped, trainable, total = add_adapters(model, lora, log)
     save_tok = copy.copy(tok)  # saved with a chat template, so `allformers chat OUT` prompts as trained
     save_tok.chat_template = template_for_saving(tok, template)
-    out = Path(out) if out is not None else None
     # (out was checked at the start; a fresh run's Trainer keeps the last run's records aside)
     train_data = SFTData(train_ex, tok.pad_id, pack=pack, block_size=max_length, seed=seed)
     evals = ({"val": [collate(eval_ex[i:i + eval_batch_size], tok.pad_id)
@@ -190,58 +168,103 @@ def run_sft(model: Union[str, Path, torch.nn.Module] = "smollm2", data: Union[st
                       progress=progress)
     fit = trainer.fit()
 
-    eval_losses = [r["val_loss"] for r in trainer.history if r["event"] == "eval"]
-    train_losses = trainer.history_train_losses()
     if lora is not None and merge:
         merge_lora(model)
     model.tokenizer = save_tok
-    saved = None
-    if out is not None and trainer.is_main:
-        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)  # optimizer state: not needed after the run
-        if lora is None or merge:
-            from .finetune import save_final
-
-            save_final(model, save_tok, out)
-            saved = "merged model" if merge else "model"
-        else:
-            base = source
-            if base is None:  # an in-memory model: its frozen weights go beside the adapters
-                base = out / "base"
-                frozen = copy.deepcopy(model)
-                with torch.no_grad():
-                    for p in lora_parameters(frozen):
-                        p.zero_()  # a zero update: merging gives back the base weights
-                merge_lora(frozen).save(base, tokenizer=save_tok)
-            tmp = out / ".adapter.tmp"
-            save_adapter(model, tmp, lora, base.resolve(), tokenizer=save_tok)
-            for f in tmp.iterdir():
-                f.replace(out / f.name)
-            shutil.rmtree(tmp, ignore_errors=True)
-            saved = "adapters"
+    saved = save_outputs(model, save_tok, out, lora, merge, source) if out is not None and trainer.is_main else None
     summary = {
         "model": str(source) if source is not None else "(model object)", "data": data_name, "template": template,
         "out": str(out) if out is not None else None, "saved": saved, "pack": pack, "max_length": max_length,
         "lora": {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout, "targets": list(lora.targets),
                  "wrapped": len(wrapped), "merged": merge} if lora is not None else None,
-        "trainable_params": trainable, "total_params": total,
-        "examples": {"train": len(train_ex), "heldout": len(eval_ex), "skipped": skipped, "truncated": truncated,
-                     "train_response_tokens": n_resp},
+        "trainable_params": trainable, "total_params": total, "examples": examples,
         "settings": {"max_steps": max_steps, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
                      "min_lr": cfg.min_lr, "warmup_steps": cfg.warmup_steps, "weight_decay": weight_decay,
                      "seed": seed, "threads": torch.get_num_threads()},
-        "heldout_loss_before": eval_losses[0] if eval_losses else None,
-        "heldout_loss_after": eval_losses[-1] if eval_losses else None,
-        "first_train_loss": train_losses[0] if train_losses else None,
-        "final_train_loss": train_losses[-1] if train_losses else None,
-        "response_tokens_per_s": fit["tokens_per_s"],
-        "times_s": {"fit": fit["fit_time_s"], "train": fit["train_time_s"],
-                    "total": time.perf_counter() - t0},
-        "metrics_file": fit["metrics"], "plot": fit["plot"],
+        **loss_summary(trainer, fit, t0),
     }
     if out is not None and trainer.is_main:
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     summary["trained_model"] = model
     return summary
+
+
+def add_adapters(model, lora: Optional[LoRAConfig], log) -> tuple[list, int, int]:
+    """(wrapped Linears, trainable, total parameters) after LoRA (when given) freezes the base."""
+    wrapped = apply_lora(model, lora) if lora is not None else []
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    if lora is not None:
+        log(f"[allformers] LoRA rank {lora.rank}, alpha {lora.alpha} on {len(wrapped)} Linears: "
+            f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    return wrapped, trainable, total
+
+
+def check_settings(template: str, data, lora, merge: bool, max_length: Optional[int]) -> None:
+    """The settings run_sft can refuse before it reads or loads anything."""
+    if template not in TEMPLATES:
+        raise SFTError(f"unknown template {template!r}; use one of {list(TEMPLATES)}")
+    if data is None:
+        raise SFTError("no data: pass a JSON-lines file (or a list of records)")
+    if merge and lora is None:
+        raise SFTError("merge only applies to LoRA training (full fine-tuning already changes the weights)")
+    if max_length is not None and max_length < 8:
+        raise SFTError(f"max_length={max_length} is too short for a prompt and a reply; use >= 8 (or leave it out: "
+                       f"512 or the model's context)")
+
+
+def check_max_length(max_length: int, block_size: int) -> None:
+    if max_length > block_size:
+        raise SFTError(f"max_length={max_length} is longer than the model's block_size={block_size}")
+    if max_length < 8:
+        raise SFTError(f"max_length={max_length} is too short for a prompt and a reply")
+
+
+def sft_records(data, max_records: Optional[int]) -> tuple[list[dict], str]:
+    """(records, a name for the log) from a JSON-lines path or an in-memory list, each record checked."""
+    if isinstance(data, (list, tuple)):
+        for i, r in enumerate(data):
+            check_record(r, f"record {i}")
+        records, name = list(data), f"{len(data)} records"
+    else:
+        records, name = read_sft_records(data), str(data)
+    return (records[:max_records] if max_records is not None else records), name
+
+
+def save_outputs(model, tokenizer, out: Path, lora, merge: bool, source) -> str:
+    """Write the trained model (full or merged) or its adapters into out; -> what was saved."""
+    shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)  # optimizer state: not needed after the run
+    if lora is None or merge:
+        from .finetune import save_final
+
+        save_final(model, tokenizer, out)
+        return "merged model" if merge else "model"
+    base = source
+    if base is None:  # an in-memory model: its frozen weights go beside the adapters
+        base = out / "base"
+        frozen = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in lora_parameters(frozen):
+                p.zero_()  # a zero update: merging gives back the base weights
+        merge_lora(frozen).save(base, tokenizer=tokenizer)
+    tmp = out / ".adapter.tmp"
+    save_adapter(model, tmp, lora, base.resolve(), tokenizer=tokenizer)
+    for f in tmp.iterdir():
+        f.replace(out / f.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return "adapters"
+
+
+def loss_summary(trainer: Trainer, fit: dict, t0: float) -> dict:
+    """The held-out and training losses, speed, times and files of a finished fit, as summary keys."""
+    eval_losses = [r["val_loss"] for r in trainer.history if r["event"] == "eval"]
+    train_losses = trainer.history_train_losses()
+    first_or_none = lambda xs, i: xs[i] if xs else None  # noqa: E731
+    return {"heldout_loss_before": first_or_none(eval_losses, 0), "heldout_loss_after": first_or_none(eval_losses, -1),
+            "first_train_loss": first_or_none(train_losses, 0), "final_train_loss": first_or_none(train_losses, -1),
+            "response_tokens_per_s": fit["tokens_per_s"],
+            "times_s": {"fit": fit["fit_time_s"], "train": fit["train_time_s"], "total": time.perf_counter() - t0},
+            "metrics_file": fit["metrics"], "plot": fit["plot"]}
 
 
 # ---------------------------------------------------------------------- the named recipe
