@@ -4,7 +4,9 @@ each with its caption, one of its questions and what the saved models answered (
 
     python benchmarks/bench_vision_language.py --sections palme --set "palme.save='runs/vl/palme'"
     python benchmarks/bench_vision_language.py --sections blip2 --set "blip2.save='runs/vl/blip2'"
-    python benchmarks/vl_figure.py --palme runs/vl/palme --blip2 runs/vl/blip2 --out docs/img/vision_language.png
+    python benchmarks/bench_vision_language.py --sections coca --set "coca.save='runs/vl/coca'"
+    python benchmarks/vl_figure.py --palme runs/vl/palme --blip2 runs/vl/blip2 --coca runs/vl/coca \
+        --out docs/img/vision_language.png
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from allformers import load  # noqa: E402
-from allformers.data.synthetic_shapes import SyntheticShapes  # noqa: E402
+from allformers.data.synthetic_shapes import SyntheticShapes, canonical_of  # noqa: E402
 from allformers.models.vqa import ask  # noqa: E402
 
 
@@ -62,7 +64,7 @@ def main(argv=None):
         coca = load(args.coca)
         captions = coca.caption(coca.tokenizer, ImageProcessor.from_name("shapes")(images))
     cols = (len(chosen) + 1) // 2
-    fig, axes = plt.subplots(2, cols, figsize=(3.0 * cols, 7.6))
+    fig, axes = plt.subplots(2, cols, figsize=(3.0 * cols, 8.0))
     for ax, (i, q, truth), img, k in zip(axes.flat, chosen, images, range(len(chosen))):
         ax.imshow(img, interpolation="nearest")
         ax.set_xticks([]), ax.set_yticks([])
@@ -70,16 +72,18 @@ def main(argv=None):
         lines = [(q, "black"), (f"truth: {truth}", "black")]
         lines += [(f"{name}: {said[k] or '(nothing)'}", "green" if said[k] == truth else "red") for name, said in answers.items()]
         if captions:
-            lines.append((f"CoCa: {captions[k]}", "green" if captions[k] == data[i].caption else "red"))
+            right = canonical_of(captions[k]) == canonical_of(data[i].caption)  # "B below A" is "A above B"
+            lines.append((f"CoCa: {captions[k]}", "green" if right else "red"))
         for j, (text, colour) in enumerate(lines):
             ax.text(0.5, -0.08 - 0.12 * j, text, transform=ax.transAxes, ha="center", va="top", fontsize=7.5,
                     color=colour)
     for ax in list(axes.flat)[len(chosen):]:
         ax.axis("off")
-    fig.subplots_adjust(left=0.02, right=0.98, top=0.95, bottom=0.17, wspace=0.25, hspace=0.75)
+    fig.subplots_adjust(left=0.02, right=0.98, top=0.95, bottom=0.2, wspace=0.25, hspace=0.8)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=80)
-    print(f"{args.out}: {len(chosen)} test pictures, answers of {', '.join(answers) or 'no model'}")
+    said = list(answers) + (["CoCa captions"] if captions else [])
+    print(f"{args.out}: {len(chosen)} test pictures, answers of {', '.join(said) or 'no model'}")
 
 
 if __name__ == "__main__":
