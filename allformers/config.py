@@ -154,8 +154,8 @@ class Config:
     # encoder gives half to each side, a T5 decoder all to the past), the first half of a side exact
     # distances and the rest log-spaced up to rel_max_distance, where they stop growing. DeBERTa: 0 = no
     # buckets, every distance up to rel_max_distance exact (HF's position_buckets is rel_buckets / 2).
-    rel_buckets: int = 32
-    rel_max_distance: int = 128
+    rel_buckets: Optional[int] = None  # None -> 32 (T5), 512 (DeBERTa: 256 a side)
+    rel_max_distance: Optional[int] = None  # None -> 128 (T5), 512 (DeBERTa)
     # DeBERTa (position="disentangled", attention_class="DisentangledAttention"): one relative embedding
     # table shared by every layer, and which position terms join content-to-content ("c2p|p2c")
     pos_att_type: str = "c2p|p2c"
@@ -248,6 +248,10 @@ class Config:
             self.n_kv_head = self.n_head
         if self.attention_class is None:
             self.attention_class = ATTENTION_FOR_POSITION.get(self.position, "Attention")
+        if self.rel_buckets is None:  # each scheme's published default
+            self.rel_buckets = 512 if self.position == "disentangled" else 32
+        if self.rel_max_distance is None:
+            self.rel_max_distance = 512 if self.position == "disentangled" else 128
         if self.attn_out_bias is None:
             self.attn_out_bias = self.attn_bias
         if self.embedding_size is None:

@@ -142,6 +142,15 @@ def test_relative_embeddings_are_one_table_shared_by_every_layer():
         assert model.relative.emb.weight.grad.abs().sum() > 0
 
 
+def test_bucket_defaults_follow_the_scheme():
+    # one vocabulary, each scheme's published default: DeBERTa 256 buckets a side up to 512, T5 32 up to 128
+    d = Config(position="disentangled", causal=False)
+    assert (d.rel_buckets, d.rel_max_distance) == (512, 512)
+    t = Config(position="relative_bias", causal=False)
+    assert (t.rel_buckets, t.rel_max_distance) == (32, 128)
+    assert Config.from_dict(d.to_dict()) == d
+
+
 def test_config_switches_go_together():
     # the attention class follows from the position scheme (issue 11); a contradicting one is refused
     assert Config(position="disentangled", causal=False).attention_class == "DisentangledAttention"

@@ -9,7 +9,7 @@ from .rlhf import add_pair_training_args, lora_from, read_pairs
 def register(sub):
     p = sub.add_parser("reward", help="train a reward model on preference pairs (prompt, chosen, rejected)")
     add_pair_training_args(p, "reward model", steps=RewardConfig.steps, lr=RewardConfig.lr)
-    p.add_argument("--eval-fraction", type=float, default=0.2, help="share of pairs held out for accuracy")
+    p.add_argument("--eval-fraction", type=float, default=0.2, help="share of prompts held out for accuracy (all pairs of a prompt stay on one side)")
     p.set_defaults(handler=run)
 
 

@@ -67,8 +67,9 @@ def record_key(record: dict) -> str:
 
 
 def heldout(records: list[dict], fraction: float) -> tuple[list[dict], list[dict]]:
-    """(train, held out): the round(fraction * n) records with the smallest hash are held out
-    (at least one when fraction > 0; data.split.hash_split), independent of the seed and the file's order."""
+    """(train, held out): fraction * n distinct records (rounded half up, at least one when fraction > 0),
+    those with the smallest hash, are held out (data.split.hash_split), copies of a record together,
+    independent of the seed and the file's order."""
     if fraction <= 0:
         return records, []
     train, held = hash_split(records, fraction, key=lambda r: json.dumps(r, sort_keys=True), min_held=1, error=SFTError)
