@@ -4,8 +4,9 @@
   decode:  batch 1, 32-token prompt, 128 greedy new tokens (KV cache on both sides)
 
 Also the share of the machine's limits each reaches, both measured here: decode's weight bytes
-per token x tokens/s over the read bandwidth of a 1 GB sum, and forward's FLOPs (2 per weight
-per token, plus causal attention) over the best 1024^3 fp32 matmul rate.
+per token x tokens/s over the read bandwidth of a 1 GB sum, and forward's FLOPs (a third of the
+Trainer's training count: 2 per matmul weight per token plus attention) over the best 2048^3 fp32
+matmul rate (training/mfu.py, the Trainer's MFU).
 
 Runs alternate between the two libraries and the median of each is reported, so drifting
 machine load hits both alike. The last line is one JSON object."""
@@ -31,13 +32,6 @@ def measured_bandwidth(mb: int = 1024, reps: int = 5) -> float:
     return x.numel() * 4 / min(timed(x.sum) for _ in range(reps))
 
 
-def measured_peak_flops(n: int = 1024, reps: int = 5) -> float:
-    """The best fp32 matmul FLOP/s of n x n x n products here."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    return 2 * n ** 3 / min(timed(lambda: a @ b) for _ in range(reps))
-
-
 def timed(fn):
     t0 = time.perf_counter()
     fn()
@@ -59,6 +53,7 @@ def main():
 
     from allformers import load
     from allformers.generation import generate
+    from allformers.training.mfu import flops_per_token, measured_peak_flops
 
     torch.manual_seed(0)
     hf = T.GPT2LMHeadModel(T.GPT2Config()).eval()  # GPT-2 124M shape, random weights (no hub here)
@@ -93,8 +88,7 @@ def main():
     ntok_f, ntok_d = args.batch * args.seq, args.new
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())  # tied head counted once
     bandwidth, peak = measured_bandwidth(), measured_peak_flops()
-    # per token: QK^T and AV are 2 T C FLOPs each per layer, half of the keys under the causal mask
-    attn_flops = 2 * ours.config.n_layer * args.seq * ours.config.n_embd
+    fwd_flops = flops_per_token(ours, args.seq) / 3  # the Trainer's count (PaLM's), forward only: a third
     r = {
         "forward_tok_s": ntok_f / statistics.median(fwd["ours"]),
         "forward_tok_s_hf": ntok_f / statistics.median(fwd["hf"]),
@@ -106,8 +100,8 @@ def main():
     # each decoded token reads every weight once: the share of the measured bandwidth that reaches
     r["decode_bandwidth_fraction"] = r["decode_tok_s"] * weight_bytes / bandwidth
     r["decode_bandwidth_fraction_hf"] = r["decode_tok_s_hf"] * weight_bytes / bandwidth
-    r["forward_mfu"] = r["forward_tok_s"] * (2 * weight_bytes / 4 + attn_flops) / peak
-    r["forward_mfu_hf"] = r["forward_tok_s_hf"] * (2 * weight_bytes / 4 + attn_flops) / peak
+    r["forward_mfu"] = r["forward_tok_s"] * fwd_flops / peak
+    r["forward_mfu_hf"] = r["forward_tok_s_hf"] * fwd_flops / peak
     r.update(bandwidth_gb_s=bandwidth / 1e9, peak_gflops=peak / 1e9, weight_mb=weight_bytes / 2 ** 20,
              batch=args.batch, seq=args.seq, prompt=args.prompt, new_tokens=args.new)
     r.update(model="gpt2-124M", dtype="float32", threads=args.threads, reps=args.reps,

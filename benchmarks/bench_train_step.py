@@ -33,18 +33,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def measured_peak_flops(n: int = 1024, reps: int = 5) -> float:
-    """The best fp32 matmul rate of n x n x n products on this machine, FLOP/s."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=4)
@@ -61,6 +49,7 @@ def main(argv=None):
 
     from allformers import load
     from allformers.objectives.causal_lm import causal_lm_loss
+    from allformers.training.mfu import flops_per_token, measured_peak_flops
     from allformers.training.trainer import TrainConfig, build_optimizer
 
     torch.manual_seed(0)
@@ -112,9 +101,7 @@ def main(argv=None):
     med = {k: statistics.median(v) for k, v in times.items()}
     tokens = args.batch * args.seq
     n_params = sum(p.numel() for p in ours.parameters())
-    c = ours.config
-    # 6 N per token for the weights, plus attention's 12 * layers * T * width (forward and backward)
-    flops = tokens * (6 * n_params + 12 * c.n_layer * args.seq * c.n_embd)
+    flops = tokens * flops_per_token(ours, args.seq)  # the Trainer's count: 6 N + attention (PaLM appendix B)
     peak = measured_peak_flops()
     r = {"model": f"gpt2-124M shape, {args.layers} layers, random weights", "batch": args.batch, "seq": args.seq,
          "steps": args.steps, "threads": args.threads, "params": n_params,
