@@ -32,6 +32,20 @@ def measured_bandwidth(mb: int = 1024, reps: int = 5) -> float:
     return x.numel() * 4 / min(timed(x.sum) for _ in range(reps))
 
 
+def decode_profile(decode, new_tokens: int, top: int = 8) -> dict:
+    """{op: self CPU ms per decoded token} of the `top` costliest ops of one decode run, the rest summed:
+    where a token's time goes (matmuls reading weights, or per-op overhead)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        decode()
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    per_token = {e.key: e.self_cpu_time_total / 1e3 / new_tokens for e in ops}
+    out = dict(list(per_token.items())[:top])
+    out["other ops"] = sum(list(per_token.values())[top:])
+    return out
+
+
 def timed(fn):
     t0 = time.perf_counter()
     fn()
@@ -46,6 +60,8 @@ def main():
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile our greedy decode (torch.profiler): ms per token of its costliest ops")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -85,6 +101,8 @@ def main():
             dec["ours"].append(timed(runs["dec_ours"]))
             dec["hf"].append(timed(runs["dec_hf"]))
 
+        profile = decode_profile(runs["dec_ours"], args.new) if args.profile else None
+
     ntok_f, ntok_d = args.batch * args.seq, args.new
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())  # tied head counted once
     bandwidth, peak = measured_bandwidth(), measured_peak_flops()
@@ -102,6 +120,8 @@ def main():
     r["decode_bandwidth_fraction_hf"] = r["decode_tok_s_hf"] * weight_bytes / bandwidth
     r["forward_mfu"] = r["forward_tok_s"] * fwd_flops / peak
     r["forward_mfu_hf"] = r["forward_tok_s_hf"] * fwd_flops / peak
+    if profile is not None:
+        r["decode_profile_ms_per_token"] = profile
     r.update(bandwidth_gb_s=bandwidth / 1e9, peak_gflops=peak / 1e9, weight_mb=weight_bytes / 2 ** 20,
              batch=args.batch, seq=args.seq, prompt=args.prompt, new_tokens=args.new)
     r.update(model="gpt2-124M", dtype="float32", threads=args.threads, reps=args.reps,

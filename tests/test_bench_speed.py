@@ -44,3 +44,15 @@ def test_train_step_small():
     assert abs(r["first_loss"] - r["first_loss_hf"]) < 1e-3  # the same weights and maths on both sides
     assert r["train_tok_s"] > 0 and r["train_tok_s_hf"] > 0 and 0 < r["mfu"] < 1
     assert table_rows("train_step", r)[0][3].endswith("×")
+
+
+def test_decode_profile_splits_a_run_per_token():
+    import torch
+
+    spec = importlib.util.spec_from_file_location("bench_decoder", ROOT / "benchmarks" / "bench_decoder.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    a = torch.randn(256, 256)
+    out = mod.decode_profile(lambda: [a @ a for _ in range(4)], new_tokens=4, top=1)
+    assert list(out) == ["aten::mm", "other ops"]  # the matmuls dominate this run; the rest is summed
+    assert out["aten::mm"] > 0 and out["other ops"] >= 0
