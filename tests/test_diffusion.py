@@ -238,6 +238,29 @@ def test_diffusion_loss_is_zero_for_the_true_target(prediction_type):
     assert float(a) == float(diffusion_loss(fake_model, s, x0, generator=torch.Generator().manual_seed(1)))
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_min_snr_weighting_by_hand(prediction_type):
+    """Min-SNR-gamma: each sample's MSE times min(SNR, gamma) / SNR (eps), / (SNR + 1) (v), or itself (x_0),
+    with SNR = abar / (1 - abar) written out from the betas; the top of the cosine schedule (SNR ~ 0) stays finite."""
+    s = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type=prediction_type)
+    t = torch.tensor([3, 400, 999])
+    abar = torch.cumprod(1 - s.betas.double(), 0)[t]
+    snr = abar / (1 - abar)
+    assert torch.allclose(s.snr(t).double(), snr, rtol=1e-3)  # the scheduler keeps abar in fp32: 1 - abar near 0 rounds
+    by_hand = torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64))
+    by_hand = {"epsilon": by_hand / snr, "v_prediction": by_hand / (snr + 1), "sample": by_hand}[prediction_type]
+    w = s.min_snr_weight(t, 5.0)
+    assert torch.isfinite(w).all() and torch.allclose(w.double(), by_hand, rtol=1e-3, atol=1e-6)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn((3, *SHAPE[1:]), generator=g), torch.randn((3, *SHAPE[1:]), generator=g)
+    zero = lambda xt, tt: torch.zeros_like(xt)  # noqa: E731
+    per_sample = (s.training_target(x0, noise, t) ** 2).flatten(1).mean(1)
+    want = float((w * per_sample).mean())
+    assert abs(float(diffusion_loss(zero, s, x0, timesteps=t, noise=noise, snr_gamma=5.0)) - want) < 1e-6
+    with pytest.raises(ConfigError, match="snr_gamma"):
+        s.min_snr_weight(t, 0.0)
+
+
 def test_the_unet_trains_and_samples_in_the_core():
     """The U-Net is a denoiser as the core expects it: model(x_t, t, encoder_hidden_states=...)."""
     from allformers.models.unet import UNet, UNetConfig

@@ -66,9 +66,10 @@ def guided_prediction(model: Callable, x: torch.Tensor, t: torch.Tensor, cond: C
 
 def diffusion_loss(model: Callable, scheduler: NoiseScheduler, x0: torch.Tensor, cond: Cond = None, *,
                    generator: Optional[torch.Generator] = None, timesteps: Optional[torch.Tensor] = None,
-                   noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   noise: Optional[torch.Tensor] = None, snr_gamma: Optional[float] = None) -> torch.Tensor:
     """DDPM's simple loss: t ~ U{0..T-1}, eps ~ N(0, I), x_t = q(x_t | x_0), MSE between the model's
-    output and the target of the scheduler's prediction_type (eps, v or x_0)."""
+    output and the target of the scheduler's prediction_type (eps, v or x_0). With snr_gamma, each
+    sample's MSE is weighted by the scheduler's min-SNR-gamma weight (a mean over the batch still)."""
     B = x0.shape[0]
     gdev = generator.device if generator is not None else x0.device
     if timesteps is None:
@@ -79,7 +80,11 @@ def diffusion_loss(model: Callable, scheduler: NoiseScheduler, x0: torch.Tensor,
     noise = noise.to(x0.device)
     x_t = scheduler.add_noise(x0, noise, timesteps)
     pred = model(x_t, timesteps, **(cond or {}))
-    return F.mse_loss(pred.float(), scheduler.training_target(x0, noise, timesteps).float())
+    target = scheduler.training_target(x0, noise, timesteps).float()
+    if snr_gamma is None:
+        return F.mse_loss(pred.float(), target)
+    per_sample = (pred.float() - target).pow(2).flatten(1).mean(1)  # (B,)
+    return (scheduler.min_snr_weight(timesteps, snr_gamma).float() * per_sample).mean()
 
 
 @torch.no_grad()

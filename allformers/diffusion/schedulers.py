@@ -130,6 +130,24 @@ class NoiseScheduler:
             return self.get_velocity(x0, noise, timesteps)
         return x0
 
+    def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """The signal-to-noise ratio abar_t / (1 - abar_t) of each timestep: (B,)."""
+        abar = self.alphas_cumprod.to(timesteps.device)[timesteps]
+        return abar / (1 - abar)
+
+    def min_snr_weight(self, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Min-SNR-gamma loss weights (Hang et al. 2023), (B,): each timestep's loss counts as if its
+        target were x_0 with weight min(SNR, gamma), so the many low-noise steps, whose x_0 is nearly
+        given, stop dominating the gradient. Written for this prediction_type's MSE: / SNR for epsilon,
+        / (SNR + 1) for v, 1 for x_0."""
+        if gamma <= 0:
+            raise ConfigError(f"snr_gamma={gamma} must be positive (5 is the paper's choice)")
+        snr = self.snr(timesteps)
+        if self.prediction_type == "epsilon":
+            return (gamma / snr).clamp(max=1.0)  # = min(SNR, gamma) / SNR, finite where SNR is 0
+        w = snr.clamp(max=gamma)
+        return w / (snr + 1) if self.prediction_type == "v_prediction" else w
+
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         return sample  # DDPM / DDIM feed x_t unscaled (kept for diffusers' interface)
 

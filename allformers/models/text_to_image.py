@@ -56,6 +56,7 @@ class TextToImageConfig(SavedConfig):
     freeze_text_encoder: bool = False  # Imagen: the pretrained encoder never changes
     pooled_text: bool = False  # the masked mean of the text states also enters as the U-Net's class vector
     condition_dropout: float = 0.1  # training: share of captions replaced by the empty one
+    snr_gamma: Optional[float] = None  # set: min-SNR-gamma weighting of the diffusion loss (Hang et al. 2023; 5)
     autoencoder: Optional[AutoencoderConfig] = None  # set: diffusion runs in its ("kl") latent space
     super_res: Optional[UNetConfig] = None  # Imagen's second stage: in_channels 6 (noisy picture + low-res)
     super_res_size: int = 32
@@ -201,7 +202,7 @@ class TextToImage(nn.Module):
         if self.training and self.config.condition_dropout:
             ids, mask = self.drop_captions(ids, mask, generator)
         return diffusion_loss(self.unet, self.scheduler, self.latents_of(batch, generator), self.encode_text(ids, mask),
-                              generator=generator)
+                              generator=generator, snr_gamma=self.config.snr_gamma)
 
     def _sr_condition(self, low_res: torch.Tensor, aug_t: torch.Tensor, text: dict) -> dict:
         """The super-res U-Net's inputs besides x_t: the (noised) low-res picture, its noise level as the
@@ -238,7 +239,8 @@ class TextToImage(nn.Module):
             ids, mask = batch["input_ids"], batch["attention_mask"]
             text = self.encode_text(ids, mask)
         cond = self._sr_condition(self.augment_low_res(low, aug_t, generator), aug_t, text)
-        return diffusion_loss(self.sr_denoiser, self.sr_scheduler, x0, cond, generator=generator)
+        return diffusion_loss(self.sr_denoiser, self.sr_scheduler, x0, cond, generator=generator,
+                              snr_gamma=self.config.snr_gamma)
 
     # ------------------------------------------------------------------ sampling
     def sampler(self, schedule: NoiseScheduler, thresholding: Optional[bool] = None) -> DDIMScheduler:
