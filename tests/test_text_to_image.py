@@ -242,8 +242,29 @@ def test_pipeline_config_errors():
     with pytest.raises(ConfigError, match="KL autoencoder"):
         TextToImageConfig(text_encoder=te, unet=good.unet, autoencoder=AutoencoderConfig(kind="vq", norm_groups=8,
                                                                                          block_channels=(8,)))
+    with pytest.raises(ConfigError, match="snr_gamma"):
+        TextToImageConfig(text_encoder=te, unet=good.unet, snr_gamma=0.0)
     again = TextToImageConfig.from_dict(good.to_dict())  # nested configs round-trip through JSON
     assert again == good
+
+
+def test_snr_gamma_reaches_both_stages_losses():
+    """TextToImageConfig.snr_gamma weights the base and the super-res loss: on the same draws (seeded
+    generator), each equals diffusion_loss with snr_gamma on its own denoiser, and differs from the unweighted one."""
+    from allformers.diffusion import diffusion_loss
+
+    tok = word_tokenizer()
+    model = tiny_pipeline(tok, super_res=True, snr_gamma=1.0, condition_dropout=0.0)
+    b = batch_of(tok)
+    hi = {"images": batch_of(tok, size=32)["images"], "low_res": b["images"]}
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    weighted, sr_weighted = model.loss(b, generator=g()), model.super_res_loss(hi, generator=g())
+    cond = model.encode_text(b["input_ids"], b["attention_mask"])
+    by_core = diffusion_loss(model.unet, model.scheduler, b["images"], cond, generator=g(), snr_gamma=1.0)
+    assert torch.allclose(weighted, by_core)
+    model.config.snr_gamma = None
+    assert not torch.allclose(weighted, model.loss(b, generator=g()))
+    assert not torch.allclose(sr_weighted, model.super_res_loss(hi, generator=g()))
 
 
 # ---------------------------------------------------------------------- the judge

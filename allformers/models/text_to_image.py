@@ -109,6 +109,9 @@ class TextToImageConfig(SavedConfig):
                 raise ConfigError(f"super_res reads {s.cross_attention_dim}-wide text states; the encoder is {t.n_embd}")
         if not 0 <= self.condition_dropout <= 1:
             raise ConfigError(f"condition_dropout={self.condition_dropout} must be in [0, 1]")
+        if self.snr_gamma is not None and not self.snr_gamma > 0:
+            raise ConfigError(f"snr_gamma={self.snr_gamma} must be positive (5 is the paper's choice) or None "
+                              f"(unweighted loss)")
 
     @property
     def latent_shape(self) -> tuple:
