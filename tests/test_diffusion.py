@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from allformers.diffusion import (DDIMScheduler, DDPMScheduler, NoiseScheduler, diffusion_loss, drop_condition,
-                                  dynamic_threshold, guided_prediction, sample)
+                                  dynamic_threshold, guided_prediction, rescale_guidance, sample)
 from allformers.errors import ConfigError
 
 diffusers = pytest.importorskip("diffusers")
@@ -188,6 +188,29 @@ def test_guidance_scale_one_is_the_conditional_model():
     assert torch.allclose(guided_prediction(cond_model, x, t, cond, null, 3.0), u + 3.0 * (c - u), atol=1e-6)
     with pytest.raises(ConfigError, match="keys"):
         guided_prediction(cond_model, x, t, cond, {"other": torch.tensor(0.0)}, 2.0)
+
+
+def test_guidance_rescale_by_hand_and_against_diffusers():
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    g = torch.Generator().manual_seed(3)
+    c, u = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g) * 0.5
+    guided = u + 4.0 * (c - u)
+    full = rescale_guidance(guided, c, 1.0)  # phi 1: the guided direction at the conditional's scale
+    assert torch.allclose(full.flatten(1).std(1), c.flatten(1).std(1), atol=1e-6)
+    assert torch.allclose(full / full.flatten(1).norm(dim=1).view(-1, 1, 1, 1),
+                          guided / guided.flatten(1).norm(dim=1).view(-1, 1, 1, 1), atol=1e-6)
+    assert torch.equal(rescale_guidance(guided, c, 0.0), guided)
+    assert torch.allclose(rescale_guidance(guided, c, 0.7), rescale_noise_cfg(guided, c, guidance_rescale=0.7),
+                          atol=1e-6)
+    x, t = torch.randn(SHAPE), torch.tensor([5, 900])
+    cond, null = {"emb": torch.tensor([0.7, -1.3])}, {"emb": torch.tensor(0.0)}
+    c, u = cond_model(x, t, **cond), cond_model(x, t, emb=torch.zeros(2))
+    assert torch.allclose(guided_prediction(cond_model, x, t, cond, null, 3.0, guidance_rescale=0.7),
+                          rescale_guidance(u + 3.0 * (c - u), c, 0.7), atol=1e-6)
+    with pytest.raises(ConfigError, match="guidance_rescale"):
+        sample(cond_model, DDIMScheduler(), SHAPE, cond=cond, null_cond=null, guidance_scale=3.0,
+               guidance_rescale=1.5, num_inference_steps=2, progress=False)
 
 
 def test_sample_loop_equals_a_hand_written_loop(capsys):

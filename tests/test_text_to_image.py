@@ -342,6 +342,10 @@ def test_imagine_cli(tmp_path):
     assert main(["imagine", "a red circle", "two blue squares", "--model", str(tmp_path / "glide"), "--steps", "2",
                  "--samples", "2", "-o", str(grid), "--no-progress"]) == 0
     assert grid.exists()
+    assert main(["imagine", "a red circle", "--model", str(tmp_path / "glide"), "--steps", "2",
+                 "--guidance-rescale", "0.7", "-o", str(one), "--no-progress"]) == 0
+    assert main(["imagine", "a red circle", "--model", str(tmp_path / "glide"), "--steps", "2",
+                 "--guidance-rescale", "2", "-o", str(one), "--no-progress"]) == 2  # out of [0, 1]
     assert main(["imagine", "a red circle", "--model", "glide-shapes-nope", "-o", str(one)]) == 2
     assert main(["imagine", "--model", str(tmp_path / "glide")]) == 2  # no caption
 

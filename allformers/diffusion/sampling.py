@@ -52,16 +52,27 @@ def drop_condition(cond: dict, null_cond: dict, p: float, generator: Optional[to
     return out
 
 
+def rescale_guidance(guided: torch.Tensor, conditional: torch.Tensor, phi: float) -> torch.Tensor:
+    """Lin et al. 2023 (sec. 3.4): a large guidance scale inflates the prediction's scale and saturates
+    the picture; rescale each sample's guided prediction to the conditional one's standard deviation,
+    and blend: phi * rescaled + (1 - phi) * guided (phi = 0 is plain guidance, the paper uses 0.7)."""
+    dims = tuple(range(1, guided.dim()))
+    rescaled = guided * (conditional.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return phi * rescaled + (1 - phi) * guided
+
+
 def guided_prediction(model: Callable, x: torch.Tensor, t: torch.Tensor, cond: Cond = None, null_cond: Cond = None,
-                      guidance_scale: float = 1.0) -> torch.Tensor:
-    """The classifier-free-guided prediction. Conditional and null passes run as one batch of 2B."""
+                      guidance_scale: float = 1.0, guidance_rescale: float = 0.0) -> torch.Tensor:
+    """The classifier-free-guided prediction. Conditional and null passes run as one batch of 2B.
+    guidance_rescale > 0: rescale_guidance with that phi."""
     cond = cond or {}
     if guidance_scale == 1.0 or null_cond is None:
         return model(x, t, **cond)
     _check_keys(cond, null_cond)
     both = {k: torch.cat([v, _rows(null_cond[k], v)]) for k, v in cond.items()}
     c, u = model(torch.cat([x, x]), torch.cat([t, t]), **both).chunk(2)
-    return u + guidance_scale * (c - u)
+    guided = u + guidance_scale * (c - u)
+    return rescale_guidance(guided, c, guidance_rescale) if guidance_rescale else guided
 
 
 def diffusion_loss(model: Callable, scheduler: NoiseScheduler, x0: torch.Tensor, cond: Cond = None, *,
@@ -91,15 +102,18 @@ def diffusion_loss(model: Callable, scheduler: NoiseScheduler, x0: torch.Tensor,
 def sample(model: Callable, scheduler: NoiseScheduler, shape, *, cond: Cond = None, null_cond: Cond = None,
            guidance_scale: float = 1.0, num_inference_steps: int = 50, generator: Optional[torch.Generator] = None,
            latents: Optional[torch.Tensor] = None, device=None, progress: bool = True,
-           callback: Optional[Callable] = None) -> torch.Tensor:
+           callback: Optional[Callable] = None, guidance_rescale: float = 0.0) -> torch.Tensor:
     """Run the reverse process from pure noise (or `latents`) to x_0: (B, C, H, W).
 
     The starting noise and every step's noise come from `generator`, so a seed fixes the picture.
-    `callback(i, t, x)` sees the sample after each step (for pictures of the trajectory)."""
+    `callback(i, t, x)` sees the sample after each step (for pictures of the trajectory).
+    guidance_rescale in [0, 1]: see rescale_guidance (0: plain classifier-free guidance)."""
     device = torch.device(device) if device is not None else (latents.device if latents is not None else torch.device("cpu"))
     if guidance_scale != 1.0 and null_cond is None:
         raise ConfigError(f"guidance_scale={guidance_scale} needs a null_cond (the unconditional input); "
                           f"pass null_cond or use guidance_scale=1")
+    if not 0.0 <= guidance_rescale <= 1.0:
+        raise ConfigError(f"guidance_rescale={guidance_rescale} must be in [0, 1] (0: off; 0.7 is Lin et al.'s)")
     if latents is None:
         gdev = generator.device if generator is not None else device
         latents = torch.randn(tuple(shape), generator=generator, device=gdev)
@@ -110,7 +124,8 @@ def sample(model: Callable, scheduler: NoiseScheduler, shape, *, cond: Cond = No
     B = x.shape[0]
     for i, t in enumerate(tqdm(scheduler.timesteps, desc="denoising", disable=not progress, leave=False)):
         tt = torch.full((B,), int(t), device=device, dtype=torch.long)
-        out = guided_prediction(model, scheduler.scale_model_input(x, t), tt, cond, null_cond, guidance_scale)
+        out = guided_prediction(model, scheduler.scale_model_input(x, t), tt, cond, null_cond, guidance_scale,
+                                 guidance_rescale)
         x = scheduler.step(out, t, x, generator=generator).prev_sample
         if callback is not None:
             callback(i, int(t), x)

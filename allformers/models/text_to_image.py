@@ -259,9 +259,10 @@ class TextToImage(nn.Module):
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, guidance_scale: float = 3.0,
                  num_inference_steps: int = 25, generator: Optional[torch.Generator] = None, progress: bool = True,
                  super_res: bool = True, super_res_steps: Optional[int] = None, thresholding: Optional[bool] = None,
-                 return_low_res: bool = False):
+                 return_low_res: bool = False, guidance_rescale: float = 0.0):
         """Captions (B, L) -> pictures (B, 3, H, W) in [0, 1] (H = super_res_size when the pipeline has a
-        second stage and super_res is True, else image_size). With return_low_res, (pictures, first stage)."""
+        second stage and super_res is True, else image_size). With return_low_res, (pictures, first stage).
+        guidance_rescale: the base stage's guided prediction rescaled (diffusion.sampling.rescale_guidance)."""
         c = self.config
         was = self.training
         self.eval()
@@ -270,7 +271,7 @@ class TextToImage(nn.Module):
         B = ids.shape[0]
         x = sample(self.unet, self.sampler(self.scheduler, thresholding), (B, *c.latent_shape), cond=text,
                    null_cond=null, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
-                   generator=generator, device=self.device, progress=progress)
+                   generator=generator, device=self.device, progress=progress, guidance_rescale=guidance_rescale)
         if self.vae is not None:
             x = self.vae.from_latents(x)
         low = x.clamp(-1, 1)
