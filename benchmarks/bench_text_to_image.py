@@ -3,7 +3,7 @@ trained here from scratch (allformers/recipes/text_to_image.py) and scored by a 
 that none of them saw in training (the caption-disjoint test split: new combinations of colours,
 shapes, relations and counts that were each seen in other captions).
 
-    python benchmarks/bench_text_to_image.py                 # the measured run (~60 min on 2 quiet cores)
+    python benchmarks/bench_text_to_image.py                 # the measured run (53 min on 2 quiet cores)
     python benchmarks/bench_text_to_image.py --quick         # a couple of minutes: everything runs
     python benchmarks/bench_text_to_image.py --sections glide,ldm
 

@@ -391,8 +391,15 @@ def unet_config(in_channels: int, width: int, text_dim: int, *, levels: int = 2,
     return UNetConfig(**{**base, **overrides})
 
 
+# v-prediction with min-SNR-5 weighting: in a 1,000-step GLIDE run it tripled held-out caption match
+# over epsilon (the low-noise steps, where epsilon's loss is largest, stop dominating the gradient).
+# No x_0 clipping when sampling: DDIM clips x_0 but keeps the unclipped noise estimate, and under
+# guidance 3 the two disagree so much that GLIDE drew other shapes and colours than the caption's
+# (with clipping, guidance 3 scored well under guidance 1 on the same trained model; without, above).
 SCHEDULE = {"class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2",
-            "prediction_type": "epsilon", "clip_sample": True}
+            "prediction_type": "v_prediction", "clip_sample": False}
+SNR_GAMMA = 5.0
+CONDITION_DROPOUT = 0.2  # share of empty captions in training: guidance's unconditional side needs them
 DIFFUSION_TRAIN = TrainConfig(max_steps=3000, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=100,
                               weight_decay=0.0, beta2=0.99, grad_clip=1.0, eval_interval=0, eval_at_start=False,
                               log_interval=50, checkpoint=False)
@@ -535,13 +542,16 @@ def dalle_generator(model, tokenizer, *, temperature: float = 1.0, top_k: Option
 
 
 def diffusion_generator(model, tokenizer, *, guidance_scale: float = 3.0, steps: int = 25, seed: int = 0,
-                        super_res: bool = True, progress: bool = False):
+                        super_res: bool = True, progress: bool = False, **generate_options):
+    """captions -> pictures in [0, 1] from a TextToImage, seeded; generate_options go to model.generate
+    (thresholding, guidance_rescale, ...)."""
     gen = torch.Generator().manual_seed(seed)
 
     def generate(captions):
         b = caption_ids(tokenizer, captions, model.config.text_length)
         return model.generate(b["input_ids"], b["attention_mask"], guidance_scale=guidance_scale,
-                              num_inference_steps=steps, generator=gen, super_res=super_res, progress=progress)
+                              num_inference_steps=steps, generator=gen, super_res=super_res, progress=progress,
+                              **generate_options)
     return generate
 
 
@@ -593,12 +603,15 @@ class T2ISettings:
     vq: TrainConfig = _default(AE_TRAIN)
     kl: TrainConfig = _default(AE_TRAIN)
     dalle: TrainConfig = _default(DALLE_TRAIN)
-    glide: TrainConfig = _default(DIFFUSION_TRAIN)
-    ldm: TrainConfig = _default(DIFFUSION_TRAIN)
+    # steps sized so the four systems fit 60 minutes on 2 cores: latent diffusion (the cheapest per
+    # picture that the judge can read) gets the most, Imagen's three base runs the fewest (they are compared)
+    glide: TrainConfig = _default(DIFFUSION_TRAIN.replace(max_steps=1800))
+    ldm: TrainConfig = _default(DIFFUSION_TRAIN.replace(max_steps=3600))
     t5: TrainConfig = _default(T5_TRAIN)
-    imagen: TrainConfig = _default(DIFFUSION_TRAIN)
+    imagen: TrainConfig = _default(DIFFUSION_TRAIN.replace(max_steps=900, warmup_steps=50))
     imagen_large_unet: Optional[TrainConfig] = None  # None: the same as imagen
-    super_res: TrainConfig = _default(DIFFUSION_TRAIN)
+    imagen_large_width: int = 48  # the comparison's larger base U-Net (the baseline's is 32)
+    super_res: TrainConfig = _default(DIFFUSION_TRAIN.replace(max_steps=400, warmup_steps=40))
     sample_steps: int = 25  # DDIM steps when scoring
     guidance: float = 3.0
     sotu_chars: int = 2_000_000
@@ -679,7 +692,8 @@ class Workbench:
         te = text_encoder_config(self.tokenizer.vocab_size)
         return TextToImageConfig(text_encoder=te, unet=unet_config(3, 32, te.n_embd, pooled=True), scheduler=SCHEDULE,
                                  image_size=16, text_length=12, pad_id=self.tokenizer.pad_id,
-                                 eos_id=self.tokenizer.eos_id, pooled_text=True, condition_dropout=0.1,
+                                 eos_id=self.tokenizer.eos_id, pooled_text=True, condition_dropout=CONDITION_DROPOUT,
+                                 snr_gamma=SNR_GAMMA,
                                  description="GLIDE: pixel diffusion (16 x 16), a text transformer trained with "
                                              "the U-Net, cross-attention + pooled text, classifier-free guidance")
 
@@ -705,9 +719,10 @@ class Workbench:
         ae = vae.config
         unet = unet_config(ae.latent_channels, 64, te.n_embd, down_blocks=("cross", "cross"),
                            up_blocks=("cross", "cross"))
-        return TextToImageConfig(text_encoder=te, unet=unet, scheduler={**SCHEDULE, "clip_sample": False},
+        return TextToImageConfig(text_encoder=te, unet=unet, scheduler=SCHEDULE,
                                  image_size=32, text_length=12, pad_id=self.tokenizer.pad_id,
-                                 eos_id=self.tokenizer.eos_id, autoencoder=ae, condition_dropout=0.1,
+                                 eos_id=self.tokenizer.eos_id, autoencoder=ae, condition_dropout=CONDITION_DROPOUT,
+                                 snr_gamma=SNR_GAMMA,
                                  description="latent diffusion: the U-Net in the KL autoencoder's 8 x 8 x 4 latent "
                                              "space, the caption by cross-attention")
 
@@ -753,7 +768,7 @@ class Workbench:
                                  scheduler={**SCHEDULE, "thresholding": True, "dynamic_thresholding_ratio": 0.95},
                                  image_size=16, text_length=16, pad_id=self._t5_corpus[0].pad_id,
                                  eos_id=self._t5_corpus[0].eos_id, freeze_text_encoder=True, pooled_text=True,
-                                 condition_dropout=0.1, super_res=sr, super_res_size=32,
+                                 condition_dropout=CONDITION_DROPOUT, snr_gamma=SNR_GAMMA, super_res=sr, super_res_size=32,
                                  description="Imagen: a frozen T5 encoder (pretrained here) conditions a 16 x 16 "
                                              "pixel U-Net; dynamic thresholding; a 16 -> 32 super-resolution U-Net "
                                              "with noise-conditioning augmentation")
@@ -785,14 +800,14 @@ class Workbench:
         report["heldout"] = self.score(diffusion_generator(main, self._t5_corpus[0], guidance_scale=s.guidance,
                                                            steps=s.sample_steps, seed=self.seed), "imagen (32 x 32)")
         _, small = self.imagen_base("t5-s", 32, s.imagen)
-        _, big_unet = self.imagen_base("t5-s", 64, s.imagen_large_unet or s.imagen)
+        _, big_unet = self.imagen_base("t5-s", s.imagen_large_width, s.imagen_large_unet or s.imagen)
         base = small["heldout_base"]["accuracy"]
         report["comparison"] = {
             "baseline": {"text_encoder": "t5-s", "unet_width": 32, "accuracy": base,
                          "unet_params": small["params"], "text_encoder_params": small["text_encoder_params"]},
             "larger_text_encoder": {"text_encoder": "t5-l", "unet_width": 32, "accuracy": report["heldout_base"]["accuracy"],
                                     "text_encoder_params": report["text_encoder_params"]},
-            "larger_unet": {"text_encoder": "t5-s", "unet_width": 64, "accuracy": big_unet["heldout_base"]["accuracy"],
+            "larger_unet": {"text_encoder": "t5-s", "unet_width": s.imagen_large_width, "accuracy": big_unet["heldout_base"]["accuracy"],
                             "unet_params": big_unet["params"]},
             "text_encoder_delta": report["heldout_base"]["accuracy"] - base,
             "unet_delta": big_unet["heldout_base"]["accuracy"] - base}
@@ -847,7 +862,7 @@ register(TextToImageRecipe(
     "4 x 128 decoder over caption words + image codes (row and column embeddings, loss 1/8 text + 7/8 image)"))
 register(TextToImageRecipe(
     name="glide-shapes", system="glide", description="GLIDE: 16 x 16 pixel diffusion, a 2-layer text transformer "
-    "trained with the U-Net (cross-attention + pooled text), classifier-free guidance (10% empty captions)"))
+    "trained with the U-Net (cross-attention + pooled text), classifier-free guidance (20% empty captions)"))
 register(TextToImageRecipe(
     name="ldm-shapes", system="ldm", description="latent diffusion: a KL autoencoder (32 x 32 -> 8 x 8 x 4), then the "
     "U-Net in its latent space with the caption by cross-attention"))
