@@ -13,7 +13,8 @@ Reported (the last line is one JSON object):
     picture (sampling on this CPU), training time and sizes;
   * glide_guidance_gain: GLIDE's accuracy at guidance 3 minus at guidance 1;
   * reconstruction MSE of the VQ autoencoder (DALL-E's codes) and the KL autoencoder (latent diffusion's),
-    held-out pictures in [-1, 1];
+    held-out pictures in [-1, 1], and the judge's caption match on their reconstructions of the held-out
+    captions' own drawings (about the most DALL-E or latent diffusion can score);
   * imagen_comparison: from Imagen's small baseline (small T5, small U-Net), the gain of a larger frozen
     text encoder and the gain of a larger U-Net (Saharia et al.: the encoder helps more);
   * the judge's own accuracy on new pictures drawn at 32 and at 16 pixels.
@@ -57,7 +58,8 @@ def main():
     torch.set_num_threads(args.threads)
 
     from allformers.recipes import get_recipe
-    from allformers.recipes.text_to_image import T2ISettings, Workbench, public_report, quick_settings, run_t2i, save_grid, to_unit
+    from allformers.recipes.text_to_image import (T2ISettings, Workbench, drawn, public_report, quick_settings, run_t2i,
+                                                  save_grid, to_unit)
 
     t0 = time.perf_counter()
     load0 = os.getloadavg()[0]
@@ -83,14 +85,16 @@ def main():
         g = reports["glide"]
         result["glide"]["accuracy_guidance_1"] = g["heldout_guidance_1"]["accuracy"]
         result["glide_guidance_gain"] = g["guidance_gain"]
-    mse = {}
+    mse, ceiling = {}, {}
+    for section, kind in (("dalle", "vq"), ("ldm", "kl")):
+        if section in reports:
+            mse[kind] = reports[section]["autoencoder"]["mse"]
+            ceiling[kind] = reports[section]["autoencoder"]["caption_match_reconstructed"]
     if "dalle" in reports:
-        mse["vq"] = reports["dalle"]["autoencoder"]["mse"]
         result["dalle"]["codes_used"] = reports["dalle"]["autoencoder"].get("codes_used")
-    if "ldm" in reports:
-        mse["kl"] = reports["ldm"]["autoencoder"]["mse"]
     if mse:
         result["reconstruction_mse"] = mse
+        result["reconstruction_caption_match"] = ceiling  # the judge on reconstructed held-out drawings
     if "imagen" in reports:
         comp = reports["imagen"]["comparison"]
         result["imagen"]["base_accuracy_16px"] = reports["imagen"]["heldout_base"]["accuracy"]
@@ -106,7 +110,7 @@ def main():
         grid = Path(args.grid) if args.grid else (out / "text_to_image.png" if args.quick else Path("docs/img/text_to_image.png"))
         n = min(GRID_COLUMNS, len(bench.prompts))
         # the held-out captions of the first columns, as the generator draws them, then each system's picture
-        real = to_unit(torch.stack([torch.tensor(s.image(32)).permute(2, 0, 1) for s in bench.prompts[:n]]))
+        real = to_unit(drawn(bench.prompts[:n]))
         rows = {"drawn": real, **{s: pictures[s][:n] for s in SECTIONS if s in pictures}}
         result["grid"] = str(save_grid(rows, [s.caption for s in bench.prompts[:n]], grid,
                                        title="held-out captions (top: the data's own drawing)"))

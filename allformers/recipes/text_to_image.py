@@ -506,6 +506,11 @@ def frozen_t5_encoder(t5):
 
 
 # ---------------------------------------------------------------------- scoring
+def drawn(scenes: list, size: int = 32) -> torch.Tensor:
+    """The scenes as the data draws them: (N, 3, size, size) uint8."""
+    return torch.stack([torch.tensor(s.image(size)).permute(2, 0, 1) for s in scenes])
+
+
 def heldout_scenes(n: int, seed: int = 0) -> list:
     """n scenes of the caption-disjoint test split: their captions are the prompts no generator trained on."""
     data = SyntheticShapes(n, "test", seed=seed)
@@ -613,6 +618,8 @@ class T2ISettings:
     imagen_large_width: int = 48  # the comparison's larger base U-Net (the baseline's is 32)
     super_res: TrainConfig = _default(DIFFUSION_TRAIN.replace(max_steps=400, warmup_steps=40))
     sample_steps: int = 25  # DDIM steps when scoring
+    prediction_type: str = SCHEDULE["prediction_type"]  # the diffusion models' target: epsilon, v_prediction, sample
+    snr_gamma: Optional[float] = SNR_GAMMA  # min-SNR-gamma loss weighting; 0 (--set snr_gamma=0) or None: the plain mean
     guidance: float = 3.0
     sotu_chars: int = 2_000_000
     dalle_top_k: int = 32
@@ -650,6 +657,10 @@ class Workbench:
         self.times["data_s"] = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ shared parts
+    def schedule(self, **extra) -> dict:
+        """The diffusion models' training schedule with the settings' prediction type."""
+        return {**SCHEDULE, "prediction_type": self.s.prediction_type, **extra}
+
     @property
     def judge(self) -> ShapesJudge:
         if self._judge is None:
@@ -665,9 +676,18 @@ class Workbench:
             self.log(f"training the {kind} autoencoder")
             model, report = train_autoencoder(kind, self.train.images[32], self.s.kl if kind == "kl" else self.s.vq,
                                               heldout=self.val.images[32], seed=self.seed, progress=self.progress)
+            report["caption_match_reconstructed"] = self.reconstruction_match(model)
             setattr(self, attr, (model, report))
             self.times[f"{kind}_autoencoder_s"] = report["train_s"]
         return getattr(self, attr)
+
+    @torch.no_grad()
+    def reconstruction_match(self, autoencoder) -> float:
+        """The judge on the autoencoder's reconstructions of the held-out captions' own drawings: about
+        the most a generator working in that autoencoder's codes or latents can score."""
+        pictures = ((reconstruct(autoencoder.eval(), to_signed(drawn(self.prompts))) + 1) / 2).clamp(0, 1)
+        read = self.judge.read(pictures)
+        return sum(r == s.canonical for r, s in zip(read, self.prompts)) / len(self.prompts)
 
     def score(self, generate, name: str) -> dict:
         r = caption_match(generate, self.judge, self.prompts)
@@ -690,10 +710,11 @@ class Workbench:
         from ..models.text_to_image import TextToImageConfig
 
         te = text_encoder_config(self.tokenizer.vocab_size)
-        return TextToImageConfig(text_encoder=te, unet=unet_config(3, 32, te.n_embd, pooled=True), scheduler=SCHEDULE,
+        return TextToImageConfig(text_encoder=te, unet=unet_config(3, 32, te.n_embd, pooled=True),
+                                 scheduler=self.schedule(),
                                  image_size=16, text_length=12, pad_id=self.tokenizer.pad_id,
                                  eos_id=self.tokenizer.eos_id, pooled_text=True, condition_dropout=CONDITION_DROPOUT,
-                                 snr_gamma=SNR_GAMMA,
+                                 snr_gamma=self.s.snr_gamma or None,
                                  description="GLIDE: pixel diffusion (16 x 16), a text transformer trained with "
                                              "the U-Net, cross-attention + pooled text, classifier-free guidance")
 
@@ -719,10 +740,10 @@ class Workbench:
         ae = vae.config
         unet = unet_config(ae.latent_channels, 64, te.n_embd, down_blocks=("cross", "cross"),
                            up_blocks=("cross", "cross"))
-        return TextToImageConfig(text_encoder=te, unet=unet, scheduler=SCHEDULE,
+        return TextToImageConfig(text_encoder=te, unet=unet, scheduler=self.schedule(),
                                  image_size=32, text_length=12, pad_id=self.tokenizer.pad_id,
                                  eos_id=self.tokenizer.eos_id, autoencoder=ae, condition_dropout=CONDITION_DROPOUT,
-                                 snr_gamma=SNR_GAMMA,
+                                 snr_gamma=self.s.snr_gamma or None,
                                  description="latent diffusion: the U-Net in the KL autoencoder's 8 x 8 x 4 latent "
                                              "space, the caption by cross-attention")
 
@@ -765,10 +786,11 @@ class Workbench:
             sr = unet_config(6, 32, enc.n_embd, out_channels=3, down_blocks=("res", "res"),
                              up_blocks=("res", "res"), mid_block="res", cross_attention_dim=None, class_embed_dim=32)
         return TextToImageConfig(text_encoder=enc, unet=unet_config(3, unet_width, enc.n_embd, pooled=True),
-                                 scheduler={**SCHEDULE, "thresholding": True, "dynamic_thresholding_ratio": 0.95},
+                                 scheduler=self.schedule(thresholding=True, dynamic_thresholding_ratio=0.95),
                                  image_size=16, text_length=16, pad_id=self._t5_corpus[0].pad_id,
                                  eos_id=self._t5_corpus[0].eos_id, freeze_text_encoder=True, pooled_text=True,
-                                 condition_dropout=CONDITION_DROPOUT, snr_gamma=SNR_GAMMA, super_res=sr, super_res_size=32,
+                                 condition_dropout=CONDITION_DROPOUT, snr_gamma=self.s.snr_gamma or None, super_res=sr,
+                                 super_res_size=32,
                                  description="Imagen: a frozen T5 encoder (pretrained here) conditions a 16 x 16 "
                                              "pixel U-Net; dynamic thresholding; a 16 -> 32 super-resolution U-Net "
                                              "with noise-conditioning augmentation")
