@@ -687,8 +687,7 @@ class Workbench:
         """The judge on the autoencoder's reconstructions of the held-out captions' own drawings: about
         the most a generator working in that autoencoder's codes or latents can score."""
         pictures = ((reconstruct(autoencoder.eval(), to_signed(drawn(self.prompts))) + 1) / 2).clamp(0, 1)
-        read = self.judge.read(pictures)
-        return sum(r == s.canonical for r, s in zip(read, self.prompts)) / len(self.prompts)
+        return judge_report(self.judge, pictures, self.prompts, per_kind=False)["accuracy"]
 
     def score(self, generate, name: str) -> dict:
         r = caption_match(generate, self.judge, self.prompts)
