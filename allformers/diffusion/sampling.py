@@ -12,6 +12,7 @@ by the null one with probability p; sample with eps = eps(x, null) + w (eps(x, c
 w = 1 is the conditional model alone (and costs one forward pass, not two)."""
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Optional
 
 import torch
@@ -102,18 +103,27 @@ def diffusion_loss(model: Callable, scheduler: NoiseScheduler, x0: torch.Tensor,
 def sample(model: Callable, scheduler: NoiseScheduler, shape, *, cond: Cond = None, null_cond: Cond = None,
            guidance_scale: float = 1.0, num_inference_steps: int = 50, generator: Optional[torch.Generator] = None,
            latents: Optional[torch.Tensor] = None, device=None, progress: bool = True,
-           callback: Optional[Callable] = None, guidance_rescale: float = 0.0) -> torch.Tensor:
+           callback: Optional[Callable] = None, guidance_rescale: float = 0.0,
+           use_clipped_model_output: bool = False) -> torch.Tensor:
     """Run the reverse process from pure noise (or `latents`) to x_0: (B, C, H, W).
 
     The starting noise and every step's noise come from `generator`, so a seed fixes the picture.
     `callback(i, t, x)` sees the sample after each step (for pictures of the trajectory).
-    guidance_rescale in [0, 1]: see rescale_guidance (0: plain classifier-free guidance)."""
+    guidance_rescale in [0, 1]: see rescale_guidance (0: plain classifier-free guidance).
+    use_clipped_model_output (DDIM only): each step re-derives the noise estimate from the clipped or
+    thresholded x_0, so the step's two halves agree (diffusers' DDIMScheduler.step option)."""
     device = torch.device(device) if device is not None else (latents.device if latents is not None else torch.device("cpu"))
     if guidance_scale != 1.0 and null_cond is None:
         raise ConfigError(f"guidance_scale={guidance_scale} needs a null_cond (the unconditional input); "
                           f"pass null_cond or use guidance_scale=1")
     if not 0.0 <= guidance_rescale <= 1.0:
         raise ConfigError(f"guidance_rescale={guidance_rescale} must be in [0, 1] (0: off; 0.7 is Lin et al.'s)")
+    step_options = {}
+    if use_clipped_model_output:
+        if "use_clipped_model_output" not in inspect.signature(scheduler.step).parameters:
+            raise ConfigError(f"use_clipped_model_output is a DDIM option; {type(scheduler).__name__}.step has none "
+                              f"(sample with a DDIMScheduler or leave it False)")
+        step_options["use_clipped_model_output"] = True
     if latents is None:
         gdev = generator.device if generator is not None else device
         latents = torch.randn(tuple(shape), generator=generator, device=gdev)
@@ -126,7 +136,7 @@ def sample(model: Callable, scheduler: NoiseScheduler, shape, *, cond: Cond = No
         tt = torch.full((B,), int(t), device=device, dtype=torch.long)
         out = guided_prediction(model, scheduler.scale_model_input(x, t), tt, cond, null_cond, guidance_scale,
                                  guidance_rescale)
-        x = scheduler.step(out, t, x, generator=generator).prev_sample
+        x = scheduler.step(out, t, x, generator=generator, **step_options).prev_sample
         if callback is not None:
             callback(i, int(t), x)
     return x

@@ -63,6 +63,13 @@ class TextToImageConfig(SavedConfig):
     super_res_scheduler: Optional[dict] = None  # None: the base schedule
     noise_augmentation: float = 0.25  # super-res training: the low-res picture is noised to t ~ U[0, this * T]
     sample_augmentation: float = 0.1  # ... and at sampling to this fixed fraction of T
+    # CoordConv (Liu et al. 2018): two fixed channels, x and y in [-1, 1], beside x_t at the base U-Net's
+    # input. Convolutions and attention alone barely know where they are, and "A above B" names places.
+    coordinate_channels: bool = False
+    # A frozen encoder's states, feature by feature, minus their mean and over their std across the
+    # training captions' tokens (set_text_statistics). A small T5's states share one large direction
+    # (cosine 0.9 between "red" and "blue"), which hides the caption from a U-Net learning to read it.
+    standardize_text: bool = False
     description: str = ""
 
     def __post_init__(self):
@@ -91,9 +98,15 @@ class TextToImageConfig(SavedConfig):
             ae = self.autoencoder
             if ae.kind != "kl":
                 raise ConfigError(f"latent diffusion runs in a KL autoencoder's latent space, not {ae.kind!r}")
-            if u.in_channels != ae.latent_channels or u.out_channels != ae.latent_channels:
+            if u.in_channels != ae.latent_channels + self.extra_channels or u.out_channels != ae.latent_channels:
                 raise ConfigError(f"the U-Net has {u.in_channels} -> {u.out_channels} channels but the latents have "
-                                  f"{ae.latent_channels}; make them equal")
+                                  f"{ae.latent_channels}; make them {ae.latent_channels + self.extra_channels} -> "
+                                  f"{ae.latent_channels}" + (" (2 inputs are the coordinate channels)"
+                                                             if self.coordinate_channels else ""))
+        elif u.in_channels != u.out_channels + self.extra_channels:
+            raise ConfigError(f"the U-Net has {u.in_channels} -> {u.out_channels} channels; a pixel pipeline's "
+                              f"{'coordinate channels make that' if self.coordinate_channels else 'must be'} "
+                              f"{u.out_channels + self.extra_channels} -> {u.out_channels}")
             if self.image_size % ae.downsampling:
                 raise ConfigError(f"image_size={self.image_size} is not a multiple of the autoencoder's "
                                   f"downsampling {ae.downsampling}")
@@ -107,6 +120,9 @@ class TextToImageConfig(SavedConfig):
                                   "vector: set super_res.class_embed_dim (e.g. its block_channels[0])")
             if s.cross_attention_dim is not None and (s.encoder_hid_dim or s.cross_attention_dim) != t.n_embd:
                 raise ConfigError(f"super_res reads {s.cross_attention_dim}-wide text states; the encoder is {t.n_embd}")
+        if self.standardize_text and not self.freeze_text_encoder:
+            raise ConfigError("standardize_text fixes statistics of the text states, which only hold while the "
+                              "encoder is frozen: set freeze_text_encoder=True or standardize_text=False")
         if not 0 <= self.condition_dropout <= 1:
             raise ConfigError(f"condition_dropout={self.condition_dropout} must be in [0, 1]")
         if self.snr_gamma is not None and not self.snr_gamma > 0:
@@ -114,10 +130,15 @@ class TextToImageConfig(SavedConfig):
                               f"(unweighted loss)")
 
     @property
+    def extra_channels(self) -> int:
+        """Inputs of the base U-Net beyond x_t (the coordinate channels)."""
+        return 2 if self.coordinate_channels else 0
+
+    @property
     def latent_shape(self) -> tuple:
         """(C, h, w) of what the U-Net denoises."""
         if self.autoencoder is None:
-            return (self.unet.in_channels, self.image_size, self.image_size)
+            return (self.unet.out_channels, self.image_size, self.image_size)
         side = self.image_size // self.autoencoder.downsampling
         return (self.autoencoder.latent_channels, side, side)
 
@@ -139,6 +160,10 @@ class TextToImage(nn.Module):
         null = torch.full((1, c.text_length), c.pad_id, dtype=torch.long)
         null[0, 0] = c.eos_id
         self.register_buffer("null_ids", null, persistent=False)  # the empty caption: EOS only
+        if c.standardize_text:  # saved with the weights: set_text_statistics fills them
+            D = c.text_encoder.n_embd
+            self.register_buffer("text_mean", torch.zeros(D))
+            self.register_buffer("text_std", torch.ones(D))
 
     @property
     def device(self):
@@ -163,6 +188,8 @@ class TextToImage(nn.Module):
         mask = attention_mask.to(input_ids.device)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not c.freeze_text_encoder):
             states = self.text_encoder(input_ids, attention_mask=mask, return_hidden=True)  # (B, L, D)
+        if c.standardize_text:
+            states = (states - self.text_mean) / self.text_std
         cond = {}
         if self.unet.config.cross_attention_dim is not None:
             cond = {"encoder_hidden_states": states, "encoder_attention_mask": mask.to(states.dtype)}
@@ -170,6 +197,26 @@ class TextToImage(nn.Module):
             m = mask.to(states.dtype)[..., None]
             cond["class_labels"] = (states * m).sum(1) / m.sum(1).clamp(min=1)
         return cond
+
+    @torch.no_grad()
+    def set_text_statistics(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int = 256):
+        """standardize_text: the frozen encoder's per-feature mean and std over these captions' tokens
+        (the real ones: padding is left out). Returns (mean, std), each (D,)."""
+        if not self.config.standardize_text:
+            raise ConfigError("set_text_statistics is for a pipeline with standardize_text=True")
+        was = self.text_encoder.training
+        self.text_encoder.eval()
+        rows = []
+        for i in range(0, len(input_ids), batch_size):
+            ids = input_ids[i:i + batch_size].to(self.device)
+            mask = attention_mask[i:i + batch_size].to(self.device)
+            states = self.text_encoder(ids, attention_mask=mask, return_hidden=True)  # (b, L, D)
+            rows.append(states[mask.bool()])  # (real tokens, D)
+        self.text_encoder.train(was)
+        tokens = torch.cat(rows).float()
+        self.text_mean.copy_(tokens.mean(0))
+        self.text_std.copy_(tokens.std(0).clamp(min=1e-6))
+        return self.text_mean.clone(), self.text_std.clone()
 
     def null_condition(self) -> dict:
         """The empty caption's condition (one row, broadcast over a batch): guidance's unconditional side."""
@@ -204,8 +251,17 @@ class TextToImage(nn.Module):
         ids, mask = batch["input_ids"], batch["attention_mask"]
         if self.training and self.config.condition_dropout:
             ids, mask = self.drop_captions(ids, mask, generator)
-        return diffusion_loss(self.unet, self.scheduler, self.latents_of(batch, generator), self.encode_text(ids, mask),
+        return diffusion_loss(self.denoiser, self.scheduler, self.latents_of(batch, generator), self.encode_text(ids, mask),
                               generator=generator, snr_gamma=self.config.snr_gamma)
+
+    def denoiser(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        """The base U-Net on x_t (B, C, h, w), with the coordinate channels beside it when configured."""
+        if self.config.coordinate_channels:
+            B, _, h, w = x.shape
+            ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype)[:, None].expand(h, w)
+            xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype)[None, :].expand(h, w)
+            x = torch.cat([x, torch.stack([xs, ys]).expand(B, 2, h, w)], dim=1)  # (B, C + 2, h, w)
+        return self.unet(x, t, **cond)
 
     def _sr_condition(self, low_res: torch.Tensor, aug_t: torch.Tensor, text: dict) -> dict:
         """The super-res U-Net's inputs besides x_t: the (noised) low-res picture, its noise level as the
@@ -259,19 +315,31 @@ class TextToImage(nn.Module):
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, guidance_scale: float = 3.0,
                  num_inference_steps: int = 25, generator: Optional[torch.Generator] = None, progress: bool = True,
                  super_res: bool = True, super_res_steps: Optional[int] = None, thresholding: Optional[bool] = None,
-                 return_low_res: bool = False, guidance_rescale: float = 0.0):
+                 return_low_res: bool = False, guidance_rescale: float = 0.0,
+                 use_clipped_model_output: Optional[bool] = None):
         """Captions (B, L) -> pictures (B, 3, H, W) in [0, 1] (H = super_res_size when the pipeline has a
         second stage and super_res is True, else image_size). With return_low_res, (pictures, first stage).
-        guidance_rescale: the base stage's guided prediction rescaled (diffusion.sampling.rescale_guidance)."""
+        guidance_rescale: the base stage's guided prediction rescaled (diffusion.sampling.rescale_guidance).
+        use_clipped_model_output: DDIM's noise estimate re-derived from the thresholded / clipped x_0.
+        None: when the sampler thresholds, as Imagen's sampler uses the thresholded x_0 throughout (plain
+        x_0 clipping keeps diffusers' DDIM default, the unclipped noise estimate)."""
         c = self.config
         was = self.training
         self.eval()
         ids, mask = input_ids.to(self.device), attention_mask.to(self.device)
         text, null = self.encode_text(ids, mask), self.null_condition()
         B = ids.shape[0]
-        x = sample(self.unet, self.sampler(self.scheduler, thresholding), (B, *c.latent_shape), cond=text,
+        base = self.sampler(self.scheduler, thresholding)
+
+        def consistent(sampler) -> bool:
+            if use_clipped_model_output is not None:
+                return use_clipped_model_output
+            return bool(sampler.thresholding)
+
+        x = sample(self.denoiser, base, (B, *c.latent_shape), cond=text,
                    null_cond=null, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
-                   generator=generator, device=self.device, progress=progress, guidance_rescale=guidance_rescale)
+                   generator=generator, device=self.device, progress=progress, guidance_rescale=guidance_rescale,
+                   use_clipped_model_output=consistent(base))
         if self.vae is not None:
             x = self.vae.from_latents(x)
         low = x.clamp(-1, 1)
@@ -283,11 +351,12 @@ class TextToImage(nn.Module):
             null_sr = None
             if guidance_scale != 1.0 and self.super_res.config.cross_attention_dim is not None:
                 null_sr = {**cond, **{k: v for k, v in null.items() if k.startswith("encoder_")}}
-            out = sample(self.sr_denoiser, self.sampler(self.sr_scheduler, thresholding),
+            second = self.sampler(self.sr_scheduler, thresholding)
+            out = sample(self.sr_denoiser, second,
                          (B, 3, c.super_res_size, c.super_res_size), cond=cond, null_cond=null_sr,
                          guidance_scale=guidance_scale if null_sr is not None else 1.0,
                          num_inference_steps=super_res_steps or num_inference_steps, generator=generator,
-                         device=self.device, progress=progress).clamp(-1, 1)
+                         device=self.device, progress=progress, use_clipped_model_output=consistent(second)).clamp(-1, 1)
         self.train(was)
         to01 = lambda t: ((t.float() + 1) / 2).clamp(0, 1)  # noqa: E731
         return (to01(out), to01(low)) if return_low_res else to01(out)
