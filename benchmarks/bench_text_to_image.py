@@ -79,8 +79,14 @@ def main():
         result[section] = {"heldout_accuracy": held["accuracy"],
                            **{k: v for k, v in held.items() if k.startswith("accuracy_")},
                            "seconds_per_sample": held["seconds_per_sample"], "n_captions": held["n"],
+                           **({"seen_accuracy": held["seen"]["accuracy"],
+                               "seen_accuracy_pair": held["seen"].get("accuracy_pair")} if "seen" in held else {}),
                            "params": r["report"]["params"], "train_s": r["report"]["train_s"],
                            "section_s": time.perf_counter() - s0}
+        cfg = r["model"].config
+        if hasattr(cfg, "scheduler"):  # a diffusion system: the choices it was trained with
+            result[section].update(prediction_type=cfg.scheduler["prediction_type"],
+                                   coordinate_channels=cfg.coordinate_channels)
     if "glide" in reports:
         g = reports["glide"]
         result["glide"]["accuracy_guidance_1"] = g["heldout_guidance_1"]["accuracy"]

@@ -11,7 +11,7 @@ import torch
 import allformers
 from allformers.config import Config
 from allformers.data.synthetic_shapes import SyntheticShapes, all_captions, canonical_of
-from allformers.diffusion import DDIMScheduler, sample
+from allformers.diffusion import DDIMScheduler, DDPMScheduler, sample
 from allformers.errors import ConfigError
 from allformers.models.autoencoders import AutoencoderConfig
 from allformers.models.dalle import DALLE, DALLEConfig
@@ -106,11 +106,12 @@ def word_tokenizer():
     return Tokenizer.word_level(all_captions(canonical=False))
 
 
-def tiny_pipeline(tok, *, freeze=False, super_res=False, latent=False, encoder=None, **kw):
+def tiny_pipeline(tok, *, freeze=False, super_res=False, latent=False, encoder=None, coords=False, **kw):
     te = encoder or Config(vocab_size=tok.vocab_size, block_size=12, n_layer=1, n_head=2, n_embd=16, causal=False,
                            lm_head=False)
     ch = 4 if latent else 3
-    unet = UNetConfig(in_channels=ch, out_channels=ch, block_channels=(8, 16), norm_groups=8, down_blocks=("res", "cross"),
+    unet = UNetConfig(in_channels=ch + 2 * coords, out_channels=ch, block_channels=(8, 16), norm_groups=8,
+                      down_blocks=("res", "cross"),
                       up_blocks=("cross", "res"), mid_block="cross", attention_heads=2, cross_attention_dim=te.n_embd,
                       layers_per_block=1, class_embed_dim=te.n_embd)
     sr = UNetConfig(in_channels=6, out_channels=3, block_channels=(8, 8), norm_groups=8, down_blocks=("res", "res"),
@@ -119,6 +120,7 @@ def tiny_pipeline(tok, *, freeze=False, super_res=False, latent=False, encoder=N
                            mid_attention=False) if latent else None
     cfg = TextToImageConfig(text_encoder=te, unet=unet, image_size=16, text_length=12, pad_id=tok.pad_id,
                             eos_id=tok.eos_id, pooled_text=True, freeze_text_encoder=freeze, super_res=sr,
+                            coordinate_channels=coords,
                             autoencoder=ae, scheduler={"class_name": "DDPMScheduler", "num_train_timesteps": 100,
                                                        "beta_schedule": "squaredcos_cap_v2"}, **kw)
     torch.manual_seed(0)
@@ -187,6 +189,31 @@ def test_guidance_one_is_the_conditional_model_and_thresholding_reaches_the_samp
     assert model.sampler(model.scheduler).prediction_type == model.scheduler.prediction_type
 
 
+def test_thresholded_sampling_rederives_the_noise_from_the_thresholded_x0():
+    """A thresholding pipeline's DDIM step takes its noise estimate from the thresholded x_0 unless told
+    otherwise (both halves of the step then agree); plain clipping keeps diffusers' default."""
+    tok = word_tokenizer()
+    model = tiny_pipeline(tok).eval()
+    b = batch_of(tok, 2)
+    run = lambda **kw: model.generate(b["input_ids"], b["attention_mask"], guidance_scale=3.0,  # noqa: E731
+                                      num_inference_steps=4, generator=torch.Generator().manual_seed(0),
+                                      progress=False, **kw)
+    assert model.sampler(model.scheduler).clip_sample and torch.equal(run(), run(use_clipped_model_output=False))
+    assert not torch.allclose(run(), run(use_clipped_model_output=True))
+    cond, null = model.encode_text(b["input_ids"], b["attention_mask"]), model.null_condition()
+    sched = model.sampler(model.scheduler, thresholding=True)
+    by_hand = lambda flag: sample(model.unet, sched, (2, 3, 16, 16), cond=cond, null_cond=null,  # noqa: E731
+                                  guidance_scale=3.0, num_inference_steps=4, progress=False,
+                                  generator=torch.Generator().manual_seed(0), use_clipped_model_output=flag)
+    default, old = run(thresholding=True), run(thresholding=True, use_clipped_model_output=False)
+    assert torch.allclose(default, (by_hand(True).clamp(-1, 1) + 1) / 2, atol=1e-6)
+    assert torch.allclose(old, (by_hand(False).clamp(-1, 1) + 1) / 2, atol=1e-6)
+    assert not torch.allclose(default, old)
+    with pytest.raises(ConfigError, match="DDIM option"):
+        sample(model.unet, DDPMScheduler(num_train_timesteps=100), (1, 3, 16, 16), num_inference_steps=2,
+               progress=False, use_clipped_model_output=True)
+
+
 def test_super_resolution_stage_and_noise_augmentation(tmp_path):
     tok = word_tokenizer()
     model = tiny_pipeline(tok, super_res=True)
@@ -227,6 +254,50 @@ def test_latent_pipeline_trains_on_precomputed_posteriors():
     assert all(p.grad is None for p in model.vae.parameters())
     out = model.generate(b["input_ids"][:1], b["attention_mask"][:1], num_inference_steps=2, progress=False)
     assert out.shape == (1, 3, 16, 16)
+
+
+@pytest.mark.parametrize("latent", [False, True])
+def test_coordinate_channels_sit_beside_x_t(latent):
+    """CoordConv: the base U-Net reads x_t with an x channel (-1 at the left, +1 at the right) and a y
+    channel (-1 at the top) beside it, in training and sampling; the U-Net needs the 2 extra inputs."""
+    tok = word_tokenizer()
+    model = tiny_pipeline(tok, latent=latent, coords=True).eval()
+    b = batch_of(tok, 2)
+    x, t = torch.randn(2, *model.config.latent_shape), torch.tensor([3, 70])
+    cond = model.encode_text(b["input_ids"], b["attention_mask"])
+    side = model.config.latent_shape[-1]
+    ramp = torch.tensor([-1 + 2 * i / (side - 1) for i in range(side)])
+    xs, ys = ramp[None, :].expand(side, side), ramp[:, None].expand(side, side)
+    by_hand = model.unet(torch.cat([x, torch.stack([xs, ys])[None].expand(2, 2, side, side)], 1), t, **cond)
+    assert torch.allclose(model.denoiser(x, t, **cond), by_hand, atol=1e-6)
+    assert model.unet.config.in_channels == model.config.latent_shape[0] + 2
+    assert torch.isfinite(model.loss(b))
+    out = model.generate(b["input_ids"], b["attention_mask"], num_inference_steps=2, progress=False)
+    assert out.shape == (2, 3, 16, 16)
+    with pytest.raises(ConfigError, match="coordinate channels"):
+        dataclasses.replace(model.config, unet=tiny_pipeline(tok, latent=latent).config.unet)
+
+
+def test_standardized_text_states_of_a_frozen_encoder(tmp_path):
+    """standardize_text: after set_text_statistics, the states of those captions' real tokens have mean 0
+    and std 1 per feature; the statistics are saved with the weights; a trainable encoder can't have them."""
+    tok = word_tokenizer()
+    model = tiny_pipeline(tok, freeze=True, standardize_text=True).eval()
+    captions = all_captions()[:200]
+    ids, mask = tok.encode_padded(captions, 12)
+    raw = model.text_encoder(ids, attention_mask=mask, return_hidden=True)[mask.bool()]  # (tokens, D)
+    mean, std = model.set_text_statistics(ids, mask, batch_size=64)
+    assert torch.allclose(mean, raw.mean(0), atol=1e-5) and torch.allclose(std, raw.std(0), atol=1e-5)
+    states = model.encode_text(ids, mask)["encoder_hidden_states"][mask.bool()]
+    assert torch.allclose(states.mean(0), torch.zeros(16), atol=1e-4)
+    assert torch.allclose(states.std(0), torch.ones(16), atol=1e-4)
+    model.save(tmp_path / "std", tokenizer=tok)
+    again = allformers.load(tmp_path / "std")
+    assert torch.equal(again.text_mean, mean) and torch.equal(again.text_std, std)
+    with pytest.raises(ConfigError, match="freeze_text_encoder"):
+        tiny_pipeline(tok, standardize_text=True)
+    with pytest.raises(ConfigError, match="standardize_text=True"):
+        tiny_pipeline(tok).set_text_statistics(ids, mask)
 
 
 def test_pipeline_config_errors():
@@ -357,6 +428,8 @@ def test_quick_recipe_runs_end_to_end(tmp_path):
     r = run_recipe("dalle-shapes", out=tmp_path / "dalle", overrides={"quick": True}, progress=False, verbose=False)
     assert (tmp_path / "dalle" / "summary.json").exists() and (tmp_path / "dalle" / "judge" / "config.json").exists()
     assert 0 <= r["report"]["heldout"]["accuracy"] <= 1
+    seen = r["report"]["heldout"]["seen"]  # new pictures of training captions, scored the same way
+    assert seen["n"] == 8 and 0 <= seen["accuracy"] <= 1 and "images" not in seen
     model = allformers.load(tmp_path / "dalle")
     assert type(model).__name__ == "DALLE" and model.tokenizer is not None
 
@@ -365,10 +438,21 @@ def test_recipe_settings_reach_the_pipeline_and_the_reconstruction_ceiling(tmp_p
     """--set prediction_type / snr_gamma change the trained pipeline's schedule and loss; the autoencoder's
     report carries the judge's caption match on its reconstructions of the held-out drawings."""
     from allformers.recipes import run_recipe
+    from allformers.recipes.text_to_image import DIFFUSION_CHOICES, Workbench, quick_settings
 
+    bench = Workbench(quick_settings(), progress=False, log=lambda m: None)
+    assert bench.schedule("ldm")["prediction_type"] == "epsilon"
+    assert bench.schedule("glide")["prediction_type"] == "v_prediction"
+    heldout = {p.canonical for p in bench.prompts}  # the seen prompts are training captions, none held out
+    assert bench.seen_prompts and not heldout & {p.canonical for p in bench.seen_prompts}
+    forced = Workbench(quick_settings().replace(prediction_type="sample", coordinate_channels=True), progress=False,
+                       log=lambda m: None)
+    assert {forced.schedule(s)["prediction_type"] for s in DIFFUSION_CHOICES} == {"sample"}
+    assert all(forced.choice(s, "coordinate_channels") for s in DIFFUSION_CHOICES)
+    assert forced.glide_config().unet.in_channels == 5 and forced.glide_config().coordinate_channels
     r = run_recipe("ldm-shapes", out=tmp_path / "ldm", progress=False, verbose=False,
-                   overrides={"quick": True, "prediction_type": "epsilon", "snr_gamma": 0})
+                   overrides={"quick": True, "prediction_type": "v_prediction", "snr_gamma": 0})
     model = allformers.load(tmp_path / "ldm")
-    assert model.config.scheduler["prediction_type"] == "epsilon" and model.config.snr_gamma is None
+    assert model.config.scheduler["prediction_type"] == "v_prediction" and model.config.snr_gamma is None
     assert not model.config.scheduler["clip_sample"]
     assert 0 <= r["report"]["autoencoder"]["caption_match_reconstructed"] <= 1

@@ -59,8 +59,9 @@ OLD_FLAGS = [("--data-dir", "--data", "data", None), ("--out-dir", "--out", "out
 
 def register(sub):
     p = sub.add_parser("train", help="run any named recipe (allformers train --list)",
-                       description="Run a named recipe: char LM, encoder pretraining, fine-tuning, SFT, seq2seq, RLHF, "
-                                   "self-instruct or Multimodal-CoT. --set KEY=VALUE changes any other setting.")
+                       description="Run a named recipe: char LM, CTRL, encoder pretraining, fine-tuning, SFT (Alpaca, "
+                                   "Koala), seq2seq, RLHF, self-instruct, Multimodal-CoT or text-to-image. "
+                                   "--set KEY=VALUE changes any other setting.")
     add_recipe_args(p, default_recipe="shakespeare-char-cpu")
     for flag, dest, typ, text in OVERRIDES:
         p.add_argument(flag, dest=f"o_{dest}", type=typ, help=text)

@@ -377,28 +377,35 @@ def text_encoder_config(vocab_size: int, length: int = 12, n_layer: int = 2, n_e
 
 
 def unet_config(in_channels: int, width: int, text_dim: int, *, levels: int = 2, pooled: bool = False,
-                layers: int = 1, heads: int = 4, **overrides):
+                layers: int = 1, heads: int = 4, coordinates: bool = False, **overrides):
     """The recipes' U-Nets: `levels` resolutions of widths (width, 2 width, 2 width, ...), residual
     blocks only at full resolution, spatial transformers (self- and cross-attention to the text) below
-    it and in the middle. GLIDE-style pooled text enters as the class vector when `pooled`."""
+    it and in the middle. GLIDE-style pooled text enters as the class vector when `pooled`; with
+    `coordinates`, two more inputs take the pipeline's coordinate channels."""
     from ..models.unet import UNetConfig
 
     ch = tuple([width] + [2 * width] * (levels - 1))
-    base = dict(in_channels=in_channels, out_channels=in_channels, block_channels=ch,
+    base = dict(in_channels=in_channels + (2 if coordinates else 0), out_channels=in_channels, block_channels=ch,
                 down_blocks=("res",) + ("cross",) * (levels - 1), up_blocks=("cross",) * (levels - 1) + ("res",),
                 mid_block="cross", layers_per_block=layers, attention_heads=heads, cross_attention_dim=text_dim,
                 norm_groups=8, class_embed_dim=text_dim if pooled else None)
     return UNetConfig(**{**base, **overrides})
 
 
-# v-prediction with min-SNR-5 weighting: a 1,000-step GLIDE probe (not a committed command) matched
-# far more held-out captions with it than with epsilon (the low-noise steps, where epsilon's loss is
-# largest, stop dominating the gradient). `--set prediction_type=epsilon` compares by a command.
+# Each diffusion system's training target, measured by command (docs/text_to_image.md): latent
+# diffusion learns epsilon far better than v (0.693 vs 0.527 held-out caption match, same
+# autoencoder, `allformers train --recipe ldm-shapes --set prediction_type=epsilon`); the pixel
+# models keep v-prediction, which a 1,000-step GLIDE probe preferred (not a committed command:
+# `--recipe glide-shapes --set prediction_type=epsilon` compares). Min-SNR-5 weighting for all.
 # No x_0 clipping when sampling: DDIM clips x_0 but keeps the unclipped noise estimate, and under
 # guidance 3 the two disagree so much that GLIDE drew other shapes and colours than the caption's
 # (with clipping, guidance 3 scored well under guidance 1 on the same trained model; without, above).
+# coordinate_channels (CoordConv beside x_t): see TextToImageConfig.
+DIFFUSION_CHOICES = {"glide": {"prediction_type": "v_prediction", "coordinate_channels": False},
+                     "ldm": {"prediction_type": "epsilon", "coordinate_channels": False},
+                     "imagen": {"prediction_type": "v_prediction", "coordinate_channels": False}}
 SCHEDULE = {"class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2",
-            "prediction_type": "v_prediction", "clip_sample": False}
+            "prediction_type": "v_prediction", "clip_sample": False}  # prediction_type: DIFFUSION_CHOICES
 SNR_GAMMA = 5.0
 CONDITION_DROPOUT = 0.2  # share of empty captions in training: guidance's unconditional side needs them
 DIFFUSION_TRAIN = TrainConfig(max_steps=3000, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=100,
@@ -512,9 +519,37 @@ def drawn(scenes: list, size: int = 32) -> torch.Tensor:
     return torch.stack([torch.tensor(s.image(size)).permute(2, 0, 1) for s in scenes])
 
 
+@torch.no_grad()
+def text_state_cosine(model, tokenizer, captions: list) -> dict:
+    """How alike a pipeline's text encoder makes different captions: the mean cosine between the pooled
+    text states of every two of `captions`, as the encoder gives them ("encoder") and as the U-Net
+    reads them ("unet_input": after standardize_text, when set). Near 1: the captions look the same to the U-Net."""
+    b = caption_ids(tokenizer, captions, model.config.text_length)
+    mask = b["attention_mask"].to(model.device)
+    raw = model.text_encoder(b["input_ids"].to(model.device), attention_mask=mask, return_hidden=True)
+    read = model.encode_text(b["input_ids"], b["attention_mask"])["encoder_hidden_states"]
+
+    def mean_cosine(states):  # (N, L, D) -> the mean off-diagonal cosine of the masked means
+        m = mask.to(states.dtype)[..., None]
+        pooled = F.normalize((states * m).sum(1) / m.sum(1).clamp(min=1), dim=-1)  # (N, D)
+        n = len(pooled)
+        return ((pooled @ pooled.T).sum() - n).item() / (n * (n - 1))
+
+    return {"encoder": mean_cosine(raw), "unet_input": mean_cosine(read)}
+
+
+SEEN_SEED = 7919  # offset of seen_scenes' seed from the training pictures'
+
+
 def heldout_scenes(n: int, seed: int = 0) -> list:
     """n scenes of the caption-disjoint test split: their captions are the prompts no generator trained on."""
     data = SyntheticShapes(n, "test", seed=seed)
+    return [data[i] for i in range(n)]
+
+
+def seen_scenes(n: int, seed: int = 0) -> list:
+    """n new scenes of the training split (its own seed: not the training pictures, but their captions)."""
+    data = SyntheticShapes(n, "train", seed=seed + SEEN_SEED)
     return [data[i] for i in range(n)]
 
 
@@ -603,6 +638,7 @@ class T2ISettings:
     n_train: int = 16000  # training pictures (train split: no held-out caption)
     n_val: int = 500  # autoencoder reconstruction pictures (val split)
     n_eval: int = 150  # held-out captions scored per system
+    n_seen: int = 150  # ... and new pictures of training captions (0: none), for the generalisation gap
     judge_train: int = 16000
     judge_test: int = 1000
     judge: TrainConfig = _default(JUDGE_TRAIN)
@@ -619,7 +655,12 @@ class T2ISettings:
     imagen_large_width: int = 48  # the comparison's larger base U-Net (the baseline's is 32)
     super_res: TrainConfig = _default(DIFFUSION_TRAIN.replace(max_steps=400, warmup_steps=40))
     sample_steps: int = 25  # DDIM steps when scoring
-    prediction_type: str = SCHEDULE["prediction_type"]  # the diffusion models' target: epsilon, v_prediction, sample
+    # None: each diffusion system's own (DIFFUSION_CHOICES); set, for all three
+    prediction_type: Optional[str] = None  # the target: epsilon, v_prediction or sample
+    coordinate_channels: Optional[bool] = None  # x and y channels beside x_t at the U-Net's input (CoordConv)
+    standardize_text: bool = True  # Imagen: its frozen T5's states standardised per feature (TextToImageConfig)
+    caption_layers: int = 2  # GLIDE's and latent diffusion's caption encoder (trained with the U-Net): depth
+    caption_width: int = 64  # ... and width
     snr_gamma: Optional[float] = SNR_GAMMA  # min-SNR-gamma loss weighting; 0 (--set snr_gamma=0) or None: the plain mean
     guidance: float = 3.0
     sotu_chars: int = 2_000_000
@@ -635,7 +676,8 @@ def quick_settings(settings: Optional[T2ISettings] = None) -> T2ISettings:
     few = lambda n, b=16: dataclasses.replace(DIFFUSION_TRAIN, max_steps=n, batch_size=b, warmup_steps=2,  # noqa: E731
                                               log_interval=max(1, n // 2))
     small = dict(n_train=256, n_val=32, n_eval=12, judge_train=512, judge_test=64, judge=few(20, 32), vq=few(6),
-                 kl=few(6), dalle=few(10), glide=few(6), ldm=few(6), t5=few(6), imagen=few(4), imagen_large_unet=None,
+                 n_seen=8, kl=few(6), dalle=few(10), glide=few(6), ldm=few(6), t5=few(6), imagen=few(4),
+                 imagen_large_unet=None,
                  super_res=few(4), sample_steps=4, sotu_chars=60_000)
     return dataclasses.replace(settings, **small) if settings is not None else T2ISettings(**small)
 
@@ -654,13 +696,25 @@ class Workbench:
         self.train = render_shapes(self.s.n_train, "train", seed, sizes=(32, 16))
         self.val = render_shapes(self.s.n_val, "val", seed, sizes=(32,))
         self.prompts = heldout_scenes(self.s.n_eval, seed)
+        self.seen_prompts = seen_scenes(self.s.n_seen, seed)
         self.tokenizer = caption_tokenizer()
         self.times["data_s"] = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ shared parts
-    def schedule(self, **extra) -> dict:
-        """The diffusion models' training schedule with the settings' prediction type."""
-        return {**SCHEDULE, "prediction_type": self.s.prediction_type, **extra}
+    def caption_encoder(self) -> Config:
+        """GLIDE's and latent diffusion's caption encoder at the settings' size (heads of 16 dimensions)."""
+        s = self.s
+        return text_encoder_config(self.tokenizer.vocab_size, n_layer=s.caption_layers, n_embd=s.caption_width,
+                                   n_head=max(1, s.caption_width // 16))
+
+    def choice(self, system: str, name: str):
+        """A diffusion system's `name` (prediction_type, coordinate_channels): the settings' when set, else its own."""
+        value = getattr(self.s, name)
+        return DIFFUSION_CHOICES[system][name] if value is None else value
+
+    def schedule(self, system: str, **extra) -> dict:
+        """`system`'s training schedule with its prediction type."""
+        return {**SCHEDULE, "prediction_type": self.choice(system, "prediction_type"), **extra}
 
     @property
     def judge(self) -> ShapesJudge:
@@ -689,10 +743,17 @@ class Workbench:
         pictures = ((reconstruct(autoencoder.eval(), to_signed(drawn(self.prompts))) + 1) / 2).clamp(0, 1)
         return judge_report(self.judge, pictures, self.prompts, per_kind=False)["accuracy"]
 
-    def score(self, generate, name: str) -> dict:
+    def score(self, generate, name: str, seen: bool = False) -> dict:
+        """The judge's caption match of `generate` on the held-out captions; with `seen`, also (under
+        "seen", pictures left out) on new pictures of training captions: the gap between the two is
+        what the system fails to carry over to new combinations, the seen figure what it fails to fit."""
         r = caption_match(generate, self.judge, self.prompts)
         self.log(f"{name}: caption match {r['accuracy']:.3f} on {r['n']} held-out captions "
                  f"({r['seconds_per_sample']:.3f} s per picture)")
+        if seen and self.seen_prompts:
+            r["seen"] = {k: v for k, v in caption_match(generate, self.judge, self.seen_prompts).items()
+                         if k not in ("images", "read")}
+            self.log(f"{name}: caption match {r['seen']['accuracy']:.3f} on {r['seen']['n']} training captions")
         return r
 
     # ------------------------------------------------------------------ DALL-E
@@ -702,16 +763,17 @@ class Workbench:
         model, report = train_dalle(vq, self.tokenizer, self.train, self.s.dalle, seed=self.seed, progress=self.progress)
         report["autoencoder"] = vq_report
         report["heldout"] = self.score(dalle_generator(model, self.tokenizer, temperature=self.s.dalle_temperature,
-                                                       top_k=self.s.dalle_top_k, seed=self.seed), "dalle")
+                                                       top_k=self.s.dalle_top_k, seed=self.seed), "dalle", seen=True)
         return model, report
 
     # ------------------------------------------------------------------ GLIDE
     def glide_config(self):
         from ..models.text_to_image import TextToImageConfig
 
-        te = text_encoder_config(self.tokenizer.vocab_size)
-        return TextToImageConfig(text_encoder=te, unet=unet_config(3, 32, te.n_embd, pooled=True),
-                                 scheduler=self.schedule(),
+        te = self.caption_encoder()
+        coords = self.choice("glide", "coordinate_channels")
+        return TextToImageConfig(text_encoder=te, unet=unet_config(3, 32, te.n_embd, pooled=True, coordinates=coords),
+                                 scheduler=self.schedule("glide"), coordinate_channels=coords,
                                  image_size=16, text_length=12, pad_id=self.tokenizer.pad_id,
                                  eos_id=self.tokenizer.eos_id, pooled_text=True, condition_dropout=CONDITION_DROPOUT,
                                  snr_gamma=self.s.snr_gamma or None,
@@ -728,7 +790,7 @@ class Workbench:
         gen = lambda g: diffusion_generator(model, self.tokenizer, guidance_scale=g, steps=self.s.sample_steps,  # noqa: E731
                                             seed=self.seed)
         report["heldout_guidance_1"] = self.score(gen(1.0), "glide, guidance 1")
-        report["heldout"] = self.score(gen(self.s.guidance), f"glide, guidance {self.s.guidance:g}")
+        report["heldout"] = self.score(gen(self.s.guidance), f"glide, guidance {self.s.guidance:g}", seen=True)
         report["guidance_gain"] = report["heldout"]["accuracy"] - report["heldout_guidance_1"]["accuracy"]
         return model, report
 
@@ -736,14 +798,15 @@ class Workbench:
     def ldm_config(self, vae):
         from ..models.text_to_image import TextToImageConfig
 
-        te = text_encoder_config(self.tokenizer.vocab_size)
+        te = self.caption_encoder()
         ae = vae.config
+        coords = self.choice("ldm", "coordinate_channels")
         unet = unet_config(ae.latent_channels, 64, te.n_embd, down_blocks=("cross", "cross"),
-                           up_blocks=("cross", "cross"))
-        return TextToImageConfig(text_encoder=te, unet=unet, scheduler=self.schedule(),
+                           up_blocks=("cross", "cross"), coordinates=coords)
+        return TextToImageConfig(text_encoder=te, unet=unet, scheduler=self.schedule("ldm"),
                                  image_size=32, text_length=12, pad_id=self.tokenizer.pad_id,
                                  eos_id=self.tokenizer.eos_id, autoencoder=ae, condition_dropout=CONDITION_DROPOUT,
-                                 snr_gamma=self.s.snr_gamma or None,
+                                 snr_gamma=self.s.snr_gamma or None, coordinate_channels=coords,
                                  description="latent diffusion: the U-Net in the KL autoencoder's 8 x 8 x 4 latent "
                                              "space, the caption by cross-attention")
 
@@ -763,7 +826,8 @@ class Workbench:
         report["latents_s"] = time.perf_counter() - t0 - report["train_s"]
         report["autoencoder"] = vae_report
         report["heldout"] = self.score(diffusion_generator(model, self.tokenizer, guidance_scale=self.s.guidance,
-                                                           steps=self.s.sample_steps, seed=self.seed), "ldm")
+                                                           steps=self.s.sample_steps, seed=self.seed), "ldm",
+                                       seen=True)
         return model, report
 
     # ------------------------------------------------------------------ Imagen
@@ -785,8 +849,11 @@ class Workbench:
         if super_res:
             sr = unet_config(6, 32, enc.n_embd, out_channels=3, down_blocks=("res", "res"),
                              up_blocks=("res", "res"), mid_block="res", cross_attention_dim=None, class_embed_dim=32)
-        return TextToImageConfig(text_encoder=enc, unet=unet_config(3, unet_width, enc.n_embd, pooled=True),
-                                 scheduler=self.schedule(thresholding=True, dynamic_thresholding_ratio=0.95),
+        coords = self.choice("imagen", "coordinate_channels")
+        return TextToImageConfig(text_encoder=enc, unet=unet_config(3, unet_width, enc.n_embd, pooled=True,
+                                                                    coordinates=coords),
+                                 scheduler=self.schedule("imagen", thresholding=True, dynamic_thresholding_ratio=0.95),
+                                 coordinate_channels=coords, standardize_text=self.s.standardize_text,
                                  image_size=16, text_length=16, pad_id=self._t5_corpus[0].pad_id,
                                  eos_id=self._t5_corpus[0].eos_id, freeze_text_encoder=True, pooled_text=True,
                                  condition_dropout=CONDITION_DROPOUT, snr_gamma=self.s.snr_gamma or None, super_res=sr,
@@ -802,9 +869,13 @@ class Workbench:
         torch.manual_seed(self.seed)
         model = TextToImage(self.imagen_config(t5, unet_width, super_res))
         model.text_encoder.load_state_dict(frozen_t5_encoder(t5)[1])
+        if model.config.standardize_text:  # over the training captions (each once), never a held-out one
+            captions = sorted(set(self.train.captions))
+            model.set_text_statistics(**caption_ids(self._t5_corpus[0], captions, model.config.text_length))
         self.log(f"training Imagen's base U-Net (width {unet_width}) on the frozen {t5_size}")
         report = train_diffusion(model, self._t5_corpus[0], self.train, cfg, seed=self.seed, progress=self.progress)
         report["text_encoder"] = t5_report
+        report["text_state_cosine"] = text_state_cosine(model, self._t5_corpus[0], [p.caption for p in self.prompts])
         report["heldout_base"] = self.score(diffusion_generator(model, self._t5_corpus[0], guidance_scale=self.s.guidance,
                                                                 steps=self.s.sample_steps, seed=self.seed,
                                                                 super_res=False),
@@ -820,7 +891,8 @@ class Workbench:
         report["super_res"] = train_diffusion(main, self._t5_corpus[0], self.train, s.super_res, seed=self.seed,
                                               progress=self.progress, super_res=True)
         report["heldout"] = self.score(diffusion_generator(main, self._t5_corpus[0], guidance_scale=s.guidance,
-                                                           steps=s.sample_steps, seed=self.seed), "imagen (32 x 32)")
+                                                           steps=s.sample_steps, seed=self.seed), "imagen (32 x 32)",
+                                       seen=True)
         _, small = self.imagen_base("t5-s", 32, s.imagen)
         _, big_unet = self.imagen_base("t5-s", s.imagen_large_width, s.imagen_large_unet or s.imagen)
         base = small["heldout_base"]["accuracy"]
@@ -871,6 +943,8 @@ class TextToImageRecipe(Recipe, T2ISettings):
             lines.append(f"held-out caption match {h['accuracy']:.3f} on {h['n']} captions ("
                          + ", ".join(f"{k[9:]} {h[k]:.2f}" for k in h if k.startswith("accuracy_"))
                          + f"), {h['seconds_per_sample']:.3f} s per picture")
+            if "seen" in h:
+                lines.append(f"training captions (new pictures): {h['seen']['accuracy']:.3f} on {h['seen']['n']}")
         lines.append(f"model: {r['out_dir']}  (allformers imagine --model {r['out_dir']} \"a caption\")")
         return "\n".join(lines)
 
