@@ -399,6 +399,23 @@ def test_workbench_pieces():
     assert out["n"] == 4 and 0 <= out["accuracy"] <= 1 and out["images"].shape == (4, 3, 16, 16)
 
 
+def test_weighted_rows_and_the_pair_share():
+    from allformers.recipes.text_to_image import TensorBatches, TextToImageError, kind_weights
+
+    rows = TensorBatches({"x": torch.arange(4)}, weights=torch.tensor([0.0, 1.0, 0.0, 3.0]))
+    drawn = rows.sample(400)["x"]
+    assert set(drawn.tolist()) == {1, 3} and 240 < (drawn == 3).sum() < 360  # 3 : 1, give or take
+    with pytest.raises(TextToImageError, match="non-negative"):
+        TensorBatches({"x": torch.arange(4)}, weights=torch.ones(3))
+    scenes = [SyntheticShapes(60, "train")[i] for i in range(60)]
+    w = kind_weights(scenes, 0.6)
+    pair = torch.tensor([s.kind == "pair" for s in scenes])
+    assert w[pair].sum().item() == pytest.approx(0.6) and w[~pair].sum().item() == pytest.approx(0.4)
+    assert kind_weights(scenes, None) is None
+    with pytest.raises(TextToImageError, match="between 0 and 1"):
+        kind_weights(scenes, 1.0)
+
+
 def test_imagine_cli(tmp_path):
     from allformers.cli.main import main
 

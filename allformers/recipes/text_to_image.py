@@ -82,11 +82,15 @@ class TensorBatches:
     """The Trainer's data source over named tensors of equal length: sample(n) draws n random rows
     (with a transform applied to the batch), reproducibly from its own generator."""
 
-    def __init__(self, tensors: dict, seed: int = 0, transform: Optional[Callable[[dict], dict]] = None):
+    def __init__(self, tensors: dict, seed: int = 0, transform: Optional[Callable[[dict], dict]] = None,
+                 weights: Optional[torch.Tensor] = None):
         lengths = {len(v) for v in tensors.values()}
         if len(lengths) != 1:
             raise TextToImageError(f"tensors of unequal lengths {sorted(lengths)}: every entry needs one row per example")
         self.tensors, self.n, self.transform = tensors, lengths.pop(), transform
+        if weights is not None and (len(weights) != self.n or not (weights >= 0).all() or not weights.sum() > 0):
+            raise TextToImageError(f"weights must be {self.n} non-negative numbers, not all 0 (one per row)")
+        self.weights = weights  # None: uniform rows; else rows drawn in proportion (with replacement)
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self):
@@ -97,6 +101,8 @@ class TensorBatches:
         return self.transform(batch) if self.transform else batch
 
     def sample(self, n: int) -> dict:
+        if self.weights is not None:
+            return self.rows(torch.multinomial(self.weights, n, replacement=True, generator=self.generator))
         return self.rows(torch.randint(0, self.n, (n,), generator=self.generator))
 
     def fixed_batches(self, batch_size: int, n_batches: int) -> list:
@@ -413,10 +419,24 @@ DIFFUSION_TRAIN = TrainConfig(max_steps=3000, batch_size=32, lr=1e-3, min_lr=1e-
                               log_interval=50, checkpoint=False)
 
 
+def kind_weights(scenes: list, pair_share: Optional[float]) -> Optional[torch.Tensor]:
+    """Row weights that give two-shape scenes `pair_share` of the draws (the rest shared by the other
+    kinds in proportion to their rows); None: uniform (each kind about a third)."""
+    if pair_share is None:
+        return None
+    if not 0 < pair_share < 1:
+        raise TextToImageError(f"pair_share={pair_share} must be between 0 and 1 (or None: uniform rows)")
+    pair = torch.tensor([s.kind == "pair" for s in scenes])
+    if pair.all() or not pair.any():
+        raise TextToImageError("pair_share needs both two-shape and other scenes in the training pictures")
+    return torch.where(pair, pair_share / pair.sum(), (1 - pair_share) / (~pair).sum()).double()
+
+
 def diffusion_batches(model, tokenizer, data: ShapesData, *, seed: int = 0, latents: Optional[tuple] = None,
-                      super_res: bool = False) -> TensorBatches:
+                      super_res: bool = False, pair_share: Optional[float] = None) -> TensorBatches:
     """Rows for TextToImage.loss: caption ids and masks, and the pictures at the pipeline's size (or the
-    precomputed posterior of the latent pipeline's autoencoder); for super_res, both sizes."""
+    precomputed posterior of the latent pipeline's autoencoder); for super_res, both sizes. pair_share:
+    see kind_weights."""
     c = model.config
     t = {**caption_ids(tokenizer, data.captions, c.text_length)}
     if super_res:
@@ -432,14 +452,16 @@ def diffusion_batches(model, tokenizer, data: ShapesData, *, seed: int = 0, late
                 b[k] = to_signed(b[k])
         return b
 
-    return TensorBatches(t, seed=seed, transform=transform)
+    return TensorBatches(t, seed=seed, transform=transform, weights=kind_weights(data.scenes, pair_share))
 
 
 def train_diffusion(model, tokenizer, data: ShapesData, cfg: TrainConfig = DIFFUSION_TRAIN, *, seed: int = 0,
-                    progress: bool = True, latents: Optional[tuple] = None, super_res: bool = False) -> dict:
+                    progress: bool = True, latents: Optional[tuple] = None, super_res: bool = False,
+                    pair_share: Optional[float] = None) -> dict:
     """Train a TextToImage's base U-Net (or, super_res=True, its super-resolution U-Net) in place."""
     t0 = time.perf_counter()
-    batches = diffusion_batches(model, tokenizer, data, seed=seed, latents=latents, super_res=super_res)
+    batches = diffusion_batches(model, tokenizer, data, seed=seed, latents=latents, super_res=super_res,
+                                pair_share=pair_share)
     loss = (lambda m, b: m.super_res_loss(b)) if super_res else (lambda m, b: m.loss(b))
     if super_res:  # only the second stage learns
         for name, p in model.named_parameters():
@@ -659,6 +681,7 @@ class T2ISettings:
     prediction_type: Optional[str] = None  # the target: epsilon, v_prediction or sample
     coordinate_channels: Optional[bool] = None  # x and y channels beside x_t at the U-Net's input (CoordConv)
     standardize_text: bool = True  # Imagen: its frozen T5's states standardised per feature (TextToImageConfig)
+    pair_share: Optional[float] = None  # latent diffusion: the share of two-shape scenes in its batches (None: ~1/3)
     caption_layers: int = 2  # GLIDE's and latent diffusion's caption encoder (trained with the U-Net): depth
     caption_width: int = 64  # ... and width
     snr_gamma: Optional[float] = SNR_GAMMA  # min-SNR-gamma loss weighting; 0 (--set snr_gamma=0) or None: the plain mean
@@ -822,7 +845,7 @@ class Workbench:
         model.vae.load_state_dict(vae.state_dict())
         self.log(f"training latent diffusion (latent scaling {vae.config.scaling_factor:.3f})")
         report = train_diffusion(model, self.tokenizer, self.train, self.s.ldm, seed=self.seed, progress=self.progress,
-                                 latents=(mean, std))
+                                 latents=(mean, std), pair_share=self.s.pair_share)
         report["latents_s"] = time.perf_counter() - t0 - report["train_s"]
         report["autoencoder"] = vae_report
         report["heldout"] = self.score(diffusion_generator(model, self.tokenizer, guidance_scale=self.s.guidance,
