@@ -64,4 +64,7 @@ if __name__ == "__main__":  # one torchrun worker
         out.write_text(json.dumps({"world_size": dist.get_world_size(), "plain": plain.history_train_losses(),
                                    "accum": accum.history_train_losses(),
                                    "resumed": resumed.history_train_losses()}))
+    # Both ranks reach here before either tears gloo down: without it, one rank's teardown while the
+    # other still wrote its result once aborted the other ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
