@@ -105,6 +105,11 @@ def main():
         comp = reports["imagen"]["comparison"]
         result["imagen"]["base_accuracy_16px"] = reports["imagen"]["heldout_base"]["accuracy"]
         result["imagen_comparison"] = comp
+        im = reports["imagen"]  # each frozen T5: its pretraining loss, and how alike it makes two captions
+        result["imagen_text_encoders"] = {
+            r["text_encoder"]["size"]: {"final_loss": r["text_encoder"]["final_loss"],
+                                        "text_state_cosine": r["text_state_cosine"]}
+            for r in (im, im["comparison_runs"]["small"])}
     systems = [s for s in SECTIONS if s in result]
     if systems:
         best = max(systems, key=lambda s: result[s]["heldout_accuracy"])

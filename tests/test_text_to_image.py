@@ -315,6 +315,10 @@ def test_pipeline_config_errors():
                                                                                          block_channels=(8,)))
     with pytest.raises(ConfigError, match="snr_gamma"):
         TextToImageConfig(text_encoder=te, unet=good.unet, snr_gamma=0.0)
+    with pytest.raises(ConfigError, match="must be 3 -> 3"):
+        TextToImageConfig(text_encoder=te, unet=dataclasses.replace(good.unet, in_channels=4))
+    with pytest.raises(ConfigError, match="downsampling"):
+        dataclasses.replace(tiny_pipeline(tok, latent=True).config, image_size=17)
     again = TextToImageConfig.from_dict(good.to_dict())  # nested configs round-trip through JSON
     assert again == good
 
@@ -402,7 +406,7 @@ def test_workbench_pieces():
 def test_weighted_rows_and_the_pair_share():
     from allformers.recipes.text_to_image import TensorBatches, TextToImageError, kind_weights
 
-    rows = TensorBatches({"x": torch.arange(4)}, weights=torch.tensor([0.0, 1.0, 0.0, 3.0]))
+    rows = TensorBatches({"x": torch.arange(4)}, weights=torch.tensor([0, 1, 0, 3]))  # integers are fine
     drawn = rows.sample(400)["x"]
     assert set(drawn.tolist()) == {1, 3} and 240 < (drawn == 3).sum() < 360  # 3 : 1, give or take
     with pytest.raises(TextToImageError, match="non-negative"):

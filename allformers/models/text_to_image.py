@@ -103,13 +103,13 @@ class TextToImageConfig(SavedConfig):
                                   f"{ae.latent_channels}; make them {ae.latent_channels + self.extra_channels} -> "
                                   f"{ae.latent_channels}" + (" (2 inputs are the coordinate channels)"
                                                              if self.coordinate_channels else ""))
-        elif u.in_channels != u.out_channels + self.extra_channels:
-            raise ConfigError(f"the U-Net has {u.in_channels} -> {u.out_channels} channels; a pixel pipeline's "
-                              f"{'coordinate channels make that' if self.coordinate_channels else 'must be'} "
-                              f"{u.out_channels + self.extra_channels} -> {u.out_channels}")
             if self.image_size % ae.downsampling:
                 raise ConfigError(f"image_size={self.image_size} is not a multiple of the autoencoder's "
                                   f"downsampling {ae.downsampling}")
+        elif u.in_channels != u.out_channels + self.extra_channels:
+            why = " (2 inputs are the coordinate channels)" if self.coordinate_channels else ""
+            raise ConfigError(f"the U-Net has {u.in_channels} -> {u.out_channels} channels; a pixel pipeline's "
+                              f"U-Net must be {u.out_channels + self.extra_channels} -> {u.out_channels}{why}")
         if self.super_res is not None:
             s = self.super_res
             if s.in_channels != 6 or s.out_channels != 3:
@@ -214,8 +214,10 @@ class TextToImage(nn.Module):
             rows.append(states[mask.bool()])  # (real tokens, D)
         self.text_encoder.train(was)
         tokens = torch.cat(rows).float()
+        if len(tokens) < 2:
+            raise ConfigError(f"set_text_statistics needs at least 2 real tokens to take a std from, got {len(tokens)}")
         self.text_mean.copy_(tokens.mean(0))
-        self.text_std.copy_(tokens.std(0).clamp(min=1e-6))
+        self.text_std.copy_(tokens.std(0).clamp(min=1e-3))  # a near-constant feature is not blown up
         return self.text_mean.clone(), self.text_std.clone()
 
     def null_condition(self) -> dict:

@@ -90,7 +90,8 @@ class TensorBatches:
         self.tensors, self.n, self.transform = tensors, lengths.pop(), transform
         if weights is not None and (len(weights) != self.n or not (weights >= 0).all() or not weights.sum() > 0):
             raise TextToImageError(f"weights must be {self.n} non-negative numbers, not all 0 (one per row)")
-        self.weights = weights  # None: uniform rows; else rows drawn in proportion (with replacement)
+        self.weights = weights.double() if weights is not None else None  # None: uniform rows; else drawn in
+        # proportion to them (with replacement)
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self):
