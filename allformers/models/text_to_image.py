@@ -33,10 +33,12 @@ from ..config import Config, SavedConfig
 from ..diffusion import DDIMScheduler, NoiseScheduler, diffusion_loss, drop_condition, sample
 from ..errors import ConfigError
 from .autoencoders import AutoencoderConfig, build_autoencoder
+from .heads import pool
 from .lm import TransformerLM
 from .unet import UNet, UNetConfig
 
 SAMPLERS = {"ddim": DDIMScheduler}
+COORDINATE_CHANNELS = 2  # coordinate_channels: x and y
 
 
 def _schedule(d: Optional[dict]) -> dict:
@@ -101,15 +103,14 @@ class TextToImageConfig(SavedConfig):
             if u.in_channels != ae.latent_channels + self.extra_channels or u.out_channels != ae.latent_channels:
                 raise ConfigError(f"the U-Net has {u.in_channels} -> {u.out_channels} channels but the latents have "
                                   f"{ae.latent_channels}; make them {ae.latent_channels + self.extra_channels} -> "
-                                  f"{ae.latent_channels}" + (" (2 inputs are the coordinate channels)"
-                                                             if self.coordinate_channels else ""))
+                                  f"{ae.latent_channels}{self._coordinates_note}")
             if self.image_size % ae.downsampling:
                 raise ConfigError(f"image_size={self.image_size} is not a multiple of the autoencoder's "
                                   f"downsampling {ae.downsampling}")
         elif u.in_channels != u.out_channels + self.extra_channels:
-            why = " (2 inputs are the coordinate channels)" if self.coordinate_channels else ""
             raise ConfigError(f"the U-Net has {u.in_channels} -> {u.out_channels} channels; a pixel pipeline's "
-                              f"U-Net must be {u.out_channels + self.extra_channels} -> {u.out_channels}{why}")
+                              f"U-Net must be {u.out_channels + self.extra_channels} -> {u.out_channels}"
+                              f"{self._coordinates_note}")
         if self.super_res is not None:
             s = self.super_res
             if s.in_channels != 6 or s.out_channels != 3:
@@ -132,7 +133,11 @@ class TextToImageConfig(SavedConfig):
     @property
     def extra_channels(self) -> int:
         """Inputs of the base U-Net beyond x_t (the coordinate channels)."""
-        return 2 if self.coordinate_channels else 0
+        return COORDINATE_CHANNELS if self.coordinate_channels else 0
+
+    @property
+    def _coordinates_note(self) -> str:
+        return f" ({COORDINATE_CHANNELS} inputs are the coordinate channels)" if self.coordinate_channels else ""
 
     @property
     def latent_shape(self) -> tuple:
@@ -184,19 +189,24 @@ class TextToImage(nn.Module):
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
         """Caption ids (B, L) with mask -> the U-Net's keyword condition: text states (B, L, D) and
         their mask, plus the pooled vector as class_labels when pooled_text."""
-        c = self.config
         mask = attention_mask.to(input_ids.device)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not c.freeze_text_encoder):
-            states = self.text_encoder(input_ids, attention_mask=mask, return_hidden=True)  # (B, L, D)
-        if c.standardize_text:
-            states = (states - self.text_mean) / self.text_std
+        states = self.text_states(input_ids, mask)
         cond = {}
         if self.unet.config.cross_attention_dim is not None:
             cond = {"encoder_hidden_states": states, "encoder_attention_mask": mask.to(states.dtype)}
-        if c.pooled_text:
-            m = mask.to(states.dtype)[..., None]
-            cond["class_labels"] = (states * m).sum(1) / m.sum(1).clamp(min=1)
+        if self.config.pooled_text:
+            cond["class_labels"] = pool(states, mask, "mean")  # (B, D) over the real tokens
         return cond
+
+    def text_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, raw: bool = False) -> torch.Tensor:
+        """Caption ids (B, L) -> the encoder's states (B, L, D), standardised when standardize_text
+        (raw: as the encoder gives them)."""
+        c = self.config
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not c.freeze_text_encoder):
+            states = self.text_encoder(input_ids, attention_mask=attention_mask, return_hidden=True)  # (B, L, D)
+        if c.standardize_text and not raw:
+            states = (states - self.text_mean) / self.text_std
+        return states
 
     @torch.no_grad()
     def set_text_statistics(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int = 256):
@@ -210,8 +220,7 @@ class TextToImage(nn.Module):
         for i in range(0, len(input_ids), batch_size):
             ids = input_ids[i:i + batch_size].to(self.device)
             mask = attention_mask[i:i + batch_size].to(self.device)
-            states = self.text_encoder(ids, attention_mask=mask, return_hidden=True)  # (b, L, D)
-            rows.append(states[mask.bool()])  # (real tokens, D)
+            rows.append(self.text_states(ids, mask, raw=True)[mask.bool()])  # (real tokens, D)
         self.text_encoder.train(was)
         tokens = torch.cat(rows).float()
         if len(tokens) < 2:

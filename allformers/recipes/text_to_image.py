@@ -389,10 +389,12 @@ def unet_config(in_channels: int, width: int, text_dim: int, *, levels: int = 2,
     blocks only at full resolution, spatial transformers (self- and cross-attention to the text) below
     it and in the middle. GLIDE-style pooled text enters as the class vector when `pooled`; with
     `coordinates`, two more inputs take the pipeline's coordinate channels."""
+    from ..models.text_to_image import COORDINATE_CHANNELS
     from ..models.unet import UNetConfig
 
     ch = tuple([width] + [2 * width] * (levels - 1))
-    base = dict(in_channels=in_channels + (2 if coordinates else 0), out_channels=in_channels, block_channels=ch,
+    extra = COORDINATE_CHANNELS if coordinates else 0
+    base = dict(in_channels=in_channels + extra, out_channels=in_channels, block_channels=ch,
                 down_blocks=("res",) + ("cross",) * (levels - 1), up_blocks=("cross",) * (levels - 1) + ("res",),
                 mid_block="cross", layers_per_block=layers, attention_heads=heads, cross_attention_dim=text_dim,
                 norm_groups=8, class_embed_dim=text_dim if pooled else None)
@@ -547,18 +549,17 @@ def text_state_cosine(model, tokenizer, captions: list) -> dict:
     """How alike a pipeline's text encoder makes different captions: the mean cosine between the pooled
     text states of every two of `captions`, as the encoder gives them ("encoder") and as the U-Net
     reads them ("unet_input": after standardize_text, when set). Near 1: the captions look the same to the U-Net."""
-    b = caption_ids(tokenizer, captions, model.config.text_length)
-    mask = b["attention_mask"].to(model.device)
-    raw = model.text_encoder(b["input_ids"].to(model.device), attention_mask=mask, return_hidden=True)
-    read = model.encode_text(b["input_ids"], b["attention_mask"])["encoder_hidden_states"]
+    from ..models.heads import pool
 
-    def mean_cosine(states):  # (N, L, D) -> the mean off-diagonal cosine of the masked means
-        m = mask.to(states.dtype)[..., None]
-        pooled = F.normalize((states * m).sum(1) / m.sum(1).clamp(min=1), dim=-1)  # (N, D)
+    b = caption_ids(tokenizer, captions, model.config.text_length)
+    ids, mask = b["input_ids"].to(model.device), b["attention_mask"].to(model.device)
+
+    def mean_cosine(raw: bool) -> float:  # the mean off-diagonal cosine of the pooled states
+        pooled = F.normalize(pool(model.text_states(ids, mask, raw=raw), mask, "mean"), dim=-1)  # (N, D)
         n = len(pooled)
         return ((pooled @ pooled.T).sum() - n).item() / (n * (n - 1))
 
-    return {"encoder": mean_cosine(raw), "unet_input": mean_cosine(read)}
+    return {"encoder": mean_cosine(raw=True), "unet_input": mean_cosine(raw=False)}
 
 
 SEEN_SEED = 7919  # offset of seen_scenes' seed from the training pictures'
