@@ -13,8 +13,8 @@ its logits checked against ours; then
            transformers fp32, ours fp32 and ours int8; median tokens/s of each; int8_decode_ratio =
            ours int8 / transformers fp32
   ppl      perplexity on held-out State of the Union text (the last addresses of ../shared/data/sotu/sotu.txt,
-           which nothing here trains on), non-overlapping windows, one window per forward pass (the int8
-           Linear quantizes its input with one scale per call, so batching windows would couple them);
+           which nothing here trains on), non-overlapping windows, one window per forward pass (the dynamic
+           scheme quantizes its input with one scale per call, so batching windows would couple them);
            int8_ppl_increase = ppl(int8) / ppl(our fp32) - 1
 
 "The GGUF quantized path" is reported for what it is: a GGUF file loads dequantized to fp32 and runs fp32
@@ -121,10 +121,10 @@ def run_model(name: str, args, text: str) -> dict:
 
     ours, tok, note = build(name, args.tiny)
     int8 = copy.deepcopy(ours)
-    if args.no_smooth:
-        quantize_int8(int8, exclude=tuple(args.exclude))
+    if not args.smooth:
+        quantize_int8(int8, exclude=tuple(args.exclude), scheme=args.scheme)
     else:  # SmoothQuant calibrated on the first State of the Union addresses (never the held-out last ones)
-        quantize_int8(int8, smooth=True, alpha=args.alpha, exclude=tuple(args.exclude),
+        quantize_int8(int8, smooth=True, alpha=args.alpha, exclude=tuple(args.exclude), scheme=args.scheme,
                       calibration=torch.randint(0, tok.vocab_size, (512,)) if args.tiny else
                       torch.tensor(tok.encode(calibration_text())[:DEFAULT_TOKENS]))
     ids = torch.tensor(tok.encode(text), dtype=torch.long)
@@ -164,8 +164,9 @@ def run_model(name: str, args, text: str) -> dict:
     return {
         "weights": note,
         "params_m": round(ours.num_params() / 1e6, 1),
+        "scheme": args.scheme,
         "int8_linears": len(int8_modules(int8)),
-        "smoothing": None if args.no_smooth else {"alpha": args.alpha, "calibration": "sotu-first" if not args.tiny
+        "smoothing": None if not args.smooth else {"alpha": args.alpha, "calibration": "sotu-first" if not args.tiny
                                                   else "random ids (--tiny)"},
         "fp32_linears_kept": list(args.exclude),
         "linear_weight_mib": {k: round(v / 2**20, 1) for k, v in bytes_.items()},
@@ -195,12 +196,19 @@ def main():
     ap.add_argument("--windows", type=int, help="perplexity windows")
     ap.add_argument("--window", type=int, help="tokens per perplexity window")
     ap.add_argument("--addresses", type=int, default=3, help="held-out text: the last N State of the Union addresses")
-    ap.add_argument("--alpha", type=float, default=0.65, help="SmoothQuant migration strength")
-    ap.add_argument("--no-smooth", action="store_true", help="plain int8 (no SmoothQuant)")
-    ap.add_argument("--exclude", default="mlp.proj", help="comma-separated Linear suffixes kept fp32 ('' none)")
+    ap.add_argument("--scheme", choices=("weight-only", "dynamic"), default="weight-only",
+                    help="weight-only (int8 weights, bf16 activations) or dynamic (int8 activations too, SmoothQuant)")
+    ap.add_argument("--alpha", type=float, default=0.65, help="SmoothQuant migration strength (dynamic scheme)")
+    ap.add_argument("--no-smooth", action="store_true", help="the dynamic scheme without SmoothQuant")
+    ap.add_argument("--exclude", default=None,
+                    help="comma-separated Linear suffixes kept fp32 ('' none; default: none for weight-only, "
+                         "'mlp.proj' for the smoothed dynamic scheme)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
     small = args.quick or args.tiny
+    args.smooth = args.scheme == "dynamic" and not args.no_smooth
+    if args.exclude is None:
+        args.exclude = "mlp.proj" if args.smooth else ""
     args.exclude = [e.strip() for e in args.exclude.split(",") if e.strip()]
     for k, full, quick in (("reps", 3, 2), ("new", 128, 32), ("windows", 16, 4), ("window", 512, 256)):
         if getattr(args, k) is None:
@@ -249,6 +257,7 @@ def main():
         "mode": "tiny" if args.tiny else "quick" if args.quick else "full",
         "decode": {"prompt": args.prompt, "new_tokens": args.new, "reps": args.reps, "batch": 1},
         "threads": args.threads, "torch": torch.__version__, "transformers": T.__version__,
+        "scheme": args.scheme,
         "quantized_engine": torch.backends.quantized.engine,
         "wall_s": round(time.perf_counter() - t0, 1),
     }

@@ -1,5 +1,8 @@
 """int8 weight quantization (allformers/models/int8.py, checkpoints/int8.py, `allformers quantize`).
 
+Two schemes: "weight-only" (the default; Int8Linear: int8 weights, bf16 activations, rows independent)
+and "dynamic" (torch.ao's dynamic Linear: int8 activations too, one scale per call).
+
 Tolerances. The dynamic int8 Linear rounds each weight to its row's grid (max |w| / 127, relative RMS
 error ~ 4 / (127 * sqrt 12) ~ 1% for Gaussian rows whose max is ~4 sigma) and each input to a 7-bit
 grid over the whole input (fbgemm's reduce_range: (max - min) / 127, ~ 2% RMS for inputs spread over
@@ -7,9 +10,10 @@ grid over the whole input (fbgemm's reduce_range: (max - min) / 127, ~ 2% RMS fo
 layer's residual update, which is a fraction of the stream: measured 0.04-2.6% relative L2 on the
 families below. The bound is 5% relative L2 of the logits (about twice the worst measured) and
 argmax agreement >= 90% of positions; a broken quantizer (a wrong scale axis, a transposed weight,
-a lost bias) gives 30-140%.
+a lost bias) gives 30-140%. The weight-only Linear has only the weight rounding and bf16's (2^-9
+relative on the input and the output), so it sits well inside the same bound.
 
-Cached decoding is not bit-equal to recomputing the whole sequence under int8, and is not meant to
+Under the dynamic scheme, cached decoding is not bit-equal to recomputing the whole sequence under int8, and is not meant to
 be: the input scale is per call, so a 1-token decode step and a 60-token forward pass quantize the
 same row differently. The cache is checked to carry the right keys by the same 5% bound, step by
 step, and against fp32 recomputation."""
@@ -28,7 +32,8 @@ import allformers
 from allformers import Config, TransformerLM
 from allformers.cli.main import main
 from allformers.errors import AllformersError, CheckpointError, QuantizationError
-from allformers.models.int8 import Int8Config, int8_modules, is_int8, linear_weight_bytes, quantize_int8
+from allformers.models.int8 import (DEQUANT_ROWS, DYNAMIC, SCHEMES, WEIGHT_ONLY, Int8Config, Int8Linear, int8_modules,
+                                    is_int8, linear_weight_bytes, quantize_int8, quantize_weight)
 from allformers.tokenization import Tokenizer
 
 from .serve_util import tiny_chat_model
@@ -58,10 +63,11 @@ def ids(n=48, seed=1):
     return torch.randint(0, SMALL["vocab_size"], (1, n), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.parametrize("scheme", list(SCHEMES))
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_int8_logits_are_close_to_fp32(family):
+def test_int8_logits_are_close_to_fp32(family, scheme):
     fp32 = tiny(family)
-    q = quantize_int8(copy.deepcopy(fp32))
+    q = quantize_int8(copy.deepcopy(fp32), scheme=scheme)
     x = ids()
     with torch.no_grad():
         a, b = q(x), fp32(x)
@@ -81,22 +87,59 @@ def test_a_broken_quantizer_would_be_caught():
         assert rel(broken(ids()), fp32(ids())) > 3 * REL_TOL > 6 * good
 
 
-def test_weights_are_really_int8_and_about_4x_smaller():
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_weights_are_really_int8_and_about_4x_smaller(scheme):
     import torch.ao.nn.quantized.dynamic as nnqd
 
     fp32 = tiny("pythia-70m")  # untied head: quantized too
-    q = quantize_int8(copy.deepcopy(fp32))
+    q = quantize_int8(copy.deepcopy(fp32), scheme=scheme)
     names = int8_modules(q)
     assert names == [n for n, m in fp32.named_modules() if type(m) is nn.Linear] and "lm_head" in names
     assert not any(type(m) is nn.Linear for m in q.modules()) and is_int8(q) and not is_int8(fp32)
     for n in names:
-        w = dict(q.named_modules())[n].weight()
-        assert isinstance(dict(q.named_modules())[n], nnqd.Linear)
+        mod = dict(q.named_modules())[n]
+        if scheme == WEIGHT_ONLY:
+            assert isinstance(mod, Int8Linear) and mod.weight.dtype == torch.int8
+            assert mod.weight_scale.dtype == torch.float32 and mod.weight_scale.shape == (mod.out_features,)
+            assert 126 <= int(mod.weight.abs().max()) <= 127  # the rows' max reaches the grid's end
+            continue
+        w = mod.weight()
+        assert isinstance(mod, nnqd.Linear)
         assert w.dtype == torch.qint8 and w.qscheme() == torch.per_channel_affine and w.q_per_channel_axis() == 0
         assert int(w.q_per_channel_zero_points().abs().max()) == 0  # symmetric
     assert q.wte.weight.dtype == torch.float32 and q.norm.weight.dtype == torch.float32  # embeddings, norms fp32
     b = {"fp32": linear_weight_bytes(fp32)["fp32"], "int8": linear_weight_bytes(q)["int8"]}
     assert 3.5 < b["fp32"] / b["int8"] <= 4.0  # int8 + one fp32 scale per row
+
+
+@pytest.mark.parametrize("width", [64, 40])  # 40: not a multiple of the kernel's 16, the dequantizing path
+def test_the_weight_only_linear_is_the_dequantized_matmul_within_bf16(width):
+    g = torch.Generator().manual_seed(2)
+    w, b = torch.randn(96, width, generator=g), torch.randn(96, generator=g)
+    q, s = quantize_weight(w)
+    assert q.dtype == torch.int8 and int(q.abs().max()) <= 127
+    assert torch.equal(s.bfloat16().float(), s) and bool((s * 127 >= w.abs().amax(1)).all())  # bf16-exact, rounded up
+    assert rel(q.float() * s[:, None], w) < 0.02  # the weight rounding alone: ~1% for Gaussian rows
+    lin = Int8Linear(q, s, b)
+    for rows in (1, 5, DEQUANT_ROWS + 3):  # decode, a short prompt, a long one (the bf16 matmul path)
+        x = torch.randn(2, rows, width, generator=g)
+        ref = torch.nn.functional.linear(x, q.float() * s[:, None], b)
+        y = lin(x)
+        assert y.shape == (2, rows, 96) and y.dtype == torch.float32
+        assert rel(y, ref) < 4e-3  # bf16 input and output: 2^-9 relative each
+    odd = Int8Linear(q, s * 1.001)  # an fp32 scale bf16 cannot hold: applied after the kernel, in fp32
+    x = torch.randn(3, width, generator=g)
+    assert not odd._exact and rel(odd(x), x @ (q.float() * (s * 1.001)[:, None]).T) < 4e-3
+    lin.load_state_dict({**lin.state_dict(), "weight_scale": s * 2})  # the kernel's bf16 scales follow a load
+    assert rel(lin(x), 2 * torch.nn.functional.linear(x, q.float() * s[:, None]) + b) < 4e-3
+
+
+def test_weight_only_rows_do_not_depend_on_their_neighbours():
+    q = quantize_int8(tiny("gpt2"))
+    with torch.no_grad():
+        batch = q(torch.cat([ids(20, seed=1), ids(20, seed=2), ids(20, seed=3)]))
+        alone = q(ids(20, seed=2))
+    assert torch.equal(batch[1], alone[0])  # the dynamic scheme's one input scale per call would couple them
 
 
 def test_tied_heads_get_an_int8_copy_and_moe_routers_stay_fp32():
@@ -112,12 +155,14 @@ def test_tied_heads_get_an_int8_copy_and_moe_routers_stay_fp32():
     assert "blocks.0.attn.qkv" in int8_modules(moe)
 
 
-def test_save_load_gives_identical_logits_and_the_tokenizer(tmp_path):
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_save_load_gives_identical_logits_and_the_tokenizer(tmp_path, scheme):
     tok = Tokenizer.byte_level()
-    q = quantize_int8(tiny("pythia-70m", vocab_size=tok.vocab_size))
+    q = quantize_int8(tiny("pythia-70m", vocab_size=tok.vocab_size), scheme=scheme)
     q.save(tmp_path / "int8", tokenizer=tok)
     raw = json.loads((tmp_path / "int8" / "config.json").read_text())
     assert raw["quantization"] == "int8" and raw["config_class"] == "Int8Config" and raw["modules"] == int8_modules(q)
+    assert raw["scheme"] == scheme
     with safe_open(str(tmp_path / "int8" / "model.safetensors"), "pt") as f:
         assert f.get_tensor("blocks.0.attn.qkv.weight").dtype == torch.int8
         assert f.get_tensor("blocks.0.attn.qkv.weight_scale").dtype == torch.float32
@@ -125,6 +170,7 @@ def test_save_load_gives_identical_logits_and_the_tokenizer(tmp_path):
     back = allformers.load(tmp_path / "int8")
     assert is_int8(back) and back.quantization == "int8" and back.tokenizer is not None
     assert int8_modules(back) == int8_modules(q)
+    assert [type(m) for m in back.modules()] == [type(m) for m in q.modules()]  # the same scheme's Linears
     x = ids(40)
     with torch.no_grad():
         assert torch.equal(back(x), q(x))
@@ -147,6 +193,23 @@ def test_int8_folders_refuse_other_formats_and_dtypes(tmp_path):
     (tmp_path / "int8" / "config.json").write_text(json.dumps({**raw, "quantization": "int4"}))
     with pytest.raises(CheckpointError, match="int4"):
         allformers.load(tmp_path / "int8")
+    (tmp_path / "int8" / "config.json").write_text(json.dumps({**raw, "scheme": "nf4"}))
+    with pytest.raises(CheckpointError, match="nf4.*weight-only"):
+        allformers.load(tmp_path / "int8")
+
+
+def test_folders_from_before_the_weight_only_scheme_load_as_dynamic(tmp_path):
+    import torch.ao.nn.quantized.dynamic as nnqd
+
+    q = quantize_int8(tiny(), scheme=DYNAMIC)
+    q.save(tmp_path / "old")
+    raw = json.loads((tmp_path / "old" / "config.json").read_text())
+    # what such folders hold: the scheme's description, not its key
+    (tmp_path / "old" / "config.json").write_text(json.dumps({**raw, "scheme": SCHEMES[DYNAMIC]}))
+    back = allformers.load(tmp_path / "old")
+    assert isinstance(back.blocks[0].attn.qkv, nnqd.Linear)
+    with torch.no_grad():
+        assert torch.equal(back(ids()), q(ids()))
 
 
 def test_int8_config_round_trips():
@@ -154,10 +217,11 @@ def test_int8_config_round_trips():
     assert Int8Config.from_dict(json.loads(c.to_json())) == c
 
 
+@pytest.mark.parametrize("scheme", list(SCHEMES))
 @pytest.mark.parametrize("family", ["smollm2-135m", "gpt2"])
-def test_cached_generation_matches_recomputation_under_int8(family):
+def test_cached_generation_matches_recomputation_under_int8(family, scheme):
     model = tiny(family)
-    q = quantize_int8(copy.deepcopy(model))
+    q = quantize_int8(copy.deepcopy(model), scheme=scheme)
     prompt = ids(12)
     out = q.generate(prompt, max_new_tokens=24)
     assert out.shape == (1, prompt.shape[1] + 24)
@@ -250,12 +314,14 @@ def test_smoothing_helps_int8_on_outlier_channels_and_round_trips(tmp_path):
     tok = Tokenizer.byte_level()
     m = _outliers(tiny("smollm2-135m", vocab_size=tok.vocab_size))
     cal = torch.randint(0, tok.vocab_size, (256,), generator=torch.Generator().manual_seed(9))
-    plain = quantize_int8(copy.deepcopy(m))
-    smooth = quantize_int8(copy.deepcopy(m), smooth=True, calibration=cal)
+    plain = quantize_int8(copy.deepcopy(m), scheme=DYNAMIC)
+    smooth = quantize_int8(copy.deepcopy(m), smooth=True, calibration=cal, scheme=DYNAMIC)
+    weight_only = quantize_int8(copy.deepcopy(m))  # no int8 activations: the outliers cost it nothing
     x = torch.randint(0, tok.vocab_size, (1, 48), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = m(x)
         assert rel(smooth(x), ref) < rel(plain(x), ref)
+        assert rel(weight_only(x), ref) < rel(smooth(x), ref)
     assert smooth.smoothing["alpha"] == 0.65 and "lm_head" in int8_modules(smooth)
     smooth.save(tmp_path / "s", tokenizer=tok)
     raw = json.loads((tmp_path / "s" / "config.json").read_text())
@@ -282,6 +348,10 @@ def test_what_smoothing_cannot_fold_is_refused():
         smooth(tiny(), calibration=ids(50)[0], alpha=1.5)
     with pytest.raises(QuantizationError, match="smooth=True"):
         quantize_int8(tiny(), alpha=0.5)
+    with pytest.raises(QuantizationError, match="scheme='dynamic'"):
+        quantize_int8(tiny(), smooth=True, calibration=ids(50)[0])
+    with pytest.raises(QuantizationError, match="int4.*weight-only"):
+        quantize_int8(tiny(), scheme="int4")
 
 
 # ---------------------------------------------------------------------- the CLI
@@ -296,11 +366,17 @@ def test_cli_quantize_writes_a_folder_that_loads_quantized(fp32_dir, tmp_path, c
     assert main(["quantize", str(fp32_dir), "-o", str(tmp_path / "q")]) == 0
     assert "wrote int8 folder" in capsys.readouterr().out
     q, fp32 = allformers.load(tmp_path / "q"), allformers.load(fp32_dir)
-    assert is_int8(q) and q.tokenizer is not None and q.smoothing["calibration"] == "sotu-first"
-    assert "blocks.0.mlp.proj" not in int8_modules(q)  # the default exclusion
+    assert is_int8(q) and q.tokenizer is not None and q.smoothing is None  # the default: weight-only, every Linear
+    assert isinstance(q.blocks[0].mlp.proj, Int8Linear)
     with torch.no_grad():
         assert rel(q(ids()), fp32(ids())) < REL_TOL
-    assert main(["quantize", str(fp32_dir), "-o", str(tmp_path / "plain"), "--calibrate", "none", "--exclude", ""]) == 0
+    assert main(["quantize", str(fp32_dir), "-o", str(tmp_path / "dyn"), "--scheme", "dynamic"]) == 0
+    dyn = allformers.load(tmp_path / "dyn")
+    assert dyn.smoothing["calibration"] == "sotu-first" and "blocks.0.mlp.proj" not in int8_modules(dyn)
+    with torch.no_grad():
+        assert rel(dyn(ids()), fp32(ids())) < REL_TOL
+    assert main(["quantize", str(fp32_dir), "-o", str(tmp_path / "plain"), "--scheme", "dynamic", "--calibrate", "none",
+                 "--exclude", ""]) == 0
     plain = allformers.load(tmp_path / "plain")
     assert plain.smoothing is None and "blocks.0.mlp.proj" in int8_modules(plain)
     assert main(["quantize", "baby-gpt-char", "-o", str(tmp_path / "zoo")]) == 0  # a zoo name: random weights
@@ -316,6 +392,8 @@ def test_cli_quantize_bad_inputs_are_one_line_and_exit_2(fp32_dir, tmp_path, cap
 
     refused(["quantize", str(tmp_path / "nope" / "x"), "-o", str(tmp_path / "o1")], "does not exist")
     refused(["quantize", "gtp2", "-o", str(tmp_path / "o2")], "Did you mean: gpt2")
+    refused(["quantize", str(fp32_dir), "-o", str(tmp_path / "o4"), "--calibrate", "shakespeare"], "--scheme dynamic")
+    assert not (tmp_path / "o4").exists()
     out = tmp_path / "out"
     assert main(["quantize", str(fp32_dir), "-o", str(out)]) == 0
     capsys.readouterr()

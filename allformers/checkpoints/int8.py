@@ -1,11 +1,12 @@
 """int8 folders: a model quantized by models/int8.py, saved and read back bit for bit.
 
 The folder is our format with two differences. config.json is an `Int8Config` (config_class
-"Int8Config"): the model's own Config under "lm", "quantization": "int8", the scheme in words and
-the names of the quantized Linears. model.safetensors holds, for each of them, `NAME.weight` as int8
+"Int8Config"): the model's own Config under "lm", "quantization": "int8", the scheme ("weight-only" or
+"dynamic"; folders written before the weight-only scheme hold the dynamic one's description) and the
+names of the quantized Linears. model.safetensors holds, for each of them, `NAME.weight` as int8
 (out, in), `NAME.weight_scale` fp32 (out,) (w ~ scale[o] * q[o, i], zero point 0) and `NAME.bias`
 fp32; every other tensor (embeddings, norms, fp32 heads) as in an fp32 folder. Reading it rebuilds
-the same dynamic quantized Linears from the same integers and scales, so the logits are identical.
+the same int8 Linears of the same scheme from the same integers and scales, so the logits are identical.
 
 io.save calls save_int8 for a quantized model; composite.py registers load_int8 in io.CONFIG_LOADERS
 (this module does not import io.py, which imports it lazily)."""
@@ -40,9 +41,10 @@ def int8_state(model) -> dict:
 
 def save_int8(model, path, tokenizer=None, overwrite: bool = False) -> Path:
     """Write a quantized TransformerLM as an int8 folder (atomically, like every allformers folder)."""
-    from ..models.int8 import Int8Config, int8_modules
+    from ..models.int8 import Int8Config, int8_modules, scheme_in
 
-    config = Int8Config(lm=model.config, modules=tuple(int8_modules(model)), smoothing=getattr(model, "smoothing", None))
+    config = Int8Config(lm=model.config, scheme=scheme_in(model), modules=tuple(int8_modules(model)),
+                        smoothing=getattr(model, "smoothing", None))
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     return write_folder(path, int8_state(model), config, tokenizer, overwrite=overwrite)
 
@@ -51,13 +53,18 @@ def load_int8(path):
     """Rebuild the quantized model of an int8 folder: the fp32 tensors copied in, each quantized Linear
     made from its stored int8 weight and scales. Its tokenizer is attached by io.load."""
     from ..models import build_model
-    from ..models.int8 import QUANTIZATION, Int8Config, make_qlinear, targets
+    from ..errors import QuantizationError
+    from ..models.int8 import QUANTIZATION, Int8Config, make_qlinear, scheme_of, targets
 
     path = Path(path)
     config = read_config(path, Int8Config)
     if config.quantization != QUANTIZATION:
         raise CheckpointError(f"{path / CONFIG_FILE}: quantization {config.quantization!r} is not supported; "
                               f"this version reads {QUANTIZATION!r} folders")
+    try:
+        scheme = scheme_of(config.scheme)
+    except QuantizationError as e:
+        raise CheckpointError(f"{path / CONFIG_FILE}: {e}") from None
     state = read_safetensors(path / WEIGHTS_FILE)
     model = build_model(config.lm).eval()
     found = {name: (parent, attr, lin) for parent, attr, name, lin in targets(model)}  # a tied head as 'lm_head'
@@ -87,7 +94,7 @@ def load_int8(path):
         if tuple(q.shape) != (lin.out_features, lin.in_features) or (bias is None) != (lin.bias is None):
             raise CheckpointError(f"{path}: {n}.weight is {tuple(q.shape)} (bias {bias is not None}), the config's "
                                   f"Linear is ({lin.out_features}, {lin.in_features}) (bias {lin.bias is not None})")
-        setattr(parent, attr, make_qlinear(q, scale, bias))
+        setattr(parent, attr, make_qlinear(q, scale, bias, scheme))
     model.quantization = QUANTIZATION
     model.smoothing = config.smoothing
     model.load_report = LoadReport(source=str(path), loaded=sorted(report.loaded + [

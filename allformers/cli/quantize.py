@@ -18,13 +18,17 @@ def register(sub):
     p.add_argument("--overwrite", action="store_true",
                    help="replace what OUT holds (an earlier checkpoint's files; other files beside them are kept)")
     p.add_argument("--seed", type=int, default=0, help="seed of a zoo name's random weights")
-    p.add_argument("--calibrate", default="sotu-first", metavar="TEXT",
-                   help="SmoothQuant calibration text: 'sotu-first' (default: the first State of the Union addresses, "
-                        "not bench_quant's held-out ones), 'shakespeare', a .txt file, or 'none' (no smoothing)")
+    p.add_argument("--scheme", choices=("weight-only", "dynamic"), default="weight-only",
+                   help="weight-only (default): int8 weights, bf16 activations, torch._weight_int8pack_mm; dynamic: "
+                        "int8 activations too (torch.ao's dynamic Linear), after SmoothQuant")
+    p.add_argument("--calibrate", default=None, metavar="TEXT",
+                   help="the dynamic scheme's SmoothQuant calibration text: 'sotu-first' (its default: the first State "
+                        "of the Union addresses, not bench_quant's held-out ones), 'shakespeare', a .txt file, or "
+                        "'none' (no smoothing)")
     p.add_argument("--alpha", type=float, default=None, help="SmoothQuant migration strength (default 0.65)")
     p.add_argument("--exclude", default=None, metavar="NAMES",
-                   help="comma-separated Linear names/suffixes kept fp32 (default 'mlp.proj' when smoothing: the "
-                        "down-projections' outliers defeat int8 activations; '' quantizes every Linear)")
+                   help="comma-separated Linear names/suffixes kept fp32 (default: none; 'mlp.proj' when smoothing: "
+                        "the down-projections' outliers defeat int8 activations)")
     p.set_defaults(handler=run)
 
 
@@ -66,18 +70,21 @@ def _load(source: str, seed: int):
 
 
 def run(args):
+    from ..errors import QuantizationError
     from ..models.int8 import int8_modules, linear_weight_bytes, quantize_int8
 
     out = Path(args.out)
     _check_out(out, args.model, args.overwrite)  # before the (slow) load
+    if args.scheme != "dynamic" and (args.calibrate not in (None, "none") or args.alpha is not None):
+        raise QuantizationError("--calibrate/--alpha are SmoothQuant's, for the dynamic scheme's int8 activations; "
+                                "the weight-only scheme needs no calibration: drop them or pass --scheme dynamic")
+    calibrate = args.calibrate or ("sotu-first" if args.scheme == "dynamic" else "none")
+    cal = None if calibrate.lower() == "none" else calibrate
+    if cal is not None and cal not in ("sotu-first", "shakespeare") and not Path(cal).is_file():
+        raise QuantizationError(f"--calibrate {cal}: not 'sotu-first', 'shakespeare', 'none' or a text file")
     model = _load(args.model, args.seed)
     before = linear_weight_bytes(model)["fp32"]
-    cal = None if args.calibrate.lower() == "none" else args.calibrate
     if cal is not None and cal not in ("sotu-first", "shakespeare"):
-        if not Path(cal).is_file():
-            from ..errors import QuantizationError
-
-            raise QuantizationError(f"--calibrate {cal}: not 'sotu-first', 'shakespeare', 'none' or a text file")
         cal = Path(cal).read_text(encoding="utf-8")
     if cal is not None and getattr(model, "tokenizer", None) is None:
         print("[allformers] the model has no tokenizer: not smoothed (SmoothQuant calibrates on text)", file=sys.stderr)
@@ -85,12 +92,12 @@ def run(args):
     exclude = args.exclude if args.exclude is not None else ("mlp.proj" if cal is not None else "")
     exclude = tuple(e.strip() for e in exclude.split(",") if e.strip())
     if cal is None:
-        quantize_int8(model, exclude=exclude)
+        quantize_int8(model, exclude=exclude, scheme=args.scheme)
     else:
-        quantize_int8(model, smooth=True, calibration=cal, alpha=args.alpha, exclude=exclude)
+        quantize_int8(model, smooth=True, calibration=cal, alpha=args.alpha, exclude=exclude, scheme=args.scheme)
     after = linear_weight_bytes(model)["int8"]
     model.save(out, tokenizer=getattr(model, "tokenizer", None), overwrite=args.overwrite)
     n = len(int8_modules(model))
-    print(f"wrote int8 folder {out}: {n} Linears, their weights {before / 2**20:.1f} MiB fp32 -> "
+    print(f"wrote int8 folder {out} ({args.scheme}): {n} Linears, their weights {before / 2**20:.1f} MiB fp32 -> "
           f"{after / 2**20:.1f} MiB int8 + scales")
     return 0
