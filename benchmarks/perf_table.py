@@ -57,9 +57,17 @@ def _rows_quant(r: dict) -> list:
         d = m["decode_tok_s"]
         rows.append([f"{name} int8 decode, batch 1 ({r['mode']})", f"{d['ours_int8']:.1f} tok/s",
                      f"{d['hf_fp32']:.1f} tok/s (fp32)", _x(m["int8_decode_ratio"]), "≥ 2.5×", where])
+        if "ours_gguf" in d:
+            rows.append([f"{name} GGUF quantized path (Q4_1 on int4) decode, batch 1 ({r['mode']})",
+                         f"{d['ours_gguf']:.1f} tok/s", f"{d['hf_fp32']:.1f} tok/s (fp32)",
+                         _x(m["gguf_decode_ratio"]), "≥ 2.5×", where])
     if r.get("int8_ppl_increase") is not None:
         rows.append(["SmolLM2-135M int8 perplexity, held-out State of the Union", f"{100 * r['int8_ppl_increase']:+.2f}%",
                      "", "", "≤ +1%", where])
+    gguf = r.get("gguf") or {}
+    if gguf.get("ppl_increase") is not None:
+        rows.append(["SmolLM2-135M GGUF quantized path perplexity (vs the dequantized fp32)",
+                     f"{100 * gguf['ppl_increase']:+.2f}%", "", "", "≤ +1%", where])
     return rows
 
 

@@ -44,8 +44,9 @@ def byte_level_vocab():
     return tokens, merges, [3 if t.startswith("<|") else 1 for t in tokens]
 
 
-def write_llama_gguf(path, tied=True, pre="gpt2", seed=0):
-    """Returns the HF-layout weights as a loader should see them (quantized then dequantized)."""
+def write_llama_gguf(path, tied=True, pre="gpt2", seed=0, linears=None):
+    """Returns the HF-layout weights as a loader should see them (quantized then dequantized).
+    linears: one storage type for every block Linear (e.g. Q4_1, as most of SmolLM2's file is)."""
     tokens, merges, types = byte_level_vocab()
     g = torch.Generator().manual_seed(seed)
     hf = {"model.embed_tokens.weight": torch.randn(len(tokens), N_EMBD, generator=g) * 0.5,
@@ -77,6 +78,8 @@ def write_llama_gguf(path, tied=True, pre="gpt2", seed=0):
                    (b + "ffn_down.weight", p + "mlp.down_proj.weight", Q.Q8_0),
                    (b + "attn_norm.weight", p + "input_layernorm.weight", Q.F32),
                    (b + "ffn_norm.weight", p + "post_attention_layernorm.weight", Q.F32)]
+    if linears is not None:
+        layout = [(g, h, linears if g.startswith("blk.") and "norm" not in g else q) for g, h, q in layout]
 
     w = GGUFWriter(str(path), "llama")
     w.add_name("tiny-llama")
@@ -276,3 +279,50 @@ def test_smollm2_chat_template_matches_transformers(smollm2, hf_tokenizer):
         for gen in (True, False):
             assert tok.apply_chat_template(messages, add_generation_prompt=gen) == \
                 hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_quantized_load_runs_q4_1_linears_on_int4_and_the_rest_on_int8(tmp_path, tied):
+    from allformers.models.int4 import Int4Linear
+    from allformers.models.int8 import Int8Linear
+
+    path = tmp_path / "q4.gguf"
+    write_llama_gguf(path, tied=tied, linears=Q.Q4_1)  # every block Linear Q4_1, the embedding Q8_0
+    fp32 = allformers.load(path)
+    q = allformers.load(path, quantized=True)
+    assert q.quantization == "int4" and q.tokenizer is not None
+    assert all(isinstance(b.attn.qkv, Int4Linear) and isinstance(b.mlp.fc, Int4Linear) and
+               isinstance(b.attn.proj, Int4Linear) and isinstance(b.mlp.proj, Int4Linear) for b in q.blocks)
+    # the head: a Q8_0 table (tied) or an F16 one, neither on a 4-bit grid: weight-only int8
+    assert isinstance(q.lm_head, Int8Linear) and q.int4_layout["int8"] == ["lm_head"]
+    ids = torch.tensor([q.tokenizer.encode("The quick brown fox jumps over")])
+    with torch.no_grad():
+        a, b = q(ids), fp32(ids)
+    assert ((a - b).norm() / b.norm()).item() < 0.02  # bf16 rounding of the inputs and the scales, and int8's head
+    assert torch.equal(q.generate(ids, max_new_tokens=5)[:, :ids.shape[1]], ids)
+    with pytest.raises(CheckpointError, match="int4 model.*does not save"):
+        q.save(tmp_path / "out")
+
+
+def test_quantized_load_of_a_file_without_q4_1_is_int8_and_other_sources_are_refused(tiny, tmp_path):
+    path, _, _ = tiny  # its fused Linears mix Q4_1, Q4_0, Q8_0 and F32 rows: none lies on one 4-bit grid
+    q = allformers.load(path, quantized=True)
+    assert q.int4_layout["int4"] == [] and len(q.int4_layout["int8"]) == 4 * N_LAYER + 1
+    allformers.load(path).save(tmp_path / "folder")
+    with pytest.raises(CheckpointError, match="not a .gguf file.*quantize_int8"):
+        allformers.load(tmp_path / "folder", quantized=True)
+    with pytest.raises(CheckpointError, match="no dtype"):
+        allformers.load(path, quantized=True, dtype=torch.bfloat16)
+
+
+def test_cli_quantized_flag_runs_a_gguf_on_the_quantized_kernels(tmp_path, capsys):
+    from allformers.cli.main import main
+
+    path = tmp_path / "q4.gguf"
+    write_llama_gguf(path, linears=Q.Q4_1)
+    assert main(["generate", str(path), "The quick", "--max-new-tokens", "4", "--quantized"]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("The quick") and "quantized kernels: 8 int4, 1 int8 Linears" in out.err
+    allformers.load(path).save(tmp_path / "folder")
+    assert main(["chat", str(tmp_path / "folder"), "-m", "hi", "--quantized"]) == 2  # not a .gguf: one-line error
+    assert "not a .gguf file" in capsys.readouterr().err

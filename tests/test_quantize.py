@@ -420,6 +420,64 @@ def test_bench_quant_tiny_prints_the_figures():
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["mode"] == "tiny" and set(out["models"]) == {"smollm2-135m", "gpt2-124m-shape"}
     assert out["int8_decode_ratio"] > 0 and abs(out["int8_ppl_increase"]) < 0.05
-    assert out["gguf"]["ppl_increase"] is None and "dequantized" in out["gguf"]["what"]
+    assert out["gguf"]["decode_ratio"] > 0 and abs(out["gguf"]["ppl_increase"]) < 0.2 and "int4" in out["gguf"]["what"]
+    assert out["gguf"]["layout"]["int4"] > 0
     for m in out["models"].values():
         assert m["fp32_greedy_identical_to_transformers"] and m["logits_parity_vs_transformers"] < 1e-3
+
+
+# ---------------------------------------------------------------------- int4 (models/int4.py: a GGUF file's Q4 path)
+def on_a_4bit_grid(out_f, in_f, seed=0, group=32):
+    """Weights as a Q4_1 file holds them: per group of 32 a minimum, a scale and 16 levels, both ends used."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (out_f, in_f // group, group), generator=g)
+    q[..., 0], q[..., 1] = 0, 15
+    scale = (torch.rand(out_f, in_f // group, 1, generator=g) * 0.02 + 0.005).half().float()
+    lo = (-torch.rand(out_f, in_f // group, 1, generator=g) * 0.1).half().float()
+    return (q * scale + lo).reshape(out_f, in_f)
+
+
+def test_int4_linear_is_its_grid_within_bf16_and_finds_q4_grids():
+    from allformers.models.int4 import Int4Linear, group_quantize, on_grid
+
+    w = on_a_4bit_grid(48, 64)
+    assert on_grid(w, 32) and not on_grid(torch.randn(48, 64), 32) and not on_grid(w[:, :48], 32)
+    q, scale, lo = group_quantize(w, 32)
+    assert int(q.min()) == 0 and int(q.max()) == 15
+    assert torch.allclose(q.reshape(48, 2, 32) * scale[..., None] + lo[..., None], w.reshape(48, 2, 32), atol=1e-6)
+    b = torch.randn(48)
+    lin = Int4Linear(w, b, group_size=32)
+    assert lin.packed.dtype == torch.uint8 and lin.packed.numel() == 48 * 64 // 2  # two weights a byte
+    for rows in (1, 7, 300):
+        x = torch.randn(rows, 64)
+        ref = torch.nn.functional.linear(x, w, b)
+        assert rel(lin(x), ref) < 1e-2  # bf16 inputs, outputs, scales and minimums
+    with pytest.raises(QuantizationError, match="divisible by 16"):
+        Int4Linear(torch.randn(40, 64))
+    with pytest.raises(QuantizationError, match="group_size=48"):
+        Int4Linear(w, group_size=48)
+
+
+def test_quantize_int4_puts_what_fits_on_int4_and_the_rest_on_int8(tmp_path):
+    from allformers.models.int4 import Int4Linear, NoInt4Linear, quantize_int4, weight_bytes
+
+    fp32 = tiny()  # vocabulary 97: the head does not fit the kernel (out_features % 16)
+    q = quantize_int4(copy.deepcopy(fp32))
+    assert q.quantization == "int4" and q.int4_layout["int8"] == ["lm_head"] and isinstance(q.lm_head, Int8Linear)
+    assert all(isinstance(b.attn.qkv, Int4Linear) and isinstance(b.mlp.proj, Int4Linear) for b in q.blocks)
+    with torch.no_grad():
+        a, b = q(ids()), fp32(ids())
+    assert rel(a, b) < 0.08  # 16 levels per group of random weights: ~9% RMS per weight; measured 0.027
+    assert weight_bytes(q)["int4"] < linear_weight_bytes(fp32)["fp32"] / 6
+    with pytest.raises(QuantizationError, match="already int4"):
+        quantize_int8(q)
+    with pytest.raises(QuantizationError, match="already int4"):
+        quantize_int4(q)
+    with pytest.raises(CheckpointError, match="does not save"):
+        q.save(tmp_path / "int4")
+    untouched = tiny()
+    with pytest.raises(NoInt4Linear, match="unchanged"):  # random weights lie on no 4-bit grid
+        quantize_int4(untouched, on_grid_only=True)
+    assert not is_int8(untouched) and getattr(untouched, "quantization", None) is None
+    with pytest.raises(QuantizationError, match="rest="):
+        quantize_int4(tiny(), rest="int2")

@@ -2,7 +2,8 @@
 
 The path is: metadata -> Config; every tensor dequantized to float32 by the `gguf` package;
 GGUF names -> Hugging Face LLaMA names (the table below); then hf.py's own LLaMA rows take
-them to our keys, so there is one LLaMA map in the code base, not two."""
+them to our keys, so there is one LLaMA map in the code base, not two. With quantized=True the
+Linears then run on int4 / int8 kernels (run_quantized) instead of fp32."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -123,7 +124,23 @@ def gguf_to_hf(gguf_state: dict, config: Config):
     return hf, unknown
 
 
-def load_gguf(path):
+def run_quantized(model):
+    """The GGUF file's quantized weights on quantized kernels, in place (load(path, quantized=True)): each
+    Linear whose dequantized weights lie on a 4-bit grid per 32 (Q4_1's) -> int4 (models/int4.py: the
+    file's own integers, scales and minimums rounded to bf16); every other Linear (a Q8_0 head, Q4_0,
+    F16) -> weight-only int8 (models/int8.py). Returns the layout {"int4": [...], "int8": [...]}."""
+    from ..models.int4 import NoInt4Linear, quantize_int4
+    from ..models.int8 import int8_modules, quantize_int8
+
+    try:
+        quantize_int4(model, group_size=32, on_grid_only=True, rest="int8")
+    except NoInt4Linear:
+        quantize_int8(model)  # no Linear on a Q4_1 grid in the file: int8 for all
+        model.int4_layout = {"int4": [], "int8": int8_modules(model), "fp32": []}
+    return model.int4_layout
+
+
+def load_gguf(path, quantized: bool = False):
     from ..models import TransformerLM
 
     path = Path(path)
@@ -138,4 +155,6 @@ def load_gguf(path):
     if report.missing or report.unexpected:
         raise CheckpointError(f"{path} does not match a LLaMA model built from its own metadata: {report}")
     model.tokenizer = tokenizer_from_gguf(reader) if metadata(reader, "tokenizer.ggml.tokens") else None
+    if quantized:
+        run_quantized(model.eval())
     return model, report

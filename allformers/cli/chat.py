@@ -2,7 +2,7 @@
 With --message it answers once and exits (scripts, tests); otherwise it is a REPL."""
 import sys
 
-from .common import add_sampling_args, load_model, sampling_kwargs, write
+from .common import add_quantized_arg, add_sampling_args, load_model, sampling_kwargs, write
 
 
 def register(sub):
@@ -11,6 +11,7 @@ def register(sub):
     p.add_argument("-m", "--message", action="append", help="a user message; answer and exit (repeatable)")
     p.add_argument("--system", default=None, help="system prompt")
     add_sampling_args(p)
+    add_quantized_arg(p)
     p.set_defaults(handler=run, max_new_tokens=256)
 
 
@@ -24,7 +25,7 @@ def reply(model, messages, kw):
 
 
 def run(args):
-    model = load_model(args.model)
+    model = load_model(args.model, quantized=args.quantized)
     kw = sampling_kwargs(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     if args.message:

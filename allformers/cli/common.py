@@ -58,11 +58,16 @@ def load_any(source: str):
     return load_reporting(source)
 
 
-def load_model(source: str):
-    """load_any, for commands that need the model's tokenizer."""
+def load_model(source: str, quantized: bool = False):
+    """load_any, for commands that need the model's tokenizer (quantized: a GGUF file on int4/int8 kernels)."""
     from ..checkpoints.io import load_reporting
 
-    return load_reporting(source, need_tokenizer=True)
+    return load_reporting(source, need_tokenizer=True, quantized=quantized)
+
+
+def add_quantized_arg(p):
+    p.add_argument("--quantized", action="store_true",
+                   help="a .gguf MODEL (or 'smollm2') runs its quantized weights on int4/int8 kernels instead of fp32")
 
 
 def write(text: str):

@@ -1,5 +1,5 @@
 """`allformers generate MODEL "prompt" ...`: text in, text out, streamed."""
-from .common import add_sampling_args, load_model, sampling_kwargs, write
+from .common import add_quantized_arg, add_sampling_args, load_model, sampling_kwargs, write
 
 
 def register(sub):
@@ -7,6 +7,7 @@ def register(sub):
     p.add_argument("model", help="allformers folder, Hugging Face folder, .gguf file, or 'smollm2'")
     p.add_argument("prompts", nargs="+")
     add_sampling_args(p)
+    add_quantized_arg(p)
     p.add_argument("--num-beams", type=int, default=1, help="beam search, encoder-decoders only (T5, BART); "
                    "refused for a decoder-only model")
     p.add_argument("--control-code", help="CTRL: a control code whose token(s) go before every prompt "
@@ -20,7 +21,7 @@ def register(sub):
 def run(args):
     from ..generation import generate_text
 
-    model = load_model(args.model)
+    model = load_model(args.model, quantized=args.quantized)
     kw = sampling_kwargs(args)
     if args.num_beams != 1:  # generate_text refuses it for a decoder-only model (it would be ignored)
         kw["num_beams"] = args.num_beams

@@ -3,6 +3,8 @@ and a browser playground at /. Decoders serve chat and completions, encoders emb
 import sys
 from pathlib import Path
 
+from .common import add_quantized_arg
+
 
 def register(sub):
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, embeddings) + playground")
@@ -25,6 +27,7 @@ def register(sub):
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for a zoo name, e.g. --override n_layer=2 (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="seed for requests without one (and zoo-name weights)")
+    add_quantized_arg(p)
     p.add_argument("--dialogue", choices=["tools", "lamda", "sparrow"], default=None,
                    help="answer chat completions through a dialogue system: tools (calculator, and search with "
                         "--corpus-addresses), lamda (SSI-ranked candidates) or sparrow (evidence + reward model)")
@@ -79,8 +82,11 @@ def load_served(source: str, name=None, *, args, overrides: dict):
     else:
         if overrides:
             raise AllformersError("--override changes a zoo name's config; a saved model keeps its own")
-        model = load_reporting(source, need_tokenizer=True)
+        model = load_reporting(source, need_tokenizer=True, quantized=args.quantized)
         tokenizer = model.tokenizer
+    if getattr(model, "quantization", None) and args.dtype != "float32":
+        raise AllformersError(f"--dtype {args.dtype}: {source} runs on {model.quantization} kernels, which take their "
+                              f"own dtypes; drop --dtype")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device=device, dtype=getattr(torch, args.dtype))
     if name is None:

@@ -81,6 +81,15 @@ def bf16_exact_scales(amax: torch.Tensor) -> torch.Tensor:
     return torch.where(b >= s, b, up)
 
 
+def kernel_rows(x: torch.Tensor, width: int) -> torch.Tensor:
+    """(..., width) -> (N, width) bf16, contiguous and where torch's allocator puts tensors: what the
+    weight-only kernels (int8 here, int4 in models/int4.py) take. A bf16 view at an offset crashes them."""
+    x2 = x.reshape(-1, width).to(torch.bfloat16)
+    if not x2.is_contiguous() or x2.data_ptr() % ALIGN:
+        x2 = x2.clone(memory_format=torch.contiguous_format)
+    return x2
+
+
 def _refresh_after_load(module, incompatible_keys):
     module._refresh()
 
@@ -110,13 +119,11 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (N, in)
+        x2 = kernel_rows(x, self.in_features)  # (N, in) bf16
         if self.in_features % PACK_MULTIPLE or x2.shape[0] >= DEQUANT_ROWS:
             w = self.weight.to(torch.bfloat16) * self._scale_bf16[:, None]  # (out, in)
             y = torch.nn.functional.linear(x2, w).float()
         else:
-            if not x2.is_contiguous() or x2.data_ptr() % ALIGN:  # a bf16 view at an offset crashes the kernel
-                x2 = x2.clone(memory_format=torch.contiguous_format)
             y = torch._weight_int8pack_mm(x2, self.weight, self._scale_bf16).float()  # (N, out)
         if not self._exact:
             y = y * self.weight_scale
@@ -166,8 +173,10 @@ def check_quantizable(model, scheme: str = WEIGHT_ONLY) -> None:
 
     if scheme not in SCHEMES:
         raise QuantizationError(f"scheme={scheme!r}: choose one of {sorted(SCHEMES)}")
-    if isinstance(model, nn.Module) and is_int8(model):
-        raise QuantizationError("the model is already int8-quantized; quantize the fp32 model (or load the int8 folder as is)")
+    if isinstance(model, nn.Module) and (getattr(model, "quantization", None) or is_int8(model)):
+        kind = getattr(model, "quantization", None) or QUANTIZATION
+        raise QuantizationError(f"the model is already {kind}-quantized; quantize the fp32 model (or load the "
+                                f"quantized one as is)")
     if type(model) is not TransformerLM:
         name = type(model).__name__
         raise QuantizationError(f"int8 quantization takes a decoder (TransformerLM: GPT-2, LLaMA, SmolLM2, OPT ... any "
