@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from allformers.errors import AllformersError
 from allformers.serve.engine import ROW_MULTIPLE, Engine, QueueFullError, SamplingParams, Seq
-from allformers.serve.matmul import PackedLinears, packing_available
+from allformers.models.packed import PackedLinears, packing_available
 from allformers.serve.text import TextOut
 from allformers.tokenization import Tokenizer
 

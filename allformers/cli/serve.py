@@ -82,7 +82,7 @@ def load_served(source: str, name=None, *, args, overrides: dict):
     else:
         if overrides:
             raise AllformersError("--override changes a zoo name's config; a saved model keeps its own")
-        model = load_reporting(source, need_tokenizer=True, quantized=args.quantized)
+        model = load_reporting(source, need_tokenizer=True, quantized=getattr(args, "quantized", False))
         tokenizer = model.tokenizer
     if getattr(model, "quantization", None) and args.dtype != "float32":
         raise AllformersError(f"--dtype {args.dtype}: {source} runs on {model.quantization} kernels, which take their "

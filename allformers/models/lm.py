@@ -18,6 +18,8 @@ from ..blocks.feedforward import ACTIVATIONS
 from ..errors import AllformersError, ContextLengthError
 from ..generation.checks import check_token_ids
 from .init import init_weights
+from .packed import context as packed_context, packed_for
+from .packed import release as release_packed
 
 
 def block_spec(c: Config) -> BlockSpec:
@@ -169,6 +171,11 @@ class TransformerLM(nn.Module):
         max_len = max_len or self.config.block_size
         return Cache(self, batch, max_len)
 
+    def train(self, mode: bool = True):
+        if mode:  # training changes the weights: the packed copies (models/packed.py) would go stale
+            release_packed(self)
+        return super().train(mode)
+
     def head(self, x: torch.Tensor) -> torch.Tensor:
         if not self.config.lm_head:
             raise AllformersError(f"{self.config.name or 'this model'} has no LM head (lm_head=False); "
@@ -179,7 +186,9 @@ class TransformerLM(nn.Module):
             x = x * self.config.head_input_scale
         if self.lm_head is not None:
             return self.lm_head(x)
-        return F.linear(x, self.wte.weight, self.lm_head_bias)
+        packed = packed_for(self)
+        logits = packed.tied(x, self.lm_head_bias) if packed is not None else None
+        return logits if logits is not None else F.linear(x, self.wte.weight, self.lm_head_bias)
 
     # ------------------------------------------------------------------ forward
     def forward(self, idx: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
@@ -239,26 +248,27 @@ class TransformerLM(nn.Module):
                 raise AllformersError("this decoder stack cross-attends: pass context= (the encoder output)")
             extra["context"] = context
             extra["context_mask"] = self._context_mask(context_mask, cache)
-        for i, block in enumerate(self.blocks):
-            if before_block and i in before_block:
-                x = before_block[i](x)
-            if cache is not None and cache.cross is not None:
-                extra["cross_cache"] = cache.cross[i]
-            layer_cache = cache.layers[i] if cache else None
-            if patterned[i]:
-                x = block(x, rope=rope, mask=mask if dense_extra else None, cache=layer_cache, cache_start=start,
-                          key_mask=key_mask, **extra)
-            else:
-                x = block(x, rope=rope, mask=mask, cache=layer_cache, cache_start=start, **extra)
-        if cache is not None:
-            cache.pos = start + T
-            cache.key_mask = key_mask
-            cache.next_position = position_ids[:, -1] + 1
-        if self.norm is not None:
-            x = self.norm(x)
-        if last_only:
-            x = x[:, -1:]
-        return x if return_hidden else self.head(x)
+        with packed_context(self):  # without autograd: the Linears on oneDNN-packed weights (models/packed.py)
+            for i, block in enumerate(self.blocks):
+                if before_block and i in before_block:
+                    x = before_block[i](x)
+                if cache is not None and cache.cross is not None:
+                    extra["cross_cache"] = cache.cross[i]
+                layer_cache = cache.layers[i] if cache else None
+                if patterned[i]:
+                    x = block(x, rope=rope, mask=mask if dense_extra else None, cache=layer_cache, cache_start=start,
+                              key_mask=key_mask, **extra)
+                else:
+                    x = block(x, rope=rope, mask=mask, cache=layer_cache, cache_start=start, **extra)
+            if cache is not None:
+                cache.pos = start + T
+                cache.key_mask = key_mask
+                cache.next_position = position_ids[:, -1] + 1
+            if self.norm is not None:
+                x = self.norm(x)
+            if last_only:
+                x = x[:, -1:]
+            return x if return_hidden else self.head(x)
 
     def embed(self, idx: Optional[torch.Tensor], position_ids: torch.Tensor,
               token_type_ids: Optional[torch.Tensor] = None, inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:

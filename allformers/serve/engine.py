@@ -14,7 +14,7 @@ Batch invariance (fp32 on CPU): a request's tokens do not depend on what else is
 - Attention for a sequence is one call whose shapes depend only on that sequence, and its
   prompt is cut into the same chunks whether it runs alone or not.
 - Norms, activations, rotary and embeddings work row by row.
-- Matmuls run through oneDNN with packed weights (serve/matmul.py), which gives a row the
+- Matmuls run through oneDNN with packed weights (models/packed.py), which gives a row the
   same bits whatever the number of rows. Without oneDNN (or not fp32), MKL's GEMM is used
   with inputs padded to a multiple of ROW_MULTIPLE rows, a best effort only: on AVX2 it computes
   rows in blocks of 4 and only a ragged tail (or a single row: GEMV) sums in another order, but on
@@ -44,7 +44,8 @@ from ..blocks.relative import AlibiBias
 from ..blocks.sparse import pattern_allowed
 from ..errors import AllformersError
 from ..generation.generate import process_logits
-from .matmul import PackedLinears, packing_available
+from ..models.packed import enabled as packing_enabled
+from ..models.packed import packed_for, packing_available
 from .text import TextOut
 
 log = logging.getLogger("allformers.serve")
@@ -208,7 +209,7 @@ class Engine:
     max_queue: sequences that may wait for a slot before submit() raises QueueFullError;
     prefill_chunk: prompt tokens a sequence feeds per step; step_tokens: tokens per step
     (decodes first, then prompt chunks while they fit; at least one chunk always runs);
-    pack: run the matmuls on oneDNN-packed weights (serve/matmul.py; default: where available)."""
+    pack: run the matmuls on oneDNN-packed weights (models/packed.py; default: where available)."""
 
     def __init__(self, model, tokenizer, *, slots: int = 16, max_len: Optional[int] = None, max_queue: int = 64,
                  prefill_chunk: int = 256, step_tokens: int = 512, seed: Optional[int] = None,
@@ -222,7 +223,8 @@ class Engine:
         self.prefill_chunk, self.step_tokens = prefill_chunk, max(step_tokens, prefill_chunk)
         self.cache = SlotCache(model, slots, self.max_len)
         pack = packing_available(model) if pack is None else pack
-        self.packed = PackedLinears(model) if pack else None
+        with torch.inference_mode():  # the model's cached packed weights (the ones its forward uses too)
+            self.packed = packed_for(model) if pack else None
         self.row_multiple = 1 if self.packed is not None else ROW_MULTIPLE
         self.free = list(range(slots - 1, -1, -1))
         self.waiting: collections.deque = collections.deque()
@@ -342,7 +344,11 @@ class Engine:
         return sum(len(t) for _, t in feeds)
 
     def _forward(self, feeds, sample) -> Optional[torch.Tensor]:
-        with self.packed if self.packed is not None else contextlib.nullcontext():
+        if self.packed is None:  # pack=False: torch's own matmuls, padded rows (ROW_MULTIPLE)
+            with packing_enabled(False):
+                return self._run_model(feeds, sample)
+        self.packed = packed_for(self.model) or self.packed  # repacked if a weight changed
+        with self.packed:
             return self._run_model(feeds, sample)
 
     def _run_model(self, feeds, sample) -> Optional[torch.Tensor]:
@@ -365,7 +371,7 @@ class Engine:
         h = x[0, rows]  # (R, C): the last position of each sequence that samples
         if model.norm is not None:
             h = model.norm(h)
-        logits = self.packed.head(h) if self.packed is not None else model.head(h)
+        logits = model.head(h)  # a tied head uses the packed table itself (TransformerLM.head)
         return logits[:len(sample)].float()
 
     def _sample(self, seq: Seq, logits: torch.Tensor):

@@ -1,0 +1,86 @@
+"""Inference on oneDNN-packed weights (allformers/models/packed.py): the same function as torch's own
+matmuls, and never stale after the weights change."""
+import copy
+
+import pytest
+import torch
+
+from allformers import Config, TransformerLM
+from allformers.models import packed
+from allformers.models.packed import enabled, packed_for, release
+
+pytestmark = pytest.mark.skipif(not packed.onednn_available(), reason="this torch has no oneDNN")
+
+SMALL = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=97, block_size=64)
+
+
+def tiny(name="gpt2", **kw):
+    torch.manual_seed(0)
+    return TransformerLM(Config.from_name(name, **{**SMALL, **kw})).eval()
+
+
+def ids(n=24, seed=1):
+    return torch.randint(0, SMALL["vocab_size"], (2, n), generator=torch.Generator().manual_seed(seed))
+
+
+def unpacked(model, x):
+    with torch.no_grad(), enabled(False):
+        return model(x)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "smollm2-135m", "pythia-70m"])  # tied; GQA + SwiGLU; untied + parallel
+def test_packed_inference_is_the_same_function(name):
+    model = tiny(name, **({"n_kv_head": 2, "intermediate_size": 128} if name == "smollm2-135m" else {}))
+    with torch.no_grad():
+        fast = model(ids())
+    p = packed_for_no_grad(model)
+    assert p is not None and p.n_packed == len([m for m in model.modules() if isinstance(m, torch.nn.Linear)]) + (
+        model.lm_head is None)
+    assert (fast - unpacked(model, ids())).abs().max().item() < 1e-4
+    with torch.enable_grad():
+        assert packed_for(model) is None  # training never runs on the packed copies
+
+
+def packed_for_no_grad(model):
+    with torch.no_grad():
+        return packed_for(model)
+
+
+def test_a_fused_optimizer_step_is_seen_by_the_next_inference():
+    model = tiny()
+    x = ids()
+    with torch.no_grad():
+        before = model(x)  # packs
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)  # its kernel does not bump version counters
+    model.train()
+    loss = model(x).logsumexp(-1).mean()
+    loss.backward()
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        after = model(x)
+    assert (after - unpacked(model, x)).abs().max().item() < 1e-4 and (after - before).abs().max().item() > 1e-3
+
+
+def test_loaded_weights_are_seen_and_release_and_disable_work():
+    model, other = tiny(), tiny("gpt2")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        model(ids())
+        first = packed_for(model)
+        model.load_state_dict(other.state_dict())
+        assert packed_for(model) is not first  # the copy_ moved the version counters: packed again
+        assert (model(ids()) - unpacked(other, ids())).abs().max().item() < 1e-4
+        release(model)
+        assert packed._CACHE.get(model) is None
+        with enabled(False):
+            model(ids())
+            assert packed_for(model) is None and packed._CACHE.get(model) is None
+    copy.deepcopy(model)  # the copies live in a weak table, not on the model
+
+
+def test_other_dtypes_run_unpacked():
+    model = tiny().to(torch.bfloat16)
+    with torch.no_grad():
+        assert packed_for(model) is None and model(ids()).dtype == torch.bfloat16
