@@ -84,3 +84,34 @@ def test_other_dtypes_run_unpacked():
     model = tiny().to(torch.bfloat16)
     with torch.no_grad():
         assert packed_for(model) is None and model(ids()).dtype == torch.bfloat16
+
+
+def test_training_through_onednn_gives_torchs_gradients():
+    from allformers.models import LoRAConfig, apply_lora
+
+    for name in ("gpt2", "pythia-70m"):  # tied head + biases; untied head, parallel blocks
+        model = tiny(name).train()
+        ref = copy.deepcopy(model)
+        x = ids()
+        model(x).logsumexp(-1).mean().backward()
+        with enabled(False):
+            ref(x).logsumexp(-1).mean().backward()
+        for (n, a), b in zip(model.named_parameters(), ref.parameters()):
+            assert (a.grad - b.grad).abs().max().item() <= 1e-5 * max(1.0, b.grad.abs().max().item()), n
+    lora = tiny()
+    apply_lora(lora, LoRAConfig(rank=2))  # frozen base weights: their gradient is never computed
+    lora(ids()).mean().backward()
+    assert all(p.grad is None for n, p in lora.named_parameters() if not p.requires_grad)
+
+
+def test_the_onednn_linear_refuses_a_double_backward_and_leaves_other_dtypes_to_torch():
+    from allformers.models.packed import onednn_linear
+
+    x = torch.randn(5, 16, requires_grad=True)
+    w = torch.randn(8, 16, requires_grad=True)
+    (g,) = torch.autograd.grad(onednn_linear(x, w).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward|does not require grad"):
+        g.sum().backward()
+    xb = x.detach().bfloat16().requires_grad_()
+    assert onednn_linear(xb, w.detach().bfloat16()).grad_fn.name().startswith(("MmBackward", "AddmmBackward",
+                                                                               "ViewBackward", "UnsafeView"))

@@ -6,7 +6,6 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..blocks import (ATTENTION_CLASSES, Block, BlockSpec, CrossKV, KVCache, LearnedPositions, Rotary, SinusoidalPositions,
                       build_feedforward, build_norm, make_block)
@@ -18,7 +17,7 @@ from ..blocks.feedforward import ACTIVATIONS
 from ..errors import AllformersError, ContextLengthError
 from ..generation.checks import check_token_ids
 from .init import init_weights
-from .packed import context as packed_context, packed_for
+from .packed import context as packed_context, head_linear
 from .packed import release as release_packed
 
 
@@ -186,9 +185,7 @@ class TransformerLM(nn.Module):
             x = x * self.config.head_input_scale
         if self.lm_head is not None:
             return self.lm_head(x)
-        packed = packed_for(self)
-        logits = packed.tied(x, self.lm_head_bias) if packed is not None else None
-        return logits if logits is not None else F.linear(x, self.wte.weight, self.lm_head_bias)
+        return head_linear(self, x, self.wte.weight, self.lm_head_bias)  # the Linears' path (models/packed.py)
 
     # ------------------------------------------------------------------ forward
     def forward(self, idx: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
@@ -248,7 +245,7 @@ class TransformerLM(nn.Module):
                 raise AllformersError("this decoder stack cross-attends: pass context= (the encoder output)")
             extra["context"] = context
             extra["context_mask"] = self._context_mask(context_mask, cache)
-        with packed_context(self):  # without autograd: the Linears on oneDNN-packed weights (models/packed.py)
+        with packed_context(self):  # the Linears on oneDNN (models/packed.py): packed weights, or its autograd op
             for i, block in enumerate(self.blocks):
                 if before_block and i in before_block:
                     x = before_block[i](x)

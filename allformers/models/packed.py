@@ -14,12 +14,15 @@ first time a model runs without autograd and kept (in a weak table, not on the m
 stale: a forward with autograd on, model.train(), or a weight whose version counter or storage moved
 (load_state_dict, an in-place update). A fused optimizer step does not move the version counter,
 which is why a training forward drops the copy; after changing weights by other untracked means
-(`p.data.copy_(...)`), call `release(model)`. `enabled(False)` turns the path off. Training
-(autograd on) always runs torch's own matmuls.
+(`p.data.copy_(...)`), call `release(model)`. `enabled(False)` turns both paths off.
 
 TransformerLM.forward enters `packed_for(self)` (so generation, prefill, perplexity and the encoder-
 decoders' two stacks use it); the serving engine, which runs the blocks itself, enters it around its
-steps."""
+steps.
+
+Training (a forward with autograd on) runs each nn.Linear (and a tied LM head) through `onednn_linear`,
+an autograd Function whose forward and both backward GEMMs are oneDNN matmuls on the plain weights
+(no packed copy: they change every step); outside fp32 on the CPU, or under autocast, it is F.linear."""
 from __future__ import annotations
 
 import contextlib
@@ -29,6 +32,7 @@ import weakref
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> PackedLinears
 _STATE = threading.local()
@@ -80,7 +84,7 @@ class PackedLinears:
 
     def __init__(self, model):
         self.layers = [(m, m.weight, _stamp(m.weight), pack_weight(m.weight)) for m in model.modules()
-                       if isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.float32]
+                       if type(m) is torch.nn.Linear and m.weight.dtype == torch.float32]
         c = getattr(model, "config", None)
         tied = getattr(model, "lm_head", "none") is None and getattr(c, "lm_head", False) and getattr(c, "tie_embeddings", False)
         wte = model.wte.weight if tied else None
@@ -115,6 +119,63 @@ class PackedLinears:
         return None if self._tied is None else packed_linear(x, self._tied[2], bias)
 
 
+class _OneDNNLinear(torch.autograd.Function):
+    """y = x W^T + b with oneDNN's matmul forward and backward (plain, unpacked weights: they change every
+    step): the three GEMMs of a Linear in training, each about twice MKL's rate on this machine."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        x2 = x.reshape(-1, x.shape[-1])  # (M, in)
+        return packed_linear(x2, weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    @once_differentiable  # its backward is not itself differentiable: a double backward errors, never lies
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])  # (M, out)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = packed_linear(g2, weight.t(), None).reshape(x.shape)  # g @ W
+        if ctx.needs_input_grad[1]:
+            gw = packed_linear(g2.t(), x.reshape(-1, x.shape[-1]).t(), None)  # g^T @ x
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g2.sum(0)
+        return gx, gw, gb
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F.linear with autograd on oneDNN for fp32 CPU tensors (F.linear itself for anything else)."""
+    if (x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu"
+            or x.shape[-1] == 0 or x.numel() == 0):
+        return torch.nn.functional.linear(x, weight, bias)
+    return _OneDNNLinear.apply(x, weight, bias)
+
+
+class TrainingLinears:
+    """`with TrainingLinears(model):` runs every nn.Linear of `model` through onednn_linear (their forward
+    swapped for the duration, like PackedLinears; the autograd graph keeps the oneDNN backward after)."""
+
+    def __init__(self, model):
+        self.layers = [m for m in model.modules() if type(m) is torch.nn.Linear]
+
+    def __enter__(self):
+        for m in self.layers:
+            m.__dict__["forward"] = lambda x, m=m: onednn_linear(x, m.weight, m.bias)
+        return self
+
+    def __exit__(self, *exc):
+        for m in self.layers:
+            m.__dict__.pop("forward", None)
+
+
+def training_applies(model) -> bool:
+    """A training forward (autograd on) of fp32 CPU weights, outside autocast, with oneDNN and the path on."""
+    return (torch.is_grad_enabled() and _enabled() and not torch.is_autocast_enabled("cpu")
+            and packing_available(model))
+
+
 def packed_for(model) -> Optional[PackedLinears]:
     """The model's PackedLinears (packed now, or cached and still fresh), or None where the packed path
     does not apply: autograd on, the path disabled, weights not fp32 on the CPU, no oneDNN."""
@@ -140,7 +201,21 @@ def release(model) -> None:
 
 
 def context(model):
-    """packed_for(model) as a context manager (a null one where the path does not apply)."""
+    """The model's oneDNN path for one forward: packed weights without autograd (packed_for), the oneDNN
+    autograd Linear with it (TrainingLinears), or a null context where neither applies."""
     packed = packed_for(model)
-    return packed if packed is not None else contextlib.nullcontext()
+    if packed is not None:
+        return packed
+    return TrainingLinears(model) if training_applies(model) else contextlib.nullcontext()
+
+
+def head_linear(model, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """An LM head tied to the embedding (a bare F.linear on wte.weight) on the same path as the Linears."""
+    packed = packed_for(model)
+    logits = packed.tied(x, bias) if packed is not None else None
+    if logits is not None:
+        return logits
+    if training_applies(model):
+        return onednn_linear(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
 
