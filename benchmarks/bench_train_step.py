@@ -21,7 +21,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -31,6 +30,8 @@ import torch.nn.functional as F
 warnings.filterwarnings("ignore")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/devices.py
+from devices import add_device_args, describe, pick, timed  # noqa: E402
 
 
 def main(argv=None):
@@ -40,7 +41,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=6, help="timed steps per library")
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    add_device_args(ap)
     args = ap.parse_args(argv)
+    device, dtype = pick(args)
     if min(args.batch, args.seq, args.steps, args.layers) < 1:
         ap.error("--batch, --seq, --steps and --layers must be positive")
     torch.set_num_threads(args.threads)
@@ -58,17 +61,18 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
         ours = load(d)
+    hf, ours = hf.to(device=device, dtype=dtype), ours.to(device=device, dtype=dtype)
     hf.train()
     ours.train()
     assert ours.config.dropout == 0.0
     gen = torch.Generator().manual_seed(1)
-    batches = [torch.randint(0, hf_config.vocab_size, (args.batch, args.seq + 1), generator=gen)
+    batches = [torch.randint(0, hf_config.vocab_size, (args.batch, args.seq + 1), generator=gen).to(device)
                for _ in range(args.steps + 1)]
 
     cfg = TrainConfig(lr=1e-4, weight_decay=0.1, beta1=0.9, beta2=0.99, max_steps=args.steps + 1, warmup_steps=0)
 
     def adamw(model):  # our Trainer's optimizer (decay groups, fused AdamW on CPU), built the same for both
-        return build_optimizer(model, cfg, torch.device("cpu"))
+        return build_optimizer(model, cfg, device)
 
     opt_ours, opt_hf = adamw(ours), adamw(hf)
 
@@ -84,26 +88,26 @@ def main(argv=None):
         opt_hf.zero_grad(set_to_none=True)
         x = b[:, :-1]
         logits = hf(x).logits  # the same loss as ours, on the same targets
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), b[:, 1:].reshape(-1))
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), b[:, 1:].reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         opt_hf.step()
         return loss.item()
 
     first_ours, first_hf = step_ours(batches[0]), step_hf(batches[0])  # warm-up, and the same maths
-    assert abs(first_ours - first_hf) < 1e-3, f"first-step losses differ: {first_ours} vs {first_hf}"
+    tol = 1e-3 if dtype == torch.float32 else 5e-2  # bf16/fp16 round differently in each library
+    assert abs(first_ours - first_hf) < tol, f"first-step losses differ: {first_ours} vs {first_hf}"
     times = {"ours": [], "hf": []}
     for b in batches[1:]:
         for name, fn in (("ours", step_ours), ("hf", step_hf)):
-            t0 = time.perf_counter()
-            fn(b)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(timed(lambda: fn(b), device))
     med = {k: statistics.median(v) for k, v in times.items()}
     tokens = args.batch * args.seq
     n_params = sum(p.numel() for p in ours.parameters())
     flops = tokens * flops_per_token(ours, args.seq)  # the Trainer's count: 6 N + attention (PaLM appendix B)
-    peak = measured_peak_flops()
-    r = {"model": f"gpt2-124M shape, {args.layers} layers, random weights", "batch": args.batch, "seq": args.seq,
+    peak = measured_peak_flops(device, dtype)
+    r = {"model": f"gpt2-124M shape, {args.layers} layers, random weights", **describe(device, dtype),
+         "batch": args.batch, "seq": args.seq,
          "steps": args.steps, "threads": args.threads, "params": n_params,
          "train_tok_s": tokens / med["ours"], "train_tok_s_hf": tokens / med["hf"],
          "train_step_ratio": med["hf"] / med["ours"],

@@ -30,14 +30,18 @@ def _x(v) -> str:
     return f"{v:.2f}×"
 
 
+def _short(dtype: str) -> str:
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtype, dtype)
+
+
 def _rows_decoder(r: dict) -> list:
     where = "`bench_decoder.py`"
     share = lambda key, what: f" ({r[key]:.0%} of {what})" if key in r else ""  # noqa: E731
-    return [[f"GPT-2 124M forward, batch {r.get('batch', 8)} × {r.get('seq', 256)}, fp32",
+    return [[f"GPT-2 124M forward, batch {r.get('batch', 8)} × {r.get('seq', 256)}, {_short(r.get('dtype', 'float32'))}",
              f"{r['forward_tok_s']:,.0f} tok/s" + share("forward_mfu", "peak"),
              f"{r['forward_tok_s_hf']:,.0f} tok/s" + share("forward_mfu_hf", "peak"), _x(r["forward_ratio"]),
              "≥ 1.15×", where],
-            ["GPT-2 124M greedy decode, batch 1, fp32 (share of the measured memory bandwidth)",
+            [f"GPT-2 124M greedy decode, batch 1, {_short(r.get('dtype', 'float32'))} (share of the measured memory bandwidth)",
              f"{r['decode_tok_s']:.1f} tok/s" + share("decode_bandwidth_fraction", "bandwidth"),
              f"{r['decode_tok_s_hf']:.1f} tok/s" + share("decode_bandwidth_fraction_hf", "bandwidth"),
              _x(r["decode_ratio"]), "≥ 1.4×, ≥ 80% of bandwidth", where]]
