@@ -115,3 +115,39 @@ def test_the_onednn_linear_refuses_a_double_backward_and_leaves_other_dtypes_to_
     xb = x.detach().bfloat16().requires_grad_()
     assert onednn_linear(xb, w.detach().bfloat16()).grad_fn.name().startswith(("MmBackward", "AddmmBackward",
                                                                                "ViewBackward", "UnsafeView"))
+
+
+def test_a_replaced_embedding_or_replaced_linears_are_never_run_from_old_copies():
+    from allformers.models import LoRAConfig, apply_lora, merge_lora
+
+    model = tiny()  # its head is tied to wte
+    with torch.no_grad():
+        model(ids())
+        model.wte.weight = torch.nn.Parameter(model.wte.weight * 2)  # the tied table replaced, not written
+        assert (model(ids()) - unpacked(model, ids())).abs().max().item() < 1e-4
+        first = packed_for(model)
+    apply_lora(model, LoRAConfig(rank=2))
+    assert packed._CACHE.get(model) is None  # modules replaced: the copies are dropped
+    with torch.no_grad():
+        model(ids())
+    merge_lora(model)
+    assert packed._CACHE.get(model) is None and first is not None
+
+
+def test_a_model_made_under_inference_mode_runs_unpacked():
+    with torch.inference_mode():
+        model = tiny()
+        assert packed_for(model) is None and model(ids()).shape == (2, 24, SMALL["vocab_size"])
+
+
+def test_autograd_inside_a_packed_context_still_gets_gradients():
+    lin = torch.nn.Linear(16, 8)
+    model = torch.nn.Sequential(lin)
+    with torch.no_grad():
+        ctx = packed.PackedLinears(model)
+    with ctx:  # as another thread's server step would hold it
+        x = torch.randn(3, 16, requires_grad=True)
+        lin(x).sum().backward()  # autograd on: torch's own Linear, never the detached packed copy
+        with torch.no_grad():
+            assert torch.allclose(lin(input=x), torch.nn.functional.linear(x, lin.weight, lin.bias), atol=1e-5)
+    assert x.grad is not None and lin.weight.grad is not None and "forward" not in lin.__dict__

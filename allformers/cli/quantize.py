@@ -75,7 +75,7 @@ def run(args):
 
     out = Path(args.out)
     _check_out(out, args.model, args.overwrite)  # before the (slow) load
-    if args.scheme != "dynamic" and (args.calibrate not in (None, "none") or args.alpha is not None):
+    if args.scheme != "dynamic" and ((args.calibrate or "none").lower() != "none" or args.alpha is not None):
         raise QuantizationError("--calibrate/--alpha are SmoothQuant's, for the dynamic scheme's int8 activations; "
                                 "the weight-only scheme needs no calibration: drop them or pass --scheme dynamic")
     calibrate = args.calibrate or ("sotu-first" if args.scheme == "dynamic" else "none")

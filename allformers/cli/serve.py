@@ -84,11 +84,13 @@ def load_served(source: str, name=None, *, args, overrides: dict):
             raise AllformersError("--override changes a zoo name's config; a saved model keeps its own")
         model = load_reporting(source, need_tokenizer=True, quantized=getattr(args, "quantized", False))
         tokenizer = model.tokenizer
-    if getattr(model, "quantization", None) and args.dtype != "float32":
-        raise AllformersError(f"--dtype {args.dtype}: {source} runs on {model.quantization} kernels, which take their "
-                              f"own dtypes; drop --dtype")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model = model.to(device=device, dtype=getattr(torch, args.dtype))
+    if getattr(model, "quantization", None):  # its int8/int4 kernels keep their own dtypes, on the CPU
+        if args.dtype != "float32" or device != "cpu":
+            raise AllformersError(f"{source} runs on {model.quantization} kernels, which are CPU ones with their own "
+                                  f"dtypes: drop --dtype and use --device cpu")
+    else:
+        model = model.to(device=device, dtype=getattr(torch, args.dtype))
     if name is None:
         name = source.lower() if bundled or source in REGISTRY else Path(source).stem or source
     if getattr(model.config, "task", "lm") == "embedding":

@@ -133,6 +133,9 @@ def quantize_int4(model, group_size: int = 32, on_grid_only: bool = False, rest:
                 setattr(parent, attr, Int4Linear(lin.weight, lin.bias, group_size))
             elif kind == "int8":
                 setattr(parent, attr, Int8Linear(*quantize_weight(lin.weight), lin.bias))
+    from .packed import release
+
+    release(model)  # the fp32 Linears are gone: so are their packed copies (models/packed.py)
     model.quantization = QUANTIZATION
     model.int4_layout = layout
     return model.eval()

@@ -114,19 +114,22 @@ class Int8Linear(nn.Module):
     def _refresh(self):
         """The kernel's bf16 scales; an fp32 scale bf16 cannot hold is applied after, in fp32, instead."""
         s = self.weight_scale
+        self._scale_version = s._version
         self._exact = bool(torch.equal(s.bfloat16().float(), s))
         self._scale_bf16 = s.bfloat16() if self._exact else torch.ones_like(s, dtype=torch.bfloat16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = kernel_rows(x, self.in_features)  # (N, in) bf16
+        if self.weight_scale._version != self._scale_version:  # written in place (a load's copy_)
+            self._refresh()
         if self.in_features % PACK_MULTIPLE or x2.shape[0] >= DEQUANT_ROWS:
-            w = self.weight.to(torch.bfloat16) * self._scale_bf16[:, None]  # (out, in)
-            y = torch.nn.functional.linear(x2, w).float()
+            # q is exact in bf16; the scale applies after, in fp32, to the sums
+            y = torch.nn.functional.linear(x2, self.weight.to(torch.bfloat16)).float() * self.weight_scale
         else:
             y = torch._weight_int8pack_mm(x2, self.weight, self._scale_bf16).float()  # (N, out)
-        if not self._exact:
-            y = y * self.weight_scale
+            if not self._exact:
+                y = y * self.weight_scale
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
@@ -317,6 +320,9 @@ def quantize_int8(model, modules: Optional[list] = None, smooth: bool = False, c
         for parent, attr, _, lin in found:
             q, scale = quantize_weight(lin.weight)
             setattr(parent, attr, make_qlinear(q, scale, lin.bias, scheme))
+    from .packed import release
+
+    release(model)  # the fp32 Linears are gone: so are their packed copies (models/packed.py)
     model.quantization = QUANTIZATION
     return model.eval()
 

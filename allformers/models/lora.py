@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import AllformersError
+from .packed import release as release_packed
 
 # Never wrapped: the LM head is (often) the embedding table itself, and adapting the vocabulary
 # projection is not what LoRA targets mean.
@@ -165,6 +166,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
         p.requires_grad_(False)
     for name, linear in chosen:
         _set_child(model, name, LoRALinear(linear, cfg.rank, cfg.alpha, cfg.dropout))
+    release_packed(model)  # modules replaced: the packed copies (models/packed.py) are made again
     return [n for n, _ in chosen]
 
 
@@ -221,6 +223,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for n, p in model.named_parameters():
         p.requires_grad_(getattr(model, "_lora_requires_grad", {}).get(n, True))
     model.__dict__.pop("_lora_requires_grad", None)
+    release_packed(model)
     return model
 
 

@@ -26,6 +26,7 @@ an autograd Function whose forward and both backward GEMMs are oneDNN matmuls on
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 import weakref
@@ -77,42 +78,112 @@ def _stamp(w: torch.Tensor) -> tuple:
     return w._version, w.data_ptr()
 
 
+# How a Linear's forward is swapped. One dispatcher per module, installed while any context (of any thread)
+# holds the module and removed when the last one leaves; what it runs is decided per call from this thread's
+# state: its packed weights (without autograd), the oneDNN autograd op (a training forward), else F.linear.
+# So a thread that trains never meets another thread's packed copies, and contexts never undo each other.
+_LOCK = threading.Lock()
+_INSTALLED: dict = {}  # id(module) -> [module, holders]
+
+
+def _thread_packs() -> dict:
+    packs = getattr(_STATE, "packs", None)
+    if packs is None:
+        packs = _STATE.packs = {}  # id(module) -> [weight, packed weight, depth]
+    return packs
+
+
+def _dispatch(m, input):
+    if not torch.is_grad_enabled():
+        entry = getattr(_STATE, "packs", {}).get(id(m))
+        if entry is not None and entry[0] is m.weight:
+            return packed_linear(input, entry[1], m.bias)
+    elif getattr(_STATE, "training", 0):
+        return onednn_linear(input, m.weight, m.bias)
+    return torch.nn.functional.linear(input, m.weight, m.bias)
+
+
+def _swappable(m) -> bool:
+    """A plain nn.Linear whose forward is its class's: no instance forward of someone else's, no hooks that
+    set its weight before each call (pruning, weight norm), a weight of its own."""
+    return (type(m) is torch.nn.Linear and "weight" in m._parameters and not m._forward_pre_hooks
+            and ("forward" not in m.__dict__ or id(m) in _INSTALLED))
+
+
+def _install(modules) -> None:
+    with _LOCK:
+        for m in modules:
+            entry = _INSTALLED.get(id(m))
+            if entry is None:
+                _INSTALLED[id(m)] = [m, 1]
+                m.__dict__["forward"] = functools.partial(_dispatch, m)
+            else:
+                entry[1] += 1
+
+
+def _uninstall(modules) -> None:
+    with _LOCK:
+        for m in modules:
+            entry = _INSTALLED[id(m)]
+            entry[1] -= 1
+            if entry[1] == 0:
+                del _INSTALLED[id(m)]
+                m.__dict__.pop("forward", None)
+
+
+def _tied_weight(model) -> Optional[torch.Tensor]:
+    """The embedding table an LM head tied to it reads (a bare F.linear on wte.weight), or None."""
+    c = getattr(model, "config", None)
+    tied = getattr(model, "lm_head", "none") is None and getattr(c, "lm_head", False) and getattr(c, "tie_embeddings", False)
+    return model.wte.weight if tied else None
+
+
 class PackedLinears:
-    """`with packed:` runs every nn.Linear of `model` on its packed weight (their forward is swapped
-    for the duration: no per-op dispatch cost; re-entrant); `packed.tied(x, bias)` is an LM head tied to
-    the embedding (a bare F.linear(x, wte.weight)) on its packed table."""
+    """`with packed:` runs every nn.Linear of `model` on its packed weight, in this thread, without
+    autograd (re-entrant); `packed.tied(x, bias)` is an LM head tied to the embedding on its packed table."""
 
     def __init__(self, model):
+        self._model = weakref.ref(model)
         self.layers = [(m, m.weight, _stamp(m.weight), pack_weight(m.weight)) for m in model.modules()
-                       if type(m) is torch.nn.Linear and m.weight.dtype == torch.float32]
-        c = getattr(model, "config", None)
-        tied = getattr(model, "lm_head", "none") is None and getattr(c, "lm_head", False) and getattr(c, "tie_embeddings", False)
-        wte = model.wte.weight if tied else None
+                       if _swappable(m) and m.weight.dtype == torch.float32]
+        wte = _tied_weight(model)
         self._tied = None if wte is None else (wte, _stamp(wte), pack_weight(wte))
-        self._depth = 0
 
     @property
     def n_packed(self) -> int:
         return len(self.layers) + (self._tied is not None)
 
     def fresh(self) -> bool:
-        """Whether every packed weight is still the module's, unchanged since it was packed."""
-        if self._tied is not None and _stamp(self._tied[0]) != self._tied[1]:
+        """Whether every packed weight is still the module's (and the tied table still the model's),
+        unchanged since it was packed."""
+        model = self._model()
+        if model is None:
+            return False
+        wte = _tied_weight(model)
+        if (wte is None) != (self._tied is None) or (wte is not None and (
+                wte is not self._tied[0] or _stamp(wte) != self._tied[1])):
             return False
         return all(m.weight is w and _stamp(w) == s for m, w, s, _ in self.layers)
 
     def __enter__(self):
-        if self._depth == 0:
-            for m, _, _, p in self.layers:
-                m.__dict__["forward"] = lambda x, p=p, b=m.bias: packed_linear(x, p, b)
-        self._depth += 1
+        packs = _thread_packs()
+        for m, w, _, p in self.layers:
+            entry = packs.get(id(m))
+            if entry is None:
+                packs[id(m)] = [w, p, 1]
+            else:  # re-entered: the outer context's copy stays
+                entry[2] += 1
+        _install([m for m, *_ in self.layers])
         return self
 
     def __exit__(self, *exc):
-        self._depth -= 1
-        if self._depth == 0:
-            for m, *_ in self.layers:
-                m.__dict__.pop("forward", None)
+        packs = _thread_packs()
+        for m, *_ in self.layers:
+            entry = packs[id(m)]
+            entry[2] -= 1
+            if entry[2] == 0:
+                del packs[id(m)]
+        _uninstall([m for m, *_ in self.layers])
 
     def tied(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """The tied head's logits on the packed table, or None when the model has no tied head."""
@@ -125,7 +196,10 @@ class _OneDNNLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
+        # only what the backward needs: a frozen weight (LoRA) needs no input kept, a frozen input no weight
+        need_x, need_w = ctx.needs_input_grad[1], ctx.needs_input_grad[0]
+        ctx.save_for_backward(x if need_x else None, weight if need_w else None)
+        ctx.x_shape = x.shape
         ctx.has_bias = bias is not None
         x2 = x.reshape(-1, x.shape[-1])  # (M, in)
         return packed_linear(x2, weight, bias).reshape(*x.shape[:-1], weight.shape[0])
@@ -137,7 +211,7 @@ class _OneDNNLinear(torch.autograd.Function):
         g2 = grad.reshape(-1, grad.shape[-1])  # (M, out)
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = packed_linear(g2, weight.t(), None).reshape(x.shape)  # g @ W
+            gx = packed_linear(g2, weight.t(), None).reshape(ctx.x_shape)  # g @ W
         if ctx.needs_input_grad[1]:
             gw = packed_linear(g2.t(), x.reshape(-1, x.shape[-1]).t(), None)  # g^T @ x
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -154,20 +228,20 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 
 
 class TrainingLinears:
-    """`with TrainingLinears(model):` runs every nn.Linear of `model` through onednn_linear (their forward
-    swapped for the duration, like PackedLinears; the autograd graph keeps the oneDNN backward after)."""
+    """`with TrainingLinears(model):` runs every nn.Linear of `model` through onednn_linear in this thread's
+    training forwards (the autograd graph keeps the oneDNN backward after the context)."""
 
     def __init__(self, model):
-        self.layers = [m for m in model.modules() if type(m) is torch.nn.Linear]
+        self.layers = [m for m in model.modules() if _swappable(m)]
 
     def __enter__(self):
-        for m in self.layers:
-            m.__dict__["forward"] = lambda x, m=m: onednn_linear(x, m.weight, m.bias)
+        _STATE.training = getattr(_STATE, "training", 0) + 1
+        _install(self.layers)
         return self
 
     def __exit__(self, *exc):
-        for m in self.layers:
-            m.__dict__.pop("forward", None)
+        _STATE.training -= 1
+        _uninstall(self.layers)
 
 
 def training_applies(model) -> bool:
@@ -188,9 +262,9 @@ def packed_for(model) -> Optional[PackedLinears]:
     if packed is not None and packed.fresh():
         return packed
     _CACHE.pop(model, None)  # stale: free its copies before packing again
-    if not packing_available(model) or any(p.dtype != torch.float32 or p.device.type != "cpu"
+    if not packing_available(model) or any(p.dtype != torch.float32 or p.device.type != "cpu" or p.is_inference()
                                             for p in model.parameters()):
-        return None
+        return None  # inference tensors (made under inference_mode) have no version counter to watch
     packed = _CACHE[model] = PackedLinears(model)
     return packed
 

@@ -347,8 +347,12 @@ class Engine:
         if self.packed is None:  # pack=False: torch's own matmuls, padded rows (ROW_MULTIPLE)
             with packing_enabled(False):
                 return self._run_model(feeds, sample)
-        self.packed = packed_for(self.model) or self.packed  # repacked if a weight changed
-        with self.packed:
+        packed = packed_for(self.model)  # repacked if a weight changed
+        if packed is None:  # the path no longer applies (ALLFORMERS_PACKED, dtype, device): never a stale copy
+            with packing_enabled(False):
+                return self._run_model(feeds, sample)
+        self.packed = packed
+        with packed:
             return self._run_model(feeds, sample)
 
     def _run_model(self, feeds, sample) -> Optional[torch.Tensor]:
