@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import QuantizationError
-from .int8 import Int8Linear, check_quantizable, kernel_rows, quantize_weight, targets
+from .int8 import Int8Linear, check_quantizable, excluded, kernel_rows, quantize_weight, targets
 
 QUANTIZATION = "int4"
 GROUP_SIZES = (32, 64, 128, 256)  # what the CPU kernel takes
@@ -34,6 +34,11 @@ ZERO_POINT = 8  # the kernel dequantizes (q - 8) * scale + zero
 
 class NoInt4Linear(QuantizationError):
     """quantize_int4 found no Linear to put on int4 (and left the model unchanged)."""
+
+
+def check_group_size(group_size: int) -> None:
+    if group_size not in GROUP_SIZES:
+        raise QuantizationError(f"group_size={group_size}: the int4 kernel takes {list(GROUP_SIZES)}")
 
 
 def group_quantize(w: torch.Tensor, group_size: int):
@@ -69,8 +74,7 @@ class Int4Linear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, group_size: int = 32):
         super().__init__()
-        if group_size not in GROUP_SIZES:
-            raise QuantizationError(f"group_size={group_size}: the int4 kernel takes {list(GROUP_SIZES)}")
+        check_group_size(group_size)
         self.out_features, self.in_features = weight.shape
         if not fits(self, group_size):
             raise QuantizationError(f"an int4 Linear needs out_features divisible by {OUT_MULTIPLE} and in_features "
@@ -107,15 +111,12 @@ def quantize_int4(model, group_size: int = 32, on_grid_only: bool = False, rest:
     `model.quantization == "int4"` and `model.int4_layout` = {"int4": [...], "int8": [...], "fp32": [...]}."""
     if rest not in ("int8", "fp32"):
         raise QuantizationError(f"rest={rest!r}: the Linears int4 leaves go to 'int8' or stay 'fp32'")
-    if group_size not in GROUP_SIZES:
-        raise QuantizationError(f"group_size={group_size}: the int4 kernel takes {list(GROUP_SIZES)}")
-    if getattr(model, "quantization", None):
-        raise QuantizationError(f"the model is already {model.quantization}-quantized; start from the fp32 model")
-    check_quantizable(model)
+    check_group_size(group_size)
+    check_quantizable(model)  # (an already quantized model among what it refuses)
     layout = {"int4": [], "int8": [], "fp32": []}
     plan = []  # decided for every Linear before any is replaced: a refusal leaves the model as it was
     for parent, attr, name, lin in targets(model):
-        if any(name == e or name.endswith("." + e) for e in exclude):
+        if excluded(name, exclude):
             kind = "fp32"
         elif fits(lin, group_size) and (not on_grid_only or on_grid(lin.weight, group_size)):
             kind = "int4"

@@ -90,10 +90,6 @@ def kernel_rows(x: torch.Tensor, width: int) -> torch.Tensor:
     return x2
 
 
-def _refresh_after_load(module, incompatible_keys):
-    module._refresh()
-
-
 class Int8Linear(nn.Module):
     """A Linear with an int8 weight (out, in) and fp32 per-row scales, computed weight-only: the input
     goes to bf16, `torch._weight_int8pack_mm` multiplies it by the int8 weight and scales each column,
@@ -108,8 +104,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", q.detach().to(torch.int8).clone(memory_format=torch.contiguous_format))
         self.register_buffer("weight_scale", scale.detach().float().clone())  # its own: a load writes into it
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
-        self._refresh()
-        self.register_load_state_dict_post_hook(_refresh_after_load)  # a function, not a lambda: it pickles
+        self._refresh()  # and again whenever weight_scale is written in place (a load): forward checks
 
     def _refresh(self):
         """The kernel's bf16 scales; an fp32 scale bf16 cannot hold is applied after, in fp32, instead."""
@@ -238,7 +233,8 @@ def targets(model) -> list:
     return out
 
 
-def _excluded(name: str, exclude) -> bool:
+def excluded(name: str, exclude) -> bool:
+    """Whether a Linear's name is one of `exclude`'s names or ends with one of them (kept fp32)."""
     return any(name == e or name.endswith("." + e) or name.endswith(e) for e in exclude)
 
 
@@ -306,7 +302,7 @@ def quantize_int8(model, modules: Optional[list] = None, smooth: bool = False, c
         raise QuantizationError("calibration/alpha are SmoothQuant's; pass smooth=True with them")
     found = targets(model)
     if exclude:
-        found = [t for t in found if not _excluded(t[2], exclude)]
+        found = [t for t in found if not excluded(t[2], exclude)]
     if modules is not None:
         wanted = set(modules)
         unknown = sorted(wanted - {name for _, _, name, _ in found})

@@ -166,6 +166,7 @@ class PackedLinears:
         return all(m.weight is w and _stamp(w) == s for m, w, s, _ in self.layers)
 
     def __enter__(self):
+        _STATE.active = getattr(_STATE, "active", []) + [self]  # for the tied head: head_linear
         packs = _thread_packs()
         for m, w, _, p in self.layers:
             entry = packs.get(id(m))
@@ -177,6 +178,7 @@ class PackedLinears:
         return self
 
     def __exit__(self, *exc):
+        _STATE.active = _STATE.active[:-1]
         packs = _thread_packs()
         for m, *_ in self.layers:
             entry = packs[id(m)]
@@ -262,8 +264,8 @@ def packed_for(model) -> Optional[PackedLinears]:
     if packed is not None and packed.fresh():
         return packed
     _CACHE.pop(model, None)  # stale: free its copies before packing again
-    if not packing_available(model) or any(p.dtype != torch.float32 or p.device.type != "cpu" or p.is_inference()
-                                            for p in model.parameters()):
+    if not onednn_available() or any(p.dtype != torch.float32 or p.device.type != "cpu" or p.is_inference()
+                                     for p in model.parameters()):
         return None  # inference tensors (made under inference_mode) have no version counter to watch
     packed = _CACHE[model] = PackedLinears(model)
     return packed
@@ -284,8 +286,10 @@ def context(model):
 
 
 def head_linear(model, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """An LM head tied to the embedding (a bare F.linear on wte.weight) on the same path as the Linears."""
-    packed = packed_for(model)
+    """An LM head tied to the embedding (a bare F.linear on wte.weight) on the same path as the Linears:
+    inside the model's forward, the copies it entered (checked fresh there), not a second check."""
+    active = [p for p in getattr(_STATE, "active", ()) if p._model() is model]
+    packed = active[-1] if active and not torch.is_grad_enabled() else packed_for(model)
     logits = packed.tied(x, bias) if packed is not None else None
     if logits is not None:
         return logits
