@@ -477,3 +477,65 @@ def test_recipe_settings_reach_the_pipeline_and_the_reconstruction_ceiling(tmp_p
     assert model.config.scheduler["prediction_type"] == "v_prediction" and model.config.snr_gamma is None
     assert not model.config.scheduler["clip_sample"]
     assert 0 <= r["report"]["autoencoder"]["caption_match_reconstructed"] <= 1
+
+
+# ---------------------------------------------------------------------- the caption parser
+def test_caption_parser_reads_captions_and_ignores_the_fields_a_kind_lacks():
+    from allformers.models.shapes_judge import CaptionParser
+
+    tok = word_tokenizer()
+    enc = Config(vocab_size=tok.vocab_size, block_size=12, n_layer=1, n_head=2, n_embd=16, causal=False, lm_head=False)
+    torch.manual_seed(0)
+    parser = CaptionParser(enc)
+    data = SyntheticShapes(40, "train", seed=3)
+    singles = [data[i] for i in range(40) if data[i].kind == "single"][:4]
+    ids, mask = tok.encode_padded([s.caption for s in singles], 12)
+    parser.loss(ids, mask, fields_tensor(singles)).backward()
+    for name in ("relation", "colour_b", "shape_b", "count"):  # a single shape has none of these
+        grad = parser.heads[name].weight.grad
+        assert grad is None or grad.abs().sum() == 0, name
+    assert parser.heads["colour_a"].weight.grad.abs().sum() > 0
+    logits = parser(ids, mask)
+    by_hand = [caption_of_fields({k: int(logits[k][j].argmax()) for k in FIELDS}) for j in range(len(singles))]
+    assert parser.read(ids, mask) == by_hand and parser.training  # read() leaves the mode as it was
+    with pytest.raises(ConfigError, match="bidirectional"):
+        CaptionParser(dataclasses.replace(enc, causal=True))
+
+
+def test_caption_parser_pretraining_learns_the_roles_of_held_out_captions():
+    """A short pretraining on training captions reads captions it never saw (the test split's), pairs
+    included: "a blue square below a red circle" is read with the red circle first."""
+    from allformers.recipes.text_to_image import (PARSER_TRAIN, caption_tokenizer, heldout_scenes, render_shapes,
+                                                   text_encoder_config, train_caption_parser)
+
+    tok = caption_tokenizer()
+    data = render_shapes(2000, "train", 0, sizes=(16,))
+    heldout = heldout_scenes(60, seed=5)
+    enc = text_encoder_config(tok.vocab_size, n_layer=2, n_embd=32, n_head=2)
+    parser, report = train_caption_parser(tok, data, enc, PARSER_TRAIN.replace(max_steps=600, batch_size=128,
+                                                                                 warmup_steps=20, log_interval=100),
+                                          heldout=heldout, progress=False)
+    assert report["params"] == parser.num_params() and report["final_loss"] < 0.5, report
+    assert report["heldout_parse_accuracy"] >= 0.8, report  # chance is far below 1%
+    assert not {s.canonical for s in heldout} & {s.canonical for s in data.scenes}
+
+
+def test_latent_diffusion_parsed_encoder_is_frozen_pooled_and_switchable():
+    from allformers.recipes.text_to_image import TextToImageError, Workbench, quick_settings
+
+    bench = Workbench(quick_settings(), progress=False, log=lambda m: None)
+    model, report = bench.ldm()
+    parser, parser_report = bench.caption_parser()
+    assert report["caption_encoder"] == "parsed" and report["caption_parser"] is parser_report
+    assert model.config.freeze_text_encoder and model.config.pooled_text
+    assert model.config.unet.class_embed_dim == model.config.text_encoder.n_embd
+    for name, p in model.text_encoder.state_dict().items():  # bit-identical to the parser's after the U-Net trained
+        assert torch.equal(p, parser.encoder.state_dict()[name]), name
+    joint, joint_report = bench.ldm(caption_encoder="joint")
+    assert joint_report["caption_encoder"] == "joint" and not joint.config.freeze_text_encoder
+    assert not joint.config.pooled_text
+    assert bench.glide_config().pooled_text and not bench.glide_config().freeze_text_encoder  # GLIDE's own: joint
+    parsed_glide = Workbench(quick_settings().replace(caption_encoder="parsed"), progress=False, log=lambda m: None)
+    assert parsed_glide.glide_config().freeze_text_encoder
+    with pytest.raises(TextToImageError, match="caption_encoder='clip'"):
+        bench.ldm(caption_encoder="clip")

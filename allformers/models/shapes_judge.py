@@ -14,7 +14,10 @@ and writes them back as a caption with the generator's own grammar, so "a green 
 square" is read as "a red square above a green circle". A generated picture matches its caption
 when the judge's caption equals the caption's canonical form, every field right.
 
-Heads that a kind does not use are not trained on it (their target is -100)."""
+Heads that a kind does not use are not trained on it (their target is -100).
+
+CaptionParser is the same reading done from the caption's words instead of its picture: the
+latent diffusion recipe pretrains its caption encoder that way (text only), then freezes it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,11 +26,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import SavedConfig
+from ..config import Config, SavedConfig
 from ..data.synthetic_shapes import (COLOUR_NAMES, KINDS, MAX_COUNT, SHAPES, Scene, canonical_of, count_caption,
                                      pair_caption, single_caption)
 from ..errors import ConfigError
 from ..blocks.conv import ImageShapeError
+from .heads import pool
+from .lm import TransformerLM
 
 IGNORE = -100
 CANONICAL_RELATIONS = ("above", "to the left of")
@@ -114,13 +119,7 @@ class ShapesJudge(nn.Module):
 
     def loss(self, images: torch.Tensor, targets: dict) -> torch.Tensor:
         """Summed cross-entropy of the heads, each over the pictures whose kind uses it."""
-        logits = self(images)
-        total = images.new_zeros(())
-        for name, lg in logits.items():
-            t = targets[name]
-            if bool((t != IGNORE).any()):
-                total = total + F.cross_entropy(lg.float(), t, ignore_index=IGNORE)
-        return total
+        return _fields_loss(self(images), targets)
 
     @torch.no_grad()
     def read(self, images: torch.Tensor, batch_size: int = 256) -> list[str]:
@@ -129,9 +128,7 @@ class ShapesJudge(nn.Module):
         self.eval()
         out = []
         for i in range(0, len(images), batch_size):
-            logits = self(images[i:i + batch_size].to(self.device).float())
-            best = {k: v.argmax(-1).tolist() for k, v in logits.items()}
-            out += [caption_of_fields({k: best[k][j] for k in FIELDS}) for j in range(len(best["kind"]))]
+            out += _captions_of_logits(self(images[i:i + batch_size].to(self.device).float()))
         self.train(was)
         return out
 
@@ -147,6 +144,56 @@ class ShapesJudge(nn.Module):
         from ..checkpoints.io import save
 
         return save(self, path)
+
+
+class CaptionParser(nn.Module):
+    """The judge's text-side twin: caption ids (B, L) -> {field: (B, classes) logits}, read from the
+    masked mean of a bidirectional TransformerLM's states (the pooled vector TextToImage gives its
+    U-Net with pooled_text). Trained on captions alone, it teaches the encoder to put each word's
+    role in its state: "red" in "a blue square below a red circle" is the top object's colour. The
+    latent diffusion recipe then freezes that encoder and conditions on it."""
+
+    def __init__(self, encoder: Config):
+        super().__init__()
+        if encoder.causal or encoder.lm_head:
+            raise ConfigError("the caption parser reads a bidirectional encoder's states: set causal=False, lm_head=False")
+        self.encoder = TransformerLM(encoder)
+        self.heads = nn.ModuleDict({name: nn.Linear(encoder.n_embd, len(classes)) for name, classes in FIELDS.items()})
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+        states = self.encoder(input_ids, attention_mask=attention_mask, return_hidden=True)  # (B, L, D)
+        pooled = pool(states, attention_mask, "mean")  # (B, D) over the real tokens
+        return {name: head(pooled) for name, head in self.heads.items()}
+
+    def loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: dict) -> torch.Tensor:
+        """Summed cross-entropy of the heads, each over the captions whose kind uses it."""
+        return _fields_loss(self(input_ids, attention_mask), targets)
+
+    @torch.no_grad()
+    def read(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[str]:
+        """Caption ids -> the canonical caption the parser reads in each."""
+        was = self.training
+        self.eval()
+        out = _captions_of_logits(self(input_ids, attention_mask))
+        self.train(was)
+        return out
+
+
+def _fields_loss(logits: dict, targets: dict) -> torch.Tensor:
+    total = next(iter(logits.values())).new_zeros(())
+    for name, lg in logits.items():
+        t = targets[name]
+        if bool((t != IGNORE).any()):
+            total = total + F.cross_entropy(lg.float(), t, ignore_index=IGNORE)
+    return total
+
+
+def _captions_of_logits(logits: dict) -> list[str]:
+    best = {k: v.argmax(-1).tolist() for k, v in logits.items()}
+    return [caption_of_fields({k: best[k][j] for k in FIELDS}) for j in range(len(best["kind"]))]
 
 
 def fields_tensor(scenes: list) -> dict:

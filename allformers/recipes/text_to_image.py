@@ -14,6 +14,8 @@ Pieces, usable one by one (benchmarks/bench_text_to_image.py chains them, sharin
     measuring instrument, not a generator), its own accuracy on new pictures at both sizes.
   * `train_autoencoder` ("vq", "dvae" or "kl") with its held-out reconstruction MSE; `image_codes` and
     `posterior_stats` precompute what DALL-E and latent diffusion train on.
+  * `train_caption_parser`: latent diffusion's caption encoder, pretrained on the training captions alone
+    to read each into the scene's fields (a CaptionParser), then frozen.
   * `train_dalle`, `train_diffusion` (GLIDE / LDM / Imagen's base), `train_super_res` (Imagen's second
     stage), `pretrain_text_encoder` (Imagen's T5, span corruption on captions + State of the Union text).
   * `caption_match`: generate a picture per held-out caption, the judge's exact-caption accuracy.
@@ -383,6 +385,37 @@ def text_encoder_config(vocab_size: int, length: int = 12, n_layer: int = 2, n_e
                   n_layer=n_layer, n_head=n_head, n_embd=n_embd, causal=False, lm_head=False, dropout=0.0)
 
 
+PARSER_TRAIN = TrainConfig(max_steps=1500, batch_size=256, lr=2e-3, min_lr=1e-4, warmup_steps=50, weight_decay=0.0,
+                           beta2=0.99, grad_clip=1.0, eval_interval=0, eval_at_start=False, log_interval=50,
+                           checkpoint=False)
+
+
+def train_caption_parser(tokenizer, data: ShapesData, encoder: Config, cfg: TrainConfig = PARSER_TRAIN, *,
+                         heldout: Optional[list] = None, length: int = 12, seed: int = 0,
+                         progress: bool = True) -> tuple:
+    """Pretrain a caption encoder on text alone: a CaptionParser reads each training caption into the
+    scene's fields (kind, the top or left object's colour and shape, the relation, the other object,
+    the count). -> (parser, report); `heldout` scenes give the share of their captions read exactly
+    (captions no part of the run trained on). The pictures play no part."""
+    from ..models.shapes_judge import CaptionParser
+
+    t0 = time.perf_counter()
+    targets = fields_tensor(data.scenes)
+    batches = TensorBatches({**caption_ids(tokenizer, data.captions, length), **targets}, seed=seed)
+    torch.manual_seed(seed)
+    parser = CaptionParser(encoder)
+    summary = fit(parser, ExamplesLoss(lambda m, b: m.loss(b["input_ids"], b["attention_mask"],
+                                                           {k: b[k] for k in targets})),
+                  batches, cfg.replace(seed=seed), progress=progress)
+    parser.eval()
+    report = {"params": parser.num_params(), "train_s": time.perf_counter() - t0, "final_loss": summary["loss"]}
+    if heldout:
+        b = caption_ids(tokenizer, [sc.caption for sc in heldout], length)
+        read = parser.read(b["input_ids"], b["attention_mask"])
+        report["heldout_parse_accuracy"] = sum(r == sc.canonical for r, sc in zip(read, heldout)) / len(heldout)
+    return parser, report
+
+
 def unet_config(in_channels: int, width: int, text_dim: int, *, levels: int = 2, pooled: bool = False,
                 layers: int = 1, heads: int = 4, coordinates: bool = False, **overrides):
     """The recipes' U-Nets: `levels` resolutions of widths (width, 2 width, 2 width, ...), residual
@@ -410,9 +443,10 @@ def unet_config(in_channels: int, width: int, text_dim: int, *, levels: int = 2,
 # guidance 3 the two disagree so much that GLIDE drew other shapes and colours than the caption's
 # (with clipping, guidance 3 scored well under guidance 1 on the same trained model; without, above).
 # coordinate_channels (CoordConv beside x_t): see TextToImageConfig.
-DIFFUSION_CHOICES = {"glide": {"prediction_type": "v_prediction", "coordinate_channels": False},
-                     "ldm": {"prediction_type": "epsilon", "coordinate_channels": False},
+DIFFUSION_CHOICES = {"glide": {"prediction_type": "v_prediction", "coordinate_channels": False, "caption_encoder": "joint"},
+                     "ldm": {"prediction_type": "epsilon", "coordinate_channels": False, "caption_encoder": "parsed"},
                      "imagen": {"prediction_type": "v_prediction", "coordinate_channels": False}}
+CAPTION_ENCODERS = ("joint", "parsed")  # trained with the U-Net / pretrained as a CaptionParser, then frozen
 SCHEDULE = {"class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2",
             "prediction_type": "v_prediction", "clip_sample": False}  # prediction_type: DIFFUSION_CHOICES
 SNR_GAMMA = 5.0
@@ -686,6 +720,9 @@ class T2ISettings:
     pair_share: Optional[float] = None  # latent diffusion: the share of two-shape scenes in its batches (None: ~1/3)
     caption_layers: int = 2  # GLIDE's and latent diffusion's caption encoder (trained with the U-Net): depth
     caption_width: int = 64  # ... and width
+    # None: each system's own (DIFFUSION_CHOICES: GLIDE joint, latent diffusion parsed); set, for both
+    caption_encoder: Optional[str] = None  # "joint": trained with the U-Net; "parsed": a frozen CaptionParser's
+    parser: TrainConfig = _default(PARSER_TRAIN)  # the "parsed" encoder's pretraining on the training captions
     snr_gamma: Optional[float] = SNR_GAMMA  # min-SNR-gamma loss weighting; 0 (--set snr_gamma=0) or None: the plain mean
     guidance: float = 3.0
     sotu_chars: int = 2_000_000
@@ -701,7 +738,7 @@ def quick_settings(settings: Optional[T2ISettings] = None) -> T2ISettings:
     few = lambda n, b=16: dataclasses.replace(DIFFUSION_TRAIN, max_steps=n, batch_size=b, warmup_steps=2,  # noqa: E731
                                               log_interval=max(1, n // 2))
     small = dict(n_train=256, n_val=32, n_eval=12, judge_train=512, judge_test=64, judge=few(20, 32), vq=few(6),
-                 n_seen=8, kl=few(6), dalle=few(10), glide=few(6), ldm=few(6), t5=few(6), imagen=few(4),
+                 n_seen=8, kl=few(6), dalle=few(10), parser=few(10), glide=few(6), ldm=few(6), t5=few(6), imagen=few(4),
                  imagen_large_unet=None,
                  super_res=few(4), sample_steps=4, sotu_chars=60_000)
     return dataclasses.replace(settings, **small) if settings is not None else T2ISettings(**small)
@@ -716,7 +753,7 @@ class Workbench:
         self.s = settings or T2ISettings()
         self.seed, self.progress, self.data, self.log = seed, progress, data, log
         self.times: dict = {}
-        self._judge = self._vq = self._kl = self._t5_corpus = None
+        self._judge = self._vq = self._kl = self._t5_corpus = self._parser = None
         t0 = time.perf_counter()
         self.train = render_shapes(self.s.n_train, "train", seed, sizes=(32, 16))
         self.val = render_shapes(self.s.n_val, "val", seed, sizes=(32,))
@@ -732,10 +769,38 @@ class Workbench:
         return text_encoder_config(self.tokenizer.vocab_size, n_layer=s.caption_layers, n_embd=s.caption_width,
                                    n_head=max(1, s.caption_width // 16))
 
-    def choice(self, system: str, name: str):
-        """A diffusion system's `name` (prediction_type, coordinate_channels): the settings' when set, else its own."""
-        value = getattr(self.s, name)
-        return DIFFUSION_CHOICES[system][name] if value is None else value
+    def choice(self, system: str, name: str, value=None):
+        """A diffusion system's `name` (prediction_type, coordinate_channels, caption_encoder): `value`
+        when given, else the settings' when set, else the system's own."""
+        value = getattr(self.s, name) if value is None else value
+        value = DIFFUSION_CHOICES[system][name] if value is None else value
+        if name == "caption_encoder" and value not in CAPTION_ENCODERS:
+            raise TextToImageError(f"caption_encoder={value!r}: choose one of {CAPTION_ENCODERS} ('joint' trains "
+                                   "the encoder with the U-Net, 'parsed' pretrains it as a caption parser and freezes it)")
+        return value
+
+    def caption_parser(self) -> tuple:
+        """The "parsed" caption encoder: a CaptionParser pretrained on the training captions (built once)."""
+        if self._parser is None:
+            self.log("pretraining the caption encoder as a caption parser (text only)")
+            self._parser = train_caption_parser(self.tokenizer, self.train, self.caption_encoder(), self.s.parser,
+                                                heldout=self.prompts, seed=self.seed, progress=self.progress)
+            self.times["caption_parser_s"] = self._parser[1]["train_s"]
+        return self._parser
+
+    def text_conditioning(self, system: str, caption_encoder: Optional[str] = None) -> dict:
+        """The TextToImageConfig switches of GLIDE's or latent diffusion's caption encoder: "parsed"
+        freezes it (its weights come from caption_parser) and pools its states as the class vector."""
+        parsed = self.choice(system, "caption_encoder", caption_encoder) == "parsed"
+        return {"freeze_text_encoder": parsed, "pooled_text": parsed or system == "glide"}
+
+    def condition_on_captions(self, model, report: dict) -> None:
+        """Load the parsed encoder into a frozen-encoder model built with text_conditioning; note the choice."""
+        report["caption_encoder"] = "parsed" if model.config.freeze_text_encoder else "joint"
+        if model.config.freeze_text_encoder:
+            parser, parser_report = self.caption_parser()
+            model.text_encoder.load_state_dict(parser.encoder.state_dict())
+            report["caption_parser"] = parser_report
 
     def schedule(self, system: str, **extra) -> dict:
         """`system`'s training schedule with its prediction type."""
@@ -761,10 +826,14 @@ class Workbench:
             self.times[f"{kind}_autoencoder_s"] = report["train_s"]
         return getattr(self, attr)
 
-    @torch.no_grad()
     def reconstruction_match(self, autoencoder) -> float:
         """The judge on the autoencoder's reconstructions of the held-out captions' own drawings: about
         the most a generator working in that autoencoder's codes or latents can score."""
+        self.judge  # noqa: B018  (trained first, and with gradients, if nothing asked for it yet)
+        return self._reconstruction_match(autoencoder)
+
+    @torch.no_grad()
+    def _reconstruction_match(self, autoencoder) -> float:
         pictures = ((reconstruct(autoencoder.eval(), to_signed(drawn(self.prompts))) + 1) / 2).clamp(0, 1)
         return judge_report(self.judge, pictures, self.prompts, per_kind=False)["accuracy"]
 
@@ -797,21 +866,28 @@ class Workbench:
 
         te = self.caption_encoder()
         coords = self.choice("glide", "coordinate_channels")
+        text = self.text_conditioning("glide")
+        how = "a frozen caption parser's encoder" if text["freeze_text_encoder"] else "a text transformer trained with the U-Net"
         return TextToImageConfig(text_encoder=te, unet=unet_config(3, 32, te.n_embd, pooled=True, coordinates=coords),
                                  scheduler=self.schedule("glide"), coordinate_channels=coords,
                                  image_size=16, text_length=12, pad_id=self.tokenizer.pad_id,
-                                 eos_id=self.tokenizer.eos_id, pooled_text=True, condition_dropout=CONDITION_DROPOUT,
-                                 snr_gamma=self.s.snr_gamma or None,
-                                 description="GLIDE: pixel diffusion (16 x 16), a text transformer trained with "
-                                             "the U-Net, cross-attention + pooled text, classifier-free guidance")
+                                 eos_id=self.tokenizer.eos_id, condition_dropout=CONDITION_DROPOUT,
+                                 snr_gamma=self.s.snr_gamma or None, **text,
+                                 description=f"GLIDE: pixel diffusion (16 x 16), {how}, cross-attention + pooled "
+                                             "text, classifier-free guidance")
 
     def glide(self) -> tuple:
         from ..models.text_to_image import TextToImage
 
+        if self.choice("glide", "caption_encoder") == "parsed":
+            self.caption_parser()  # pretrained first, so the seed below starts the U-Net as it would otherwise
         torch.manual_seed(self.seed)
         model = TextToImage(self.glide_config())
+        report = {}
+        self.condition_on_captions(model, report)
         self.log("training GLIDE")
-        report = train_diffusion(model, self.tokenizer, self.train, self.s.glide, seed=self.seed, progress=self.progress)
+        report.update(train_diffusion(model, self.tokenizer, self.train, self.s.glide, seed=self.seed,
+                                      progress=self.progress))
         gen = lambda g: diffusion_generator(model, self.tokenizer, guidance_scale=g, steps=self.s.sample_steps,  # noqa: E731
                                             seed=self.seed)
         report["heldout_guidance_1"] = self.score(gen(1.0), "glide, guidance 1")
@@ -820,34 +896,46 @@ class Workbench:
         return model, report
 
     # ------------------------------------------------------------------ latent diffusion
-    def ldm_config(self, vae):
+    def ldm_config(self, vae, caption_encoder: Optional[str] = None):
+        """caption_encoder: "joint" or "parsed" (None: the settings' choice). Parsed, the frozen
+        encoder's pooled states also enter as the U-Net's class vector."""
         from ..models.text_to_image import TextToImageConfig
 
         te = self.caption_encoder()
         ae = vae.config
         coords = self.choice("ldm", "coordinate_channels")
+        text = self.text_conditioning("ldm", caption_encoder)
         unet = unet_config(ae.latent_channels, 64, te.n_embd, down_blocks=("cross", "cross"),
-                           up_blocks=("cross", "cross"), coordinates=coords)
+                           up_blocks=("cross", "cross"), coordinates=coords, pooled=text["pooled_text"])
+        how = ("the caption by cross-attention and pooled, from a frozen encoder pretrained to parse captions"
+               if text["freeze_text_encoder"] else "the caption by cross-attention, its encoder trained with the U-Net")
         return TextToImageConfig(text_encoder=te, unet=unet, scheduler=self.schedule("ldm"),
                                  image_size=32, text_length=12, pad_id=self.tokenizer.pad_id,
                                  eos_id=self.tokenizer.eos_id, autoencoder=ae, condition_dropout=CONDITION_DROPOUT,
                                  snr_gamma=self.s.snr_gamma or None, coordinate_channels=coords,
-                                 description="latent diffusion: the U-Net in the KL autoencoder's 8 x 8 x 4 latent "
-                                             "space, the caption by cross-attention")
+                                 **text,
+                                 description=f"latent diffusion: the U-Net in the KL autoencoder's 8 x 8 x 4 latent "
+                                             f"space; {how}")
 
-    def ldm(self) -> tuple:
+    def ldm(self, caption_encoder: Optional[str] = None) -> tuple:
+        """Latent diffusion; caption_encoder overrides the settings' choice ("joint" / "parsed")."""
         from ..models.text_to_image import TextToImage
 
         vae, vae_report = self.autoencoder("kl")
+        if self.choice("ldm", "caption_encoder", caption_encoder) == "parsed":
+            self.caption_parser()  # pretrained first, so the seed below starts the U-Net as it would otherwise
         t0 = time.perf_counter()
         mean, std = posterior_stats(vae, self.train.images[32])
         vae.config.scaling_factor = latent_scaling(vae, mean)
         torch.manual_seed(self.seed)
-        model = TextToImage(self.ldm_config(vae))
+        model = TextToImage(self.ldm_config(vae, caption_encoder))
         model.vae.load_state_dict(vae.state_dict())
-        self.log(f"training latent diffusion (latent scaling {vae.config.scaling_factor:.3f})")
-        report = train_diffusion(model, self.tokenizer, self.train, self.s.ldm, seed=self.seed, progress=self.progress,
-                                 latents=(mean, std), pair_share=self.s.pair_share)
+        report = {}
+        self.condition_on_captions(model, report)
+        self.log(f"training latent diffusion (latent scaling {vae.config.scaling_factor:.3f}, "
+                 f"{report['caption_encoder']} caption encoder)")
+        report.update(train_diffusion(model, self.tokenizer, self.train, self.s.ldm, seed=self.seed,
+                                      progress=self.progress, latents=(mean, std), pair_share=self.s.pair_share))
         report["latents_s"] = time.perf_counter() - t0 - report["train_s"]
         report["autoencoder"] = vae_report
         report["heldout"] = self.score(diffusion_generator(model, self.tokenizer, guidance_scale=self.s.guidance,
@@ -985,8 +1073,9 @@ register(TextToImageRecipe(
     name="glide-shapes", system="glide", description="GLIDE: 16 x 16 pixel diffusion, a 2-layer text transformer "
     "trained with the U-Net (cross-attention + pooled text), classifier-free guidance (20% empty captions)"))
 register(TextToImageRecipe(
-    name="ldm-shapes", system="ldm", description="latent diffusion: a KL autoencoder (32 x 32 -> 8 x 8 x 4), then the "
-    "U-Net in its latent space with the caption by cross-attention"))
+    name="ldm-shapes", system="ldm", description="latent diffusion: a KL autoencoder (32 x 32 -> 8 x 8 x 4) and a "
+    "caption encoder pretrained to parse captions (text only), frozen; then the U-Net in the latent space with the "
+    "caption by cross-attention and pooled"))
 register(TextToImageRecipe(
     name="imagen-shapes", system="imagen", description="Imagen: T5 span-corruption pretraining on captions + State of "
     "the Union text (two sizes), frozen; a 16 x 16 base U-Net on the larger encoder with dynamic thresholding; a "
